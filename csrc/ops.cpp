@@ -1,0 +1,27 @@
+// The fedkseed operator library: each op is declared once here; csrc/cpu and csrc/cuda register
+// one implementation per device. Python wrappers live in fedkseed/ops.py.
+#include <torch/library.h>
+#include <Python.h>
+
+// Importing fedkseed._C from Python loads this library and so runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fedkseed, m) {
+  // x <- cast(float32(x) * decay[t] + sum_k alphas[k] * z(seeds[k], offsets[t] + j)) for every
+  // element j of every params[t] (spec section 7), K = seeds.numel() seeds in one pass.
+  //   offsets: global offset of each tensor (int64, two's complement of uint64)
+  //   decay:   one factor per tensor, or empty for no decay
+  //   seeds:   int64 [K] (two's complement of uint64); alphas: float32 [K]; both on the
+  //            params' device, so a step needs no host synchronisation
+  //   dist:    the stream tag (0 gaussian, 1 rademacher)
+  //   rounding_seed: int64 [1] selects stochastic rounding for bfloat16/float16 (tag 2);
+  //            None rounds to nearest even
+  m.def(
+      "replay_(Tensor(a!)[] params, int[] offsets, float[] decay, Tensor seeds, Tensor alphas, "
+      "int dist, Tensor? rounding_seed) -> ()");
+  // out[j] = z(seed, offset + j) as float32 for j < out.numel(); seed is int64 [1].
+  m.def("noise_(Tensor(a!) out, Tensor seed, int offset, int dist) -> ()");
+}

@@ -1,0 +1,251 @@
+"""The public ops: ``perturb_``, ``replay_`` and ``noise``, validated once and dispatched to a
+backend ("reference", "cpu", "triton", "cuda"; "auto" picks by device and what is installed).
+
+Validation happens before anything is written: a call either updates every tensor or none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import torch
+
+from . import reference
+from . import stream as S
+from .paramset import ParamSet
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+_U64 = 1 << 64
+
+ParamsLike = Union[ParamSet, torch.nn.Module, Iterable[Any]]
+SeedsLike = Union[int, Sequence[int], torch.Tensor]
+AlphasLike = Union[float, Sequence[float], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------- availability
+def _load_extension() -> bool:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.fedkseed.*)
+    except ImportError:
+        return False
+    return True
+
+
+_HAS_EXTENSION = _load_extension()
+
+
+def has_kernel(key: str) -> bool:
+    """Whether the compiled extension serves ``key`` ("CPU" or "CUDA")."""
+    return _HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fedkseed::replay_", key
+    )
+
+
+def has_triton() -> bool:
+    try:
+        from .kernels import triton_available
+    except ImportError:
+        return False
+    return triton_available()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``; a clear error if it cannot serve them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            if has_kernel("CUDA"):
+                return "cuda"
+            return "triton" if has_triton() else "reference"
+        return "cpu" if device.type == "cpu" and has_kernel("CPU") else "reference"
+    if backend == "cpu" and (device.type != "cpu" or not has_kernel("CPU")):
+        why = "the compiled extension is not built" if device.type == "cpu" else f"tensors are on {device}"
+        raise RuntimeError(f"backend='cpu' cannot serve these tensors: {why}")
+    if backend == "cuda" and (device.type != "cuda" or not has_kernel("CUDA")):
+        why = f"tensors are on {device}" if device.type != "cuda" else "the extension was built without CUDA"
+        raise RuntimeError(f"backend='cuda' cannot serve these tensors: {why}")
+    if backend == "triton" and not has_triton():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if backend == "triton" and device.type == "cpu":
+        from .kernels import interpreting
+
+        if not interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend
+
+
+# ----------------------------------------------------------------------------------- validation
+def _to_unsigned(seed: int) -> int:
+    return seed & (_U64 - 1)
+
+
+def _seed_tensor(seeds: SeedsLike, device: torch.device) -> tuple[torch.Tensor, list[int] | None]:
+    """int64 seeds on ``device`` (two's complement of uint64) and, for host seeds, their values."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype != torch.int64:
+            raise TypeError(f"seeds tensor must be int64 (two's complement of uint64), got {seeds.dtype}")
+        flat = seeds.reshape(-1)
+        values = None if flat.device.type != "cpu" else [_to_unsigned(int(s)) for s in flat.tolist()]
+        return flat.to(device), values
+    values = [seeds] if isinstance(seeds, int) else list(seeds)
+    for s in values:
+        reference.check_seed(s)
+    signed = [s - _U64 if s >= 1 << 63 else s for s in values]
+    return torch.tensor(signed, dtype=torch.int64, device=device), values
+
+
+def _alpha_tensor(alphas: AlphasLike, device: torch.device) -> torch.Tensor:
+    if isinstance(alphas, torch.Tensor):
+        flat = alphas.reshape(-1)
+        if not flat.dtype.is_floating_point:
+            raise TypeError(f"alphas tensor must be floating point, got {flat.dtype}")
+        flat = flat.to(device=device, dtype=torch.float32)
+        if not _capturing(device) and not bool(torch.isfinite(flat).all()):
+            raise ValueError("alphas contain NaN or infinite values")
+        return flat
+    values = [alphas] if isinstance(alphas, (int, float)) else list(alphas)
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise TypeError(f"alphas must be floats, got {type(a).__name__}")
+        if not math.isfinite(a):
+            raise ValueError(f"alphas contain a non-finite value: {a}")
+    flat = torch.tensor(values, dtype=torch.float32, device=device)
+    if not bool(torch.isfinite(flat.cpu()).all()):
+        raise ValueError("alphas overflow float32")
+    return flat
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _decay_factors(pset: ParamSet, decay: float | None) -> list[float] | None:
+    if decay is None:
+        return None
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
+        raise ValueError(f"decay must be a finite float, got {decay!r}")
+    return pset.decay_factors(float(decay))
+
+
+def _rounding_tensor(rounding_seed: int | torch.Tensor | None, device: torch.device):
+    if rounding_seed is None:
+        return None, None
+    tensor, values = _seed_tensor(
+        rounding_seed if isinstance(rounding_seed, torch.Tensor) else [rounding_seed], device
+    )
+    if tensor.numel() != 1:
+        raise ValueError(f"rounding_seed must hold one seed, got {tensor.numel()}")
+    return tensor, (values[0] if values else None)
+
+
+# ------------------------------------------------------------------------------------- the ops
+@torch.no_grad()
+def replay_(
+    params: ParamsLike,
+    seeds: SeedsLike,
+    alphas: AlphasLike,
+    dist: str = "gaussian",
+    decay: float | None = None,
+    *,
+    rounding_seed: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> ParamSet:
+    """theta <- theta * d + sum_k alphas[k] * z(seeds[k]) over all parameters in ONE pass.
+
+    ``decay`` is the factor d applied to decayed tensors (``ParamSet.decay_mask``); None or 1.0
+    applies none. ``rounding_seed`` turns on stochastic rounding for bfloat16/float16 tensors
+    (tag-2 bits of that seed). Seeds and alphas may be device tensors (no host sync, capturable).
+    Returns the ParamSet, so callers can keep it for the next call.
+    """
+    pset = ParamSet.of(params)
+    tag = S.dist_tag(dist)
+    device = pset.device
+    which = resolve_backend(backend, device)
+    seed_t, seed_values = _seed_tensor(seeds, device)
+    alpha_t = _alpha_tensor(alphas, device)
+    if seed_t.numel() != alpha_t.numel():
+        raise ValueError(f"seeds and alphas differ in length: {seed_t.numel()} vs {alpha_t.numel()}")
+    factors = _decay_factors(pset, decay)
+    round_t, round_value = _rounding_tensor(rounding_seed, device)
+    if len(pset) == 0 or (seed_t.numel() == 0 and factors is None):
+        return pset
+    if which == "reference":
+        if seed_values is None:
+            seed_values = [_to_unsigned(int(s)) for s in seed_t.cpu().tolist()]
+        if round_t is not None and round_value is None:
+            round_value = _to_unsigned(int(round_t.item()))
+        reference.replay_(pset.tensors, pset.offsets, seed_values, alpha_t.cpu(), dist, factors, round_value)
+    elif which == "triton":
+        from .kernels import replay_ as triton_replay_
+
+        triton_replay_(pset, seed_t, alpha_t, tag, factors, round_t)
+    else:
+        offsets = [o - _U64 if o >= 1 << 63 else o for o in pset.offsets]
+        torch.ops.fedkseed.replay_(
+            pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t
+        )
+    return pset
+
+
+def perturb_(
+    params: ParamsLike,
+    seed: int | torch.Tensor,
+    alpha: float | torch.Tensor,
+    dist: str = "gaussian",
+    *,
+    rounding_seed: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> ParamSet:
+    """theta += alpha * z(seed) over all parameters in one pass (``replay_`` with K = 1)."""
+    return replay_(params, seed, alpha, dist, rounding_seed=rounding_seed, backend=backend)
+
+
+def noise(
+    seed: int | torch.Tensor,
+    count: int,
+    offset: int = 0,
+    dist: str = "gaussian",
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """float32 z(seed, i) for i = offset .. offset + count - 1, computed on ``device``."""
+    tag = S.dist_tag(dist)
+    device = torch.device(device)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if offset + count > _U64:
+        raise ValueError(f"indices offset={offset}, count={count} leave [0, 2^64)")
+    which = resolve_backend(backend, device)
+    seed_t, seed_values = _seed_tensor(seed if isinstance(seed, torch.Tensor) else [seed], device)
+    if seed_t.numel() != 1:
+        raise ValueError(f"noise takes one seed, got {seed_t.numel()}")
+    if which == "reference":
+        value = seed_values[0] if seed_values else _to_unsigned(int(seed_t.item()))
+        return reference.noise(value, count, offset, dist).to(device)
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    if count == 0:
+        return out
+    if which == "triton":
+        from .kernels import noise_ as triton_noise_
+
+        triton_noise_(out, seed_t, offset, tag)
+    else:
+        torch.ops.fedkseed.noise_(out, seed_t, offset - _U64 if offset >= 1 << 63 else offset, tag)
+    return out
+
+
+# torch.compile and opcheck trace the in-place ops through these shape-only implementations.
+if _HAS_EXTENSION:
+
+    @torch.library.register_fake("fedkseed::replay_")
+    def _replay_fake(params, offsets, decay, seeds, alphas, dist, rounding_seed) -> None:
+        return None
+
+    @torch.library.register_fake("fedkseed::noise_")
+    def _noise_fake(out, seed, offset, dist) -> None:
+        return None

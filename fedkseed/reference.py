@@ -1,0 +1,219 @@
+"""The normative pure-PyTorch implementation of perturbation stream v1.
+
+Readable rather than fast: every kernel backend (C++ CPU, Triton, CUDA) is validated against
+this module bit for bit. Integer work is done in int64 tensors holding unsigned 32-bit words
+(products are split so nothing overflows); float work is a fixed sequence of float32 tensor
+operations, each separately rounded, in exactly the order of ``csrc/include/fedkseed/stream.h``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import stream as S
+
+_MASK32 = 0xFFFFFFFF
+_U64 = 1 << 64
+
+
+def _mulhilo(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * c for a 32-bit constant a and words c, without overflow."""
+    p_lo = c * (a & 0xFFFF)  # < 2^48
+    p_hi = c * (a >> 16)  # < 2^48
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox(seed: int, blocks: torch.Tensor, tag: int) -> list[torch.Tensor]:
+    """Philox4x32-10 words for counters (lo32(b), hi32(b), tag, 0), key (lo32(seed), hi32(seed)).
+
+    ``blocks`` is an int64 tensor of non-negative block numbers; returns four int64 tensors of
+    words in [0, 2^32).
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0 = blocks & _MASK32
+    c1 = blocks >> 32
+    c2 = torch.full_like(blocks, tag)
+    c3 = torch.zeros_like(blocks)
+    for round_ in range(S.PHILOX_ROUNDS):
+        if round_ > 0:
+            k0 = (k0 + S.PHILOX_W0) & _MASK32
+            k1 = (k1 + S.PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo(S.PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(S.PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def uniform_numerator(w: torch.Tensor) -> torch.Tensor:
+    """The odd integer n = 2*(w >> 9) + 1 < 2^24, so that U(w) = n * 2^-24 exactly."""
+    return 2 * (w >> 9) + 1
+
+
+def uniform(w: torch.Tensor) -> torch.Tensor:
+    return uniform_numerator(w).to(torch.float32) * S.UNIFORM_SCALE
+
+
+def _as_float(bits: torch.Tensor) -> torch.Tensor:
+    """Reinterpret int64 tensors holding 32-bit patterns as float32."""
+    signed = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit patterns of a float32 tensor, as non-negative int64."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+
+
+def log_uniform(u: torch.Tensor) -> torch.Tensor:
+    """ln(u) for float32 u in [2^-24, 1), cephes logf with an exact exponent split."""
+    bits = _bits(u)
+    e = ((bits >> 23) & 0xFF) - 126
+    m = _as_float((bits & 0x007FFFFF) | 0x3F000000)  # [0.5, 1)
+    small = m < S.LOG_SQRT_HALF
+    e = e - small.to(torch.int64)
+    x = torch.where(small, (m + m) - 1.0, m - 1.0)
+    z = x * x
+    p = torch.full_like(x, S.LOG_POLY[0])
+    for c in S.LOG_POLY[1:]:
+        p = p * x + c
+    y = (p * x) * z
+    ef = e.to(torch.float32)
+    y = y + ef * S.LOG_LN2_LO
+    y = y - 0.5 * z
+    r = x + y
+    return r + ef * S.LOG_LN2_HI
+
+
+def cos_sin_2pi(n: torch.Tensor, odd: torch.Tensor | int) -> torch.Tensor:
+    """cos(2*pi*n*2^-24) where ``odd`` is 0 and sin(...) where it is 1, for odd 24-bit n."""
+    q = (n + (1 << 21)) >> 22
+    m = n - (q << 22)
+    x = m.to(torch.float32) * S.SINCOS_SCALE
+    z = x * x
+    qq = (q + 3 * odd) & 3
+    s = S.SIN_POLY[0] * z + S.SIN_POLY[1]
+    s = s * z + S.SIN_POLY[2]
+    s = (s * z) * x
+    s = s + x
+    c = S.COS_POLY[0] * z + S.COS_POLY[1]
+    c = c * z + S.COS_POLY[2]
+    c = (c * z) * z
+    c = c - 0.5 * z
+    c = c + 1.0
+    v = torch.where((qq & 1) == 1, s, c)
+    return torch.where((qq == 1) | (qq == 2), -v, v)
+
+
+def gaussian_from_words(wa: torch.Tensor, wb: torch.Tensor, odd: int) -> torch.Tensor:
+    r = torch.sqrt(-2.0 * log_uniform(uniform(wa)))
+    return r * cos_sin_2pi(uniform_numerator(wb), odd)
+
+
+def _block_range(offset: int, count: int, shift: int) -> torch.Tensor:
+    first = offset >> shift
+    last = (offset + count - 1) >> shift
+    return torch.arange(first, last + 1, dtype=torch.int64)
+
+
+def noise(seed: int, count: int, offset: int = 0, dist: str = "gaussian") -> torch.Tensor:
+    """float32 values of z(seed, i) for the global indices i = offset .. offset + count - 1."""
+    tag = S.dist_tag(dist)
+    seed = check_seed(seed)
+    if count < 0 or offset < 0 or offset + count > _U64:
+        raise ValueError(f"indices offset={offset}, count={count} leave [0, 2^64)")
+    if count == 0:
+        return torch.empty(0, dtype=torch.float32)
+    if tag == S.TAG_GAUSSIAN:
+        shift = S.GAUSSIAN_BLOCK_SHIFT
+        w = philox(seed, _block_range(offset, count, shift), tag)
+        values = torch.stack(
+            [
+                gaussian_from_words(w[0], w[1], 0),
+                gaussian_from_words(w[0], w[1], 1),
+                gaussian_from_words(w[2], w[3], 0),
+                gaussian_from_words(w[2], w[3], 1),
+            ],
+            dim=1,
+        )
+    else:
+        shift = S.RADEMACHER_BLOCK_SHIFT
+        w = torch.stack(philox(seed, _block_range(offset, count, shift), tag), dim=1)
+        bits = (w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [blocks, 4, 32]
+        values = torch.where(bits == 1, 1.0, -1.0).to(torch.float32)
+    start = offset & ((1 << shift) - 1)
+    return values.reshape(-1)[start : start + count]
+
+
+def rounding_words(seed: int, count: int, offset: int = 0) -> torch.Tensor:
+    """The tag-2 words of stochastic rounding for indices offset .. offset + count - 1."""
+    shift = S.ROUNDING_BLOCK_SHIFT
+    w = torch.stack(philox(seed, _block_range(offset, count, shift), S.TAG_ROUNDING), dim=1)
+    start = offset & ((1 << shift) - 1)
+    return w.reshape(-1)[start : start + count]
+
+
+def stochastic_round(y: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 values that ``dtype`` holds exactly, rounded up with probability equal to the
+    discarded fraction (docs/stream-extensions.md); non-finite values pass through."""
+    bits = _bits(y)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    if dtype == torch.bfloat16:
+        rounded = _as_float((bits + (words >> 16)) & 0xFFFF0000)
+    elif dtype == torch.float16:
+        e = torch.clamp(((bits >> 23) & 0xFF) - 127, min=-14)
+        up = _as_float((127 + 10 - e) << 23)
+        ulp = _as_float((127 - 10 + e) << 23)
+        s = _as_float(bits & 0x7FFFFFFF) * up
+        q = s.to(torch.int32).to(torch.float32)
+        frac = s - q
+        u = (words >> 8).to(torch.float32) * S.UNIFORM_SCALE
+        q = torch.where(frac > u, q + 1.0, q)
+        r = q * ulp
+        rounded = torch.where((bits >> 31) == 1, -r, r)
+    else:
+        return y
+    return torch.where(finite, rounded, y)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2^64), got {type(seed).__name__}")
+    if not 0 <= seed < _U64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return seed
+
+
+@torch.no_grad()
+def replay_(
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    seeds: Sequence[int],
+    alphas: torch.Tensor,
+    dist: str = "gaussian",
+    decay: Sequence[float] | None = None,
+    rounding_seed: int | None = None,
+) -> None:
+    """x <- cast(float32(x) * d + sum_k alphas[k] * z(seeds[k], i)) for every element, summing
+    in order k = 0 .. K-1 (spec section 7). ``alphas`` is float32; ``decay`` holds one float32
+    factor per tensor (None: no decay); ``rounding_seed`` selects stochastic rounding."""
+    alphas = alphas.to(torch.float32)
+    for t, (x, offset) in enumerate(zip(tensors, offsets)):
+        n = x.numel()
+        if n == 0:
+            continue
+        acc = torch.zeros(n, dtype=torch.float32)
+        for k, seed in enumerate(seeds):
+            acc = acc + alphas[k] * noise(seed, n, offset, dist)
+        y = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        if decay is not None:
+            d = torch.tensor(decay[t], dtype=torch.float32)
+            if d.item() != 1.0:
+                y = y * d
+        y = y + acc
+        if rounding_seed is not None:
+            y = stochastic_round(y, rounding_words(rounding_seed, n, offset), x.dtype)
+        x.copy_(y.to(x.dtype).reshape(x.shape))
