@@ -27,17 +27,10 @@ def _mulhilo(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox(seed: int, blocks: torch.Tensor, tag: int) -> list[torch.Tensor]:
-    """Philox4x32-10 words for counters (lo32(b), hi32(b), tag, 0), key (lo32(seed), hi32(seed)).
-
-    ``blocks`` is an int64 tensor of non-negative block numbers; returns four int64 tensors of
-    words in [0, 2^32).
-    """
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0 = blocks & _MASK32
-    c1 = blocks >> 32
-    c2 = torch.full_like(blocks, tag)
-    c3 = torch.zeros_like(blocks)
+def philox4x32(counter: list[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 on counters (four int64 tensors of 32-bit words) with key (k0, k1)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
     for round_ in range(S.PHILOX_ROUNDS):
         if round_ > 0:
             k0 = (k0 + S.PHILOX_W0) & _MASK32
@@ -46,6 +39,16 @@ def philox(seed: int, blocks: torch.Tensor, tag: int) -> list[torch.Tensor]:
         hi1, lo1 = _mulhilo(S.PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return [c0, c1, c2, c3]
+
+
+def philox(seed: int, blocks: torch.Tensor, tag: int) -> list[torch.Tensor]:
+    """The stream's words: counters (lo32(b), hi32(b), tag, 0), key (lo32(seed), hi32(seed)).
+
+    ``blocks`` is an int64 tensor of non-negative block numbers; returns four int64 tensors of
+    words in [0, 2^32).
+    """
+    counter = [blocks & _MASK32, blocks >> 32, torch.full_like(blocks, tag), torch.zeros_like(blocks)]
+    return philox4x32(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
 
 
 def uniform_numerator(w: torch.Tensor) -> torch.Tensor:
