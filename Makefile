@@ -28,7 +28,22 @@ bench: build
 	$(PY) benchmarks/bench_cpu.py
 
 demo: build
-	$(PY) benchmarks/bench_cpu.py
+	$(VENV)/bin/fedkseed simulate --output runs/demo
+
+# Compile (never link or run) every CUDA kernel for each of CUDA_ARCHS with setup.py's flags, so
+# the CUDA backend is checked on machines without a GPU or a CUDA build of torch.
+cuda-check: install
+	@if ! command -v $(NVCC) >/dev/null 2>&1; then \
+	  echo "cuda-check: SKIPPED, $(NVCC) not found (install the CUDA toolkit to compile csrc/cuda)"; \
+	else \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  flags=$$($(PY) -m fedkseed.kernels.nvcc_flags "$$tmp/stub") && \
+	  gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done) && \
+	  for src in csrc/cuda/*.cu; do \
+	    echo "cuda-check: $(NVCC) $$src for sm_$$(echo $(CUDA_ARCHS) | sed 's/ /, sm_/g')"; \
+	    $(NVCC) $$flags $$gencode -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions -c $$src -o "$$tmp/$$(basename $$src .cu).o" || exit 1; \
+	  done && echo "cuda-check: OK"; \
+	fi
 
 clean:
 	rm -rf build fedkseed/*.so *.egg-info

@@ -1,0 +1,142 @@
+"""GPU benchmark of fedkseed's fused kernels (CUDA and Triton backends) against the MeZO-style
+passes the anchors use (torch.manual_seed + per-parameter torch.normal + add), all in one run.
+
+    python benchmarks/bench_gpu.py [--shapes smollm2,llama1.3b] [--dtypes bf16,fp32] [--ks 16,256,4096]
+
+Measures, per parameter-set shape and dtype:
+- device-to-device copy bandwidth of a buffer of the same size (the memory roof);
+- single-seed perturb_: GB/s (read + write of every parameter) and % of copy (target >= 80%),
+  speed-up over one MeZO-style pass (target >= 10x);
+- replay_ of K seeds: normals/s (target >= 5e11/s on H100 for Gaussian) and speed-up over K
+  MeZO-style passes (target >= 20x at K = 256);
+and prints a roofline line per replay: bytes moved, normals generated, the memory-bound time at
+the measured copy bandwidth and the generation-bound time at the best normals/s seen.
+Timing: CUDA events, warm-up, median of repeats; the parameter sets are far larger than L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+import fedkseed
+from fedkseed import ParamSet
+from fedkseed.ops import has_kernel, has_triton
+from smollm2_shape import llama_1b_shapes, make_params, smollm2_135m_shapes
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+SHAPES: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
+    "smollm2": smollm2_135m_shapes,
+    "llama1.3b": llama_1b_shapes,
+}
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` by CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def mezo_pass(tensors: list[torch.Tensor], seed: int, alpha: float) -> None:
+    """One perturbation pass the way MeZO / the official FedKSeed code does it."""
+    torch.manual_seed(seed)
+    for p in tensors:
+        z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+        p.data = p.data + alpha * z
+
+
+def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str]) -> list[str]:
+    dtype = DTYPES[dtype_name]
+    pset = ParamSet(make_params(SHAPES[shape_name](), dtype, "cuda"))
+    n, size = pset.numel, torch.finfo(dtype).bits // 8
+    rw_bytes = 2 * n * size
+    src = torch.empty(n, dtype=dtype, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), repeats=20, warmup=3)
+    del src, dst
+    copy_bw = rw_bytes / copy_s
+    lines = [f"\n## {shape_name} ({n:,} params, {len(pset)} tensors), {dtype_name}: "
+             f"copy {copy_bw / 1e9:,.0f} GB/s ({copy_s * 1e3:.2f} ms)"]
+    mezo_s = timed(lambda: mezo_pass(pset.tensors, 1, 1e-3), repeats=5)
+    lines.append(f"MeZO-style pass (torch.normal + add): {mezo_s * 1e3:.2f} ms")
+    header = f"{'backend':8} {'op':22} {'time ms':>10} {'GB/s':>8} {'% copy':>7} {'normals/s':>10} {'vs MeZO':>8}"
+    lines += [header, "-" * len(header)]
+    seed_t = torch.tensor([12345], dtype=torch.int64, device="cuda")
+    alpha_t = torch.tensor([1e-3], device="cuda")
+    best_rate = {}
+    rows = []
+    for backend in backends:
+        for dist in ("gaussian", "rademacher"):
+            t = timed(lambda: fedkseed.perturb_(pset, seed_t, alpha_t, dist, backend=backend), repeats=10, warmup=2)
+            rows.append((backend, f"perturb_ {dist}", t, rw_bytes / t, n / t, mezo_s / t if dist == "gaussian" else None, 1))
+            for k in ks:
+                seeds = torch.arange(1, k + 1, dtype=torch.int64, device="cuda")
+                alphas = torch.full((k,), 1e-6, device="cuda")
+                reps = 3 if k * n > 1e11 else 5
+                t = timed(lambda: fedkseed.replay_(pset, seeds, alphas, dist, backend=backend), repeats=reps)
+                rate = k * n / t
+                best_rate[dist] = max(best_rate.get(dist, 0.0), rate)
+                rows.append((backend, f"replay_ {dist} K={k}", t, rw_bytes / t, rate, None, k))
+    baseline = {k: k * mezo_s for k in ks}
+    for k in ks:
+        if k <= 256:  # K MeZO-style passes, measured (K = 4096 would take minutes)
+            baseline[k] = timed(lambda: [mezo_pass(pset.tensors, s, 1e-6) for s in range(k)], repeats=1, warmup=0)
+    for backend, op, t, bw, rate, speedup, k in rows:
+        if op.startswith("replay_ gaussian"):
+            speedup = baseline[k] / t
+        lines.append(
+            f"{backend:8} {op:22} {t * 1e3:10.2f} {bw / 1e9:8.0f} {100 * bw / copy_bw:6.0f}% {rate:10.2e} "
+            + (f"{speedup:7.1f}x" if speedup else f"{'':>8}")
+        )
+    for backend, op, t, bw, rate, speedup, k in rows:
+        if op.startswith("replay_"):
+            dist = op.split()[1]
+            mem_s, gen_s = rw_bytes / copy_bw, k * n / best_rate[dist]
+            lines.append(
+                f"roofline {backend} {op}: {rw_bytes / 1e9:.2f} GB moved, {k * n:.2e} normals; "
+                f"memory limit {mem_s * 1e3:.2f} ms, generation limit {gen_s * 1e3:.2f} ms, "
+                f"achieved {t * 1e3:.2f} ms ({100 * max(mem_s, gen_s) / t:.0f}% of the bound)"
+            )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="smollm2,llama1.3b")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--ks", default="16,256,4096")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU here; run this on a GPU machine (python benchmarks/bench_gpu.py). "
+              "CPU figures come from benchmarks/bench_cpu.py.")
+        return 0
+    backends = [b for b, ok in (("cuda", has_kernel("CUDA")), ("triton", has_triton())) if ok]
+    if not backends:
+        print("bench_gpu: neither the CUDA extension nor triton is available")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, backends: {', '.join(backends)}")
+    ks = [int(k) for k in args.ks.split(",")]
+    for shape in args.shapes.split(","):
+        for dtype in args.dtypes.split(","):
+            print("\n".join(bench(shape, dtype, ks, backends)), flush=True)
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

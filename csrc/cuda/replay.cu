@@ -1,0 +1,398 @@
+// CUDA kernels of fedkseed: replay_ (perturb_ is K = 1) and noise_, bit-identical to
+// fedkseed/reference.py through the shared core csrc/include/fedkseed/stream.h (built with
+// -fmad=false; the core's float ops are __fadd_rn/__fmul_rn/__fsqrt_rn on the device anyway).
+//
+// Work split. A thread's unit is 8 consecutive GLOBAL indices starting at a multiple of 8: two
+// whole Gaussian Philox blocks (each Box-Muller pair shares its logarithm and square root), one
+// Philox call for 8 Rademacher signs, and one 16-byte vector of bfloat16/float16 (two of
+// float32). Tensor t owns the units that overlap [offset[t], offset[t] + numel[t]); a unit
+// straddling two tensors is handled once per tensor, each masking the other's elements. When a
+// tensor's offset is a multiple of 8 and its storage 16-byte aligned, every whole unit is an
+// aligned vector load/store; the rest (head, tail, odd offsets) goes element by element.
+//
+// Tensor table. One launch covers every tensor (and every dtype) of the call: pointers, numels,
+// offsets, unit prefix sums, decay factors and dtypes travel BY VALUE as a __grid_constant__
+// kernel parameter. That needs no device allocation, no host-to-device copy and no cache keyed
+// on pointers, and a CUDA graph captures it as is. CUDA >= 12.1 allows 32,764 bytes of kernel
+// parameters on Volta and newer, room for kMaxTensors = 720 tensors (SmolLM2-135M has 272,
+// a 1.3B LLaMA about 220); only larger sets are split into several launches. Threads read the
+// table through the constant cache: the lookups of a warp almost always hit the same tensor.
+//
+// Seeds. The K (seed, alpha) pairs are read from device tensors (no host synchronisation) into
+// shared memory in chunks of kSeedChunk; each thread loops over them with its 8 accumulators in
+// registers, summing in order k = 0..K-1 as spec section 7 requires.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <fedkseed/stream.h>
+
+namespace fedkseed {
+namespace cuda {
+namespace {
+
+namespace S = fedkseed::stream;
+
+constexpr int kUnit = 8;
+constexpr int kUnitShift = 3;
+constexpr int kThreads = 256;
+constexpr int kSeedChunk = 1024;  // 12 KiB of shared memory
+#if CUDART_VERSION >= 12010
+constexpr int kMaxTensors = 720;
+constexpr size_t kParamLimit = 32764;
+#else
+constexpr int kMaxTensors = 96;
+constexpr size_t kParamLimit = 4096;
+#endif
+
+enum Dtype : uint8_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct Table {
+  uint64_t units;                       // units of this launch
+  int count;                            // tensors of this launch
+  void* ptr[kMaxTensors];
+  uint64_t offset[kMaxTensors];         // global index of element 0
+  uint64_t numel[kMaxTensors];
+  uint64_t unit_end[kMaxTensors];       // inclusive prefix sum of units per tensor
+  float decay[kMaxTensors];
+  uint8_t dtype[kMaxTensors];
+  uint8_t vector_ok[kMaxTensors];       // offset % 8 == 0 and 16-byte aligned storage
+};
+static_assert(sizeof(Table) <= kParamLimit, "kernel parameter table exceeds the launch limit");
+
+// --------------------------------------------------------------------------------------------
+// Float conversions with the reference's rounding (round to nearest even; NaN -> 0x7FC0 for
+// bfloat16, as torch's CPU conversion does).
+__device__ __forceinline__ float bf16_to_float(uint16_t h) {
+  return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
+__device__ __forceinline__ uint16_t float_to_bf16(float y) {
+  const uint32_t bits = __float_as_uint(y);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float fp16_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ uint16_t float_to_fp16(float y) { return __half_as_ushort(__float2half_rn(y)); }
+
+// z(seed, g0 + e) for e < 8, g0 a multiple of 8.
+template <uint32_t kTag>
+__device__ __forceinline__ void noise_unit(uint64_t seed, uint64_t g0, float z[kUnit]) {
+  if (kTag == S::kTagGaussian) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const S::Words w = S::philox(seed, (g0 >> S::kGaussianBlockShift) + h, S::kTagGaussian);
+      // The inlined pairs share their log/sqrt through common-subexpression elimination.
+      z[4 * h + 0] = S::gaussian_from_words(w.w[0], w.w[1], 0);
+      z[4 * h + 1] = S::gaussian_from_words(w.w[0], w.w[1], 1);
+      z[4 * h + 2] = S::gaussian_from_words(w.w[2], w.w[3], 0);
+      z[4 * h + 3] = S::gaussian_from_words(w.w[2], w.w[3], 1);
+    }
+  } else {
+    const S::Words w = S::philox(seed, g0 >> S::kRademacherBlockShift, S::kTagRademacher);
+    const uint32_t first = static_cast<uint32_t>(g0 & 127u);
+#pragma unroll
+    for (int e = 0; e < kUnit; ++e) z[e] = S::rademacher_from_words(w, first + e);
+  }
+}
+
+__device__ __forceinline__ float load_element(const void* base, uint64_t j, uint8_t dtype) {
+  if (dtype == kFloat32) return static_cast<const float*>(base)[j];
+  const uint16_t h = static_cast<const uint16_t*>(base)[j];
+  return dtype == kBFloat16 ? bf16_to_float(h) : fp16_to_float(h);
+}
+
+__device__ __forceinline__ void store_element(void* base, uint64_t j, uint8_t dtype, float y) {
+  if (dtype == kFloat32) {
+    static_cast<float*>(base)[j] = y;
+  } else {
+    static_cast<uint16_t*>(base)[j] = dtype == kBFloat16 ? float_to_bf16(y) : float_to_fp16(y);
+  }
+}
+
+__device__ __forceinline__ void load_vector(const void* base, uint64_t j, uint8_t dtype, float x[kUnit]) {
+  if (dtype == kFloat32) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + j);
+    const float4 a = p[0], b = p[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + j);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < kUnit; ++e) {
+      const uint16_t h = static_cast<uint16_t>(words[e >> 1] >> (16 * (e & 1)));
+      x[e] = dtype == kBFloat16 ? bf16_to_float(h) : fp16_to_float(h);
+    }
+  }
+}
+
+__device__ __forceinline__ void store_vector(void* base, uint64_t j, uint8_t dtype, const float y[kUnit]) {
+  if (dtype == kFloat32) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + j);
+    p[0] = make_float4(y[0], y[1], y[2], y[3]);
+    p[1] = make_float4(y[4], y[5], y[6], y[7]);
+  } else {
+    uint32_t words[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float lo = y[2 * q], hi = y[2 * q + 1];
+      const uint32_t a = dtype == kBFloat16 ? float_to_bf16(lo) : float_to_fp16(lo);
+      const uint32_t b = dtype == kBFloat16 ? float_to_bf16(hi) : float_to_fp16(hi);
+      words[q] = a | (b << 16);
+    }
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + j) =
+        make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// The tensor owning unit w: first t with unit_end[t] > w (binary search in the parameter table).
+__device__ __forceinline__ int find_tensor(const Table& table, uint64_t w) {
+  int lo = 0, hi = table.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (table.unit_end[mid] > w) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// kNoise: write z(seeds[0], i) (float32 tables only); otherwise replay the K seeds.
+template <bool kNoise, uint32_t kTag>
+__global__ void __launch_bounds__(kThreads) replay_kernel(
+    const __grid_constant__ Table table, const int64_t* __restrict__ seeds,
+    const float* __restrict__ alphas, int64_t k_total, const int64_t* __restrict__ rounding_seed) {
+  __shared__ uint64_t s_seed[kSeedChunk];
+  __shared__ float s_alpha[kSeedChunk];
+  const int64_t chunks = kNoise ? 1 : (k_total + kSeedChunk - 1) / kSeedChunk;
+  auto load_chunk = [&](int64_t c) {
+    const int64_t first = c * kSeedChunk;
+    const int64_t n = kNoise ? 1 : min(static_cast<int64_t>(kSeedChunk), k_total - first);
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+      s_seed[k] = static_cast<uint64_t>(seeds[first + k]);
+      s_alpha[k] = kNoise ? 1.0f : alphas[first + k];
+    }
+  };
+  if (chunks == 1) {
+    load_chunk(0);
+    __syncthreads();
+  }
+  const bool rounding = !kNoise && rounding_seed != nullptr;
+  const uint64_t round_seed = rounding ? static_cast<uint64_t>(*rounding_seed) : 0;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  // Every thread runs the same number of rounds, so the chunk barriers below are uniform.
+  for (uint64_t base = static_cast<uint64_t>(blockIdx.x) * blockDim.x; base < table.units; base += stride) {
+    const uint64_t w = base + threadIdx.x;
+    const bool active = w < table.units;
+    const int t = active ? find_tensor(table, w) : 0;
+    const uint64_t offset = table.offset[t], numel = table.numel[t];
+    const uint64_t unit_begin = t == 0 ? 0 : table.unit_end[t - 1];
+    const uint64_t g0 = ((offset >> kUnitShift) + (w - unit_begin)) << kUnitShift;
+    float acc[kUnit];
+#pragma unroll
+    for (int e = 0; e < kUnit; ++e) acc[e] = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (chunks > 1) {
+        __syncthreads();
+        load_chunk(c);
+        __syncthreads();
+      }
+      const int n = kNoise ? 1 : static_cast<int>(min(static_cast<int64_t>(kSeedChunk), k_total - c * kSeedChunk));
+      if (!active) continue;
+      for (int k = 0; k < n; ++k) {
+        float z[kUnit];
+        noise_unit<kTag>(s_seed[k], g0, z);
+        const float alpha = s_alpha[k];
+#pragma unroll
+        for (int e = 0; e < kUnit; ++e) {
+          acc[e] = kNoise ? z[e] : S::fks_add(acc[e], S::fks_mul(alpha, z[e]));
+        }
+      }
+    }
+    if (!active) continue;
+
+    void* data = table.ptr[t];
+    const uint8_t dtype = table.dtype[t];
+    const uint64_t j0 = g0 - offset;  // wraps below the tensor: then the element mask applies
+    const bool whole = g0 >= offset && j0 + kUnit <= numel;
+    float y[kUnit];
+    if (kNoise) {
+#pragma unroll
+      for (int e = 0; e < kUnit; ++e) y[e] = acc[e];
+    } else {
+      if (whole && table.vector_ok[t]) {
+        load_vector(data, j0, dtype, y);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kUnit; ++e) {
+          const uint64_t j = j0 + e;
+          y[e] = j < numel ? load_element(data, j, dtype) : 0.0f;
+        }
+      }
+      const float d = table.decay[t];
+      uint32_t words[kUnit];
+      if (rounding && dtype != kFloat32) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const S::Words r = S::philox(round_seed, (g0 >> S::kRoundingBlockShift) + h, S::kTagRounding);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) words[4 * h + q] = r.w[q];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kUnit; ++e) {
+        float v = y[e];
+        if (d != 1.0f) v = S::fks_mul(v, d);
+        v = S::fks_add(v, acc[e]);
+        if (rounding && dtype == kBFloat16) v = S::stochastic_round_bf16(v, words[e]);
+        if (rounding && dtype == kFloat16) v = S::stochastic_round_fp16(v, words[e]);
+        y[e] = v;
+      }
+    }
+    if (whole && table.vector_ok[t]) {
+      store_vector(data, j0, dtype, y);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kUnit; ++e) {
+        const uint64_t j = j0 + e;
+        if (j < numel) store_element(data, j, dtype, y[e]);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// Host side.
+struct Entry {
+  void* ptr;
+  uint64_t offset, numel;
+  float decay;
+  Dtype dtype;
+};
+
+Dtype dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default: TORCH_CHECK(false, "fedkseed: params must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+uint64_t units_of(const Entry& e) {
+  return ((e.offset + e.numel - 1) >> kUnitShift) - (e.offset >> kUnitShift) + 1;
+}
+
+// Blocks to fill the device once (grid-stride beyond that), cached per device.
+int grid_limit(int device) {
+  static int cache[64] = {0};
+  if (device < 64 && cache[device] > 0) return cache[device];
+  int sms = 0, threads_per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const int blocks = sms * std::max(1, threads_per_sm / kThreads);
+  if (device < 64) cache[device] = blocks;
+  return blocks;
+}
+
+template <bool kNoise>
+void launch(const std::vector<Entry>& entries, int64_t tag, const int64_t* seeds, const float* alphas,
+            int64_t k, const int64_t* rounding_seed, int device) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int limit = grid_limit(device);
+  for (size_t start = 0; start < entries.size(); start += kMaxTensors) {
+    Table table{};
+    uint64_t units = 0;
+    const size_t end = std::min(entries.size(), start + kMaxTensors);
+    for (size_t i = start; i < end; ++i) {
+      const Entry& e = entries[i];
+      const int t = static_cast<int>(i - start);
+      units += units_of(e);
+      table.ptr[t] = e.ptr;
+      table.offset[t] = e.offset;
+      table.numel[t] = e.numel;
+      table.unit_end[t] = units;
+      table.decay[t] = e.decay;
+      table.dtype[t] = e.dtype;
+      table.vector_ok[t] = (e.offset % kUnit == 0) && (reinterpret_cast<uintptr_t>(e.ptr) % 16 == 0);
+    }
+    table.count = static_cast<int>(end - start);
+    table.units = units;
+    const uint64_t wanted = (units + kThreads - 1) / kThreads;
+    const int blocks = static_cast<int>(std::min<uint64_t>(wanted, static_cast<uint64_t>(limit)));
+    if (tag == S::kTagGaussian) {
+      replay_kernel<kNoise, S::kTagGaussian><<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed);
+    } else {
+      replay_kernel<kNoise, S::kTagRademacher><<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void check_dist(int64_t dist) {
+  TORCH_CHECK(dist == S::kTagGaussian || dist == S::kTagRademacher,
+              "fedkseed: dist must be 0 (gaussian) or 1 (rademacher), got ", dist);
+}
+
+void replay_cuda(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> decay,
+                 const at::Tensor& seeds, const at::Tensor& alphas, int64_t dist,
+                 const std::optional<at::Tensor>& rounding_seed) {
+  check_dist(dist);
+  TORCH_CHECK(offsets.size() == params.size(), "fedkseed: offsets has ", offsets.size(),
+              " entries for ", params.size(), " params");
+  TORCH_CHECK(decay.empty() || decay.size() == params.size(), "fedkseed: decay has ", decay.size(),
+              " entries for ", params.size(), " params");
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.device() == device && seeds.is_contiguous(),
+              "fedkseed: seeds must be a contiguous int64 tensor on ", device);
+  TORCH_CHECK(alphas.scalar_type() == at::kFloat && alphas.device() == device && alphas.is_contiguous(),
+              "fedkseed: alphas must be a contiguous float32 tensor on ", device);
+  TORCH_CHECK(seeds.numel() == alphas.numel(), "fedkseed: seeds and alphas differ in length: ",
+              seeds.numel(), " vs ", alphas.numel());
+  const int64_t* round_ptr = nullptr;
+  if (rounding_seed.has_value()) {
+    const at::Tensor& r = *rounding_seed;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.device() == device && r.numel() == 1,
+                "fedkseed: rounding_seed must be one int64 on ", device);
+    round_ptr = r.data_ptr<int64_t>();
+  }
+  std::vector<Entry> entries;
+  entries.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device() == device, "fedkseed: params[", t, "] is on ", p.device(), ", not ", device);
+    TORCH_CHECK(p.is_contiguous(), "fedkseed: params[", t, "] is not contiguous");
+    const Dtype code = dtype_code(p);
+    if (p.numel() == 0) continue;
+    entries.push_back(Entry{p.data_ptr(), static_cast<uint64_t>(offsets[t]), static_cast<uint64_t>(p.numel()),
+                            decay.empty() ? 1.0f : static_cast<float>(decay[t]), code});
+  }
+  if (entries.empty() || (seeds.numel() == 0 && decay.empty())) return;
+  const c10::cuda::CUDAGuard guard(device);
+  launch<false>(entries, dist, seeds.data_ptr<int64_t>(), alphas.data_ptr<float>(), seeds.numel(), round_ptr,
+                device.index());
+}
+
+void noise_cuda(at::Tensor out, const at::Tensor& seed, int64_t offset, int64_t dist) {
+  check_dist(dist);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "fedkseed: out must be contiguous float32");
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == out.device(),
+              "fedkseed: seed must be one int64 on ", out.device());
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const std::vector<Entry> entries{
+      Entry{out.data_ptr(), static_cast<uint64_t>(offset), static_cast<uint64_t>(out.numel()), 1.0f, kFloat32}};
+  launch<true>(entries, dist, seed.data_ptr<int64_t>(), nullptr, 1, nullptr, out.device().index());
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fedkseed
+
+TORCH_LIBRARY_IMPL(fedkseed, CUDA, m) {
+  m.impl("replay_", &fedkseed::cuda::replay_cuda);
+  m.impl("noise_", &fedkseed::cuda::noise_cuda);
+}

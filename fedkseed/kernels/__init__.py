@@ -1,0 +1,34 @@
+"""GPU backends of fedkseed. The Triton kernels live in ``triton_replay`` and are imported on
+first use, so ``import fedkseed`` works without triton and ``TRITON_INTERPRET`` is read when a
+kernel is first needed. The CUDA kernels are in ``csrc/cuda`` (served through ``torch.ops``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), e.g. on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def replay_(pset, seeds: torch.Tensor, alphas: torch.Tensor, tag: int, decay, rounding_seed) -> None:
+    """See ``triton_replay.replay_``."""
+    from . import triton_replay
+
+    triton_replay.replay_(pset, seeds, alphas, tag, decay, rounding_seed)
+
+
+def noise_(out: torch.Tensor, seed: torch.Tensor, offset: int, tag: int) -> None:
+    """See ``triton_replay.noise_``."""
+    from . import triton_replay
+
+    triton_replay.noise_(out, seed, offset, tag)
