@@ -90,7 +90,7 @@ def _seed_tensor(seeds: SeedsLike, device: torch.device) -> tuple[torch.Tensor, 
         flat = seeds.reshape(-1)
         values = None if flat.device.type != "cpu" else [_to_unsigned(int(s)) for s in flat.tolist()]
         return flat.to(device), values
-    values = [seeds] if isinstance(seeds, int) else list(seeds)
+    values = [seeds] if isinstance(seeds, (int, float)) else list(seeds)  # a float reaches check_seed
     for s in values:
         reference.check_seed(s)
     signed = [s - _U64 if s >= 1 << 63 else s for s in values]

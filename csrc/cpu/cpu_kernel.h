@@ -1,0 +1,72 @@
+// The interface between the CPU operator glue (ops_cpu.cpp: checks, chunking, OpenMP, ISA choice)
+// and the kernel bodies compiled once per instruction set (kernel_scalar/avx2/avx512.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include <fedkseed/stream.h>
+
+namespace fedkseed {
+namespace cpu {
+
+enum class DType : int { kFloat32, kBFloat16, kFloat16 };
+enum class Isa : int { kScalar, kAvx2, kAvx512 };
+
+// A seed and its Philox key schedule (the key of each round), computed once per call so the
+// SIMD paths broadcast round keys from memory instead of recomputing them per block.
+struct SeedKeys {
+  uint64_t seed;
+  uint32_t round_key[stream::kPhiloxRounds][2];
+};
+
+inline SeedKeys seed_keys(uint64_t seed) {
+  SeedKeys s{seed, {}};
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < stream::kPhiloxRounds; ++round) {
+    if (round > 0) {
+      k0 += stream::kPhiloxW0;
+      k1 += stream::kPhiloxW1;
+    }
+    s.round_key[round][0] = k0;
+    s.round_key[round][1] = k1;
+  }
+  return s;
+}
+
+// What one call applies to every chunk.
+struct Job {
+  const SeedKeys* seeds;       // K seeds
+  const float* alphas;         // K coefficients
+  const float* neg_alphas;     // -alphas[k] (Rademacher picks +-alpha instead of multiplying by +-1)
+  int64_t num_seeds;           // K
+  uint32_t tag;                // stream tag: gaussian or rademacher
+  bool noise;                  // write z(seed, i) as float32 instead of updating (noise_, K = 1)
+  bool stochastic_rounding;
+  SeedKeys rounding_seed;
+};
+
+// A contiguous run of one tensor's elements: data[0] has global index `global`.
+struct Chunk {
+  void* data;
+  uint64_t global;
+  int64_t count;
+  DType dtype;
+  bool apply_decay;  // false when the factor is 1 (the multiply is skipped, spec section 7)
+  float decay;
+};
+
+// Scratch each thread needs for a job, in uint32 words (Rademacher keeps one tile of words per seed).
+int64_t scratch_words(Isa isa, const Job& job);
+
+// Apply the job to one chunk; `scratch` holds scratch_words() words owned by the calling thread.
+void run_chunk_scalar(const Job& job, const Chunk& chunk, uint32_t* scratch);
+void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch);
+void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch);
+
+// Lanes (Philox blocks generated at once) of each path.
+constexpr int kLanesScalar = 1;
+constexpr int kLanesAvx2 = 8;
+constexpr int kLanesAvx512 = 16;
+
+}  // namespace cpu
+}  // namespace fedkseed

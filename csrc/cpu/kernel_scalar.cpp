@@ -1,0 +1,75 @@
+// The portable path: one lane, the stream.h functions themselves. Also the ground truth the SIMD
+// paths are checked against in tests (FEDKSEED_CPU_ISA=scalar).
+#include <cstdint>
+#include <cstring>
+
+#include <fedkseed/stream.h>
+
+#include "cpu_kernel.h"
+#include "dtype_bits.h"
+
+namespace {
+
+namespace st = fedkseed::stream;
+using fedkseed::cpu::DType;
+
+struct Scalar {
+  static constexpr int L = fedkseed::cpu::kLanesScalar;
+  using F = float;
+  using I = uint32_t;
+
+  static F zero() { return 0.0f; }
+  static F set1(float a) { return a; }
+  static F add(F a, F b) { return st::fks_add(a, b); }
+  static F mul(F a, F b) { return st::fks_mul(a, b); }
+  static F pick(F when_clear, F when_set, uint64_t bits) { return (bits & 1u) ? when_set : when_clear; }
+  static void store_f32(float* p, F v) { *p = v; }
+
+  static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block, uint32_t tag, I w[4]) {
+    const st::Words words = st::philox(keys.seed, block, tag);
+    for (int i = 0; i < 4; ++i) w[i] = words.w[i];
+  }
+  // One block: words and values are already in element order.
+  static void interleave(I[4]) {}
+  static void interleave_ps(const F in[4], F out[4]) { std::memcpy(out, in, 4 * sizeof(F)); }
+  static void interleave_store(const I w[4], uint32_t* out) { std::memcpy(out, w, 4 * sizeof(I)); }
+  static void gaussian_by_block(const I w[4], F z[4]) {
+    z[0] = st::gaussian_from_words(w[0], w[1], 0);
+    z[1] = st::gaussian_from_words(w[0], w[1], 1);
+    z[2] = st::gaussian_from_words(w[2], w[3], 0);
+    z[3] = st::gaussian_from_words(w[2], w[3], 1);
+  }
+
+  template <DType D, class T>
+  static F load(const T* p) {
+    if constexpr (D == DType::kFloat32) return *p;
+    if constexpr (D == DType::kBFloat16) return fedkseed::cpu::bf16_to_f32(*p);
+    if constexpr (D == DType::kFloat16) return fedkseed::cpu::f16_to_f32(*p);
+  }
+  template <DType D, class T>
+  static void store(T* p, F y) {
+    if constexpr (D == DType::kFloat32) *p = y;
+    if constexpr (D == DType::kBFloat16) *p = fedkseed::cpu::f32_to_bf16(y);
+    if constexpr (D == DType::kFloat16) *p = fedkseed::cpu::f32_to_f16(y);
+  }
+  template <DType D>
+  static F stochastic_round(F y, I word) {
+    if constexpr (D == DType::kBFloat16) return st::stochastic_round_bf16(y, word);
+    if constexpr (D == DType::kFloat16) return st::stochastic_round_fp16(y, word);
+    return y;
+  }
+};
+
+}  // namespace
+
+#include "kernel_body.h"
+
+namespace fedkseed {
+namespace cpu {
+
+void run_chunk_scalar(const Job& job, const Chunk& chunk, uint32_t* scratch) {
+  Kernel<Scalar>::run(job, chunk, scratch);
+}
+
+}  // namespace cpu
+}  // namespace fedkseed

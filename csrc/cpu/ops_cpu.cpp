@@ -1,0 +1,238 @@
+// CPU implementations of fedkseed::replay_ and fedkseed::noise_ (schemas in csrc/ops.cpp).
+//
+// One call walks every tensor: the concatenated index space is cut into chunks (pieces of one
+// tensor, aligned to kChunk in global index so no Philox block or SIMD group is split twice) and
+// OpenMP hands the chunks out, so small tensors never serialise. The kernel body runs in the
+// widest instruction set this CPU has, chosen at run time; FEDKSEED_CPU_ISA=scalar|avx2|avx512
+// caps it (tests force each path). Every path gives the same bits as fedkseed/reference.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+#include <fedkseed/stream.h>
+
+#include "cpu_kernel.h"
+
+namespace fedkseed {
+namespace cpu {
+namespace {
+
+// Elements per chunk (a multiple of every group and tile: 128 Rademacher bits x 16 lanes).
+constexpr int64_t kChunk = int64_t{1} << 15;
+
+Isa detect_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    return Isa::kAvx512;
+  }
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+  if (__builtin_cpu_supports("avx2") && f16c) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+// The path to run: the best the CPU supports, capped by FEDKSEED_CPU_ISA (read on every call so
+// a process can switch paths).
+Isa active_isa() {
+  static const Isa best = detect_isa();
+  const char* env = std::getenv("FEDKSEED_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  Isa want;
+  if (std::strcmp(env, "scalar") == 0) {
+    want = Isa::kScalar;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    want = Isa::kAvx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    want = Isa::kAvx512;
+  } else {
+    TORCH_CHECK(false, "FEDKSEED_CPU_ISA must be scalar, avx2 or avx512, got '", env, "'");
+  }
+  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+}
+
+using ChunkFn = void (*)(const Job&, const Chunk&, uint32_t*);
+
+ChunkFn chunk_fn(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return run_chunk_avx512;
+    case Isa::kAvx2:
+      return run_chunk_avx2;
+    default:
+      return run_chunk_scalar;
+  }
+}
+
+DType dtype_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// Cut elements [0, count) of a tensor whose first element has global index `global` into chunks
+// that end on multiples of kChunk in global index (unsigned arithmetic: global + count <= 2^64).
+void add_chunks(std::vector<Chunk>& chunks, void* data, size_t elem_size, uint64_t global, int64_t count,
+                DType dtype, bool apply_decay, float decay) {
+  int64_t j = 0;
+  while (j < count) {
+    const uint64_t g = global + static_cast<uint64_t>(j);
+    const int64_t room = kChunk - static_cast<int64_t>(g & static_cast<uint64_t>(kChunk - 1));
+    const int64_t n = count - j < room ? count - j : room;
+    chunks.push_back(Chunk{static_cast<char*>(data) + j * elem_size, g, n, dtype, apply_decay, decay});
+    j += n;
+  }
+}
+
+void check_dist(int64_t dist) {
+  TORCH_CHECK(dist == stream::kTagGaussian || dist == stream::kTagRademacher,
+              "dist must be 0 (gaussian) or 1 (rademacher), got ", dist);
+}
+
+at::Tensor host_seeds(const at::Tensor& seeds, const char* what) {
+  TORCH_CHECK(seeds.device().is_cpu(), what, " must be a CPU tensor, got ", seeds.device());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, what, " must be int64 (two's complement of uint64), got ",
+              seeds.scalar_type());
+  return seeds.contiguous();
+}
+
+void run(const Job& job, const std::vector<Chunk>& chunks) {
+  const Isa isa = active_isa();
+  const ChunkFn fn = chunk_fn(isa);
+  const int64_t words = scratch_words(isa, job);
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads) if (threads > 1 && n > 1)
+  {
+    std::vector<uint32_t> scratch(static_cast<size_t>(words));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) fn(job, chunks[i], scratch.data());
+  }
+}
+
+void replay_cpu(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> decay,
+                const at::Tensor& seeds, const at::Tensor& alphas, int64_t dist,
+                const std::optional<at::Tensor>& rounding_seed) {
+  // Every check comes before the first write: a call updates all tensors or none.
+  check_dist(dist);
+  TORCH_CHECK(offsets.size() == params.size(), "offsets has ", offsets.size(), " entries for ", params.size(),
+              " params");
+  TORCH_CHECK(decay.empty() || decay.size() == params.size(), "decay has ", decay.size(), " entries for ",
+              params.size(), " params (want 0 or one per param)");
+  const at::Tensor seeds_h = host_seeds(seeds, "seeds");
+  TORCH_CHECK(alphas.device().is_cpu(), "alphas must be a CPU tensor, got ", alphas.device());
+  TORCH_CHECK(alphas.scalar_type() == at::kFloat, "alphas must be float32, got ", alphas.scalar_type());
+  TORCH_CHECK(alphas.numel() == seeds_h.numel(), "seeds and alphas differ in length: ", seeds_h.numel(), " vs ",
+              alphas.numel());
+  std::vector<DType> dtypes;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device().is_cpu(), "params[", t, "] is on ", p.device(), "; the CPU kernel takes CPU tensors");
+    TORCH_CHECK(p.is_contiguous(), "params[", t, "] is not contiguous");
+    dtypes.push_back(dtype_of(p, "params"));
+  }
+  Job job{};
+  job.tag = static_cast<uint32_t>(dist);
+  if (rounding_seed.has_value()) {
+    const at::Tensor r = host_seeds(*rounding_seed, "rounding_seed");
+    TORCH_CHECK(r.numel() == 1, "rounding_seed must hold one seed, got ", r.numel());
+    job.stochastic_rounding = true;
+    job.rounding_seed = seed_keys(static_cast<uint64_t>(r.data_ptr<int64_t>()[0]));
+  }
+  const int64_t k = seeds_h.numel();
+  std::vector<SeedKeys> seed_values(k);
+  std::vector<float> alpha_values(k), neg_alpha_values(k);
+  const at::Tensor alphas_h = alphas.contiguous();
+  for (int64_t i = 0; i < k; ++i) {
+    seed_values[i] = seed_keys(static_cast<uint64_t>(seeds_h.data_ptr<int64_t>()[i]));
+    alpha_values[i] = alphas_h.data_ptr<float>()[i];
+    neg_alpha_values[i] = -alpha_values[i];
+  }
+  job.seeds = seed_values.data();
+  job.alphas = alpha_values.data();
+  job.neg_alphas = neg_alpha_values.data();
+  job.num_seeds = k;
+
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    const float d = decay.empty() ? 1.0f : static_cast<float>(decay[t]);
+    add_chunks(chunks, p.data_ptr(), p.element_size(), static_cast<uint64_t>(offsets[t]), p.numel(), dtypes[t],
+               d != 1.0f, d);
+  }
+  run(job, chunks);
+}
+
+void noise_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t offset, int64_t dist) {
+  check_dist(dist);
+  TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor, got ", out.device());
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "out must be float32, got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  const at::Tensor seed_h = host_seeds(seed, "seed");
+  TORCH_CHECK(seed_h.numel() == 1, "noise_ takes one seed, got ", seed_h.numel());
+  const uint64_t first = static_cast<uint64_t>(offset);
+  const uint64_t count = static_cast<uint64_t>(out.numel());
+  TORCH_CHECK(first == 0 || count <= 0 - first, "indices offset=", first, ", count=", count, " leave [0, 2^64)");
+  const SeedKeys seed_value = seed_keys(static_cast<uint64_t>(seed_h.data_ptr<int64_t>()[0]));
+  const float one = 1.0f, minus_one = -1.0f;
+  Job job{};
+  job.seeds = &seed_value;
+  job.alphas = &one;
+  job.neg_alphas = &minus_one;
+  job.num_seeds = 1;
+  job.tag = static_cast<uint32_t>(dist);
+  job.noise = true;
+  std::vector<Chunk> chunks;
+  add_chunks(chunks, out.data_ptr(), sizeof(float), first, out.numel(), DType::kFloat32, false, 1.0f);
+  run(job, chunks);
+}
+
+std::string cpu_isa() { return isa_name(active_isa()); }
+
+}  // namespace
+
+int64_t scratch_words(Isa isa, const Job& job) {
+  if (job.tag != stream::kTagRademacher) return 0;
+  const int lanes = isa == Isa::kAvx512 ? kLanesAvx512 : isa == Isa::kAvx2 ? kLanesAvx2 : kLanesScalar;
+  return job.num_seeds * 4 * lanes;
+}
+
+}  // namespace cpu
+}  // namespace fedkseed
+
+// A diagnostic: which instruction set the CPU kernels use now ("scalar", "avx2", "avx512").
+TORCH_LIBRARY_FRAGMENT(fedkseed, m) { m.def("cpu_isa() -> str", &fedkseed::cpu::cpu_isa); }
+
+TORCH_LIBRARY_IMPL(fedkseed, CPU, m) {
+  m.impl("replay_", &fedkseed::cpu::replay_cpu);
+  m.impl("noise_", &fedkseed::cpu::noise_cpu);
+}
