@@ -1,0 +1,55 @@
+"""FedKSeed (Qin et al., ICML 2024): federated full-parameter ZO fine-tuning with K seeds.
+
+Transport-free building blocks; an engine (``fedkseed.simulate``'s local loop, or a Flower app)
+moves the bytes. Every method takes and returns bytes or plain objects.
+
+``FedSpec(num_clients, clients_per_round, k, local_steps, lr, eps, dist, batch_size, pro,
+precision, seed)``: the settings all parties share (send ``spec.to_dict()`` at setup).
+
+``SeedPool(pool_seed, k)``: the K candidate seeds (``seeds``, ``seed_tensor``) and
+FedKSeed-Pro's statistics (``record``, ``importance``, ``probabilities``).
+
+``Replica(model, pool, lr32, dist, backend)``: a party's base weights and working
+parameters; ``build(table)`` makes them the global model of a seed table by the canonical
+construction (fresh base, one replay of every non-zero entry in index order with alpha =
+float32(-lr) * table[k]): every party holds bit-identical weights.
+
+``Server(spec, client_sizes)``::
+
+    sampled = server.begin_round(clients=None)  # ids; default: the run's deterministic sample
+    data = server.download(client_id)           # bytes: table entries changed since the
+                                                # client's last sync (+ Pro seed schedule)
+    ok = server.receive(upload_bytes)           # False when rejected (reason logged on the
+                                                # "fedkseed.fed" logger and in the summary)
+    summary = server.end_round()                # RoundSummary: accepted, rejected, bytes,
+                                                # train_loss, weights
+    server.table                                # float32[K]: what everyone replays
+    server.delta(fingerprint) -> bytes          # the delta file (``apply`` rebuilds from it)
+    server.state_dict() / load_state_dict()     # between rounds, for resuming
+
+``Client(client_id, spec, replica, data, loss)``: ``upload = client.train(download)`` (or
+``client.catch_up(download)`` alone to sync without training). Clients that fail simply send
+nothing; the server aggregates the others.
+
+Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).
+"""
+
+from .client import Client
+from .replica import Replica, canonical_alphas
+from .seedpool import SeedPool, draw_schedule, sample_clients
+from .server import RoundSummary, Server
+from .spec import FedSpec
+from .wire import WireError
+
+__all__ = [
+    "Client",
+    "FedSpec",
+    "Replica",
+    "RoundSummary",
+    "SeedPool",
+    "Server",
+    "WireError",
+    "canonical_alphas",
+    "draw_schedule",
+    "sample_clients",
+]

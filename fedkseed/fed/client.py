@@ -1,0 +1,101 @@
+"""The FedKSeed client: catch up from a download, run tau local ZO steps, return the upload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..zo import zo_step
+from . import wire
+from .replica import Replica
+from .seedpool import draw_rows, draw_schedule
+from .spec import FedSpec
+
+Batch = dict[str, torch.Tensor]
+
+
+def take_rows(data: Batch, rows: list[int]) -> Batch:
+    """The batch of ``rows`` of an encoded data set, trimmed to its longest row."""
+    index = torch.tensor(rows, dtype=torch.long)
+    width = int(data["attention_mask"][index].sum(dim=1).max())
+    return {name: tensor[index, :width] for name, tensor in data.items()}
+
+
+class Client:
+    """One client: ``upload = client.train(download)``.
+
+    It keeps its copy of the seed table (``table``, as of the end of round ``synced``), merges
+    each download into it, builds the global model with ``replica.build`` (the canonical
+    construction, so it holds the server's bits), then runs ``spec.local_steps`` ZO steps on
+    batches of its own examples. Seeds come from the download's schedule (FedKSeed-Pro) or are
+    drawn uniformly from (seed, round, client id); batches from (seed, round, client id, step).
+    The upload carries, per seed used, the sum of the step gradients g (skipped steps add 0).
+    ``data`` is an encoded data set (``fedkseed.data.encode``), ``loss(model, batch)`` a scalar.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        spec: FedSpec,
+        replica: Replica,
+        data: Batch,
+        loss: Callable[[Any, Batch], Any],
+    ) -> None:
+        if not 0 <= client_id < spec.num_clients:
+            raise ValueError(f"client_id must be in [0, {spec.num_clients}), got {client_id}")
+        if replica.pool.k != spec.k:
+            raise ValueError(f"replica pool has K = {replica.pool.k}, spec has K = {spec.k}")
+        self.client_id, self.spec, self.replica, self.data, self.loss = client_id, spec, replica, data, loss
+        self.num_examples = int(data["input_ids"].shape[0])
+        self.table = np.zeros(spec.k, dtype=np.float32)
+        self.synced = 0
+
+    def catch_up(self, download: bytes) -> wire.Download:
+        """Merge a download into the local table and build the global model from it."""
+        d = wire.decode_download(download)
+        if d.k != self.spec.k:
+            raise wire.WireError(f"download has K = {d.k}, the run has K = {self.spec.k}")
+        if d.since > self.synced:
+            raise wire.WireError(f"download is relative to round {d.since}, this client holds round {self.synced}")
+        if d.round <= self.synced:
+            raise wire.WireError(f"download for round {d.round} is stale: this client holds round {self.synced}")
+        if self.spec.pro and len(d.schedule) != self.spec.local_steps:
+            raise wire.WireError(f"FedKSeed-Pro download carries {len(d.schedule)} seeds, expected {self.spec.local_steps}")
+        self.table[d.indices] = d.values
+        self.synced = d.round - 1
+        self.replica.build(self.table)
+        return d
+
+    def train(self, download: bytes) -> bytes:
+        d = self.catch_up(download)
+        spec, r, me = self.spec, d.round, self.client_id
+        schedule = d.schedule if len(d.schedule) else draw_schedule(spec.seed, r, me, spec.local_steps, spec.k)
+        seeds = self.replica.pool.seeds
+        sums: dict[int, float] = {}
+        losses = []
+        for t, index in enumerate(schedule.tolist()):
+            batch = take_rows(self.data, draw_rows(spec.seed, r, me, t, spec.batch_size, self.num_examples))
+            following = seeds[schedule[t + 1]] if t + 1 < len(schedule) else None
+            result = zo_step(
+                self.replica.params,
+                lambda: self.loss(self.replica.model, batch),
+                seeds[index],
+                eps=spec.eps,
+                lr=spec.lr,
+                dist=spec.dist,
+                next_seed=following,
+                perturbed=t > 0,
+                backend=self.replica.backend,
+            )
+            sums[index] = sums.get(index, 0.0) + result.grad
+            if not result.skipped:
+                losses.append(0.5 * (result.loss_plus + result.loss_minus))
+        indices = np.array(sorted(sums), dtype=np.int64)
+        upload = wire.Upload(
+            me, r, spec.k, len(schedule), float(np.mean(losses)) if losses else float("nan"),
+            indices, np.array([sums[i] for i in indices.tolist()], dtype=np.float64),
+        )
+        return wire.encode_upload(upload, spec.precision, implied=np.unique(schedule))

@@ -1,0 +1,90 @@
+"""The K candidate seeds, FedKSeed-Pro's seed probabilities, and every random draw of a run.
+
+All draws (the pool, which clients take part in a round, each client's seeds and batches) are
+BLAKE2b derivations of the run's seed and the draw's coordinates (``history.derive_seed``), so
+they are the same on every machine and independent of torch's and numpy's global RNGs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..history import derive_seed
+
+# FedKSeed-Pro clips each recorded scalar gradient to this before averaging |g| (official code).
+PRO_CLIP = 1000.0
+_U64 = 1 << 64
+
+
+class SeedPool:
+    """K candidate 64-bit seeds derived from ``pool_seed``, and the Pro importance statistics.
+
+    FedKSeed-Pro keeps, for every seed, the history of its scalar gradients starting with one
+    0.0; importance = mean(|clip(history, +-1000)|) and p = softmax(min_max_norm(importance)),
+    min_max_norm(v) = (v - min) / (max - min + 1e-10). Only the sums and counts of the history
+    are needed, so that is what is kept (the history itself would grow every round).
+    """
+
+    def __init__(self, pool_seed: int, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1 << 24:
+            raise ValueError(f"k must be an int in [1, 2^24], got {k!r}")
+        if isinstance(pool_seed, bool) or not isinstance(pool_seed, int) or not 0 <= pool_seed < _U64:
+            raise ValueError(f"pool_seed must be an int in [0, 2^64), got {pool_seed!r}")
+        self.pool_seed = pool_seed
+        self.k = k
+        self.seeds = [derive_seed(b"fks-pool", pool_seed, k, i) for i in range(k)]
+        signed = [s - _U64 if s >= 1 << 63 else s for s in self.seeds]
+        self.seed_tensor = torch.tensor(signed, dtype=torch.int64)
+        self.abs_sum = np.zeros(k, dtype=np.float64)  # the initial 0.0 adds nothing ...
+        self.count = np.ones(k, dtype=np.int64)  # ... but counts once
+
+    def record(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Append ``values[j]`` to the history of seed ``indices[j]`` (repeats allowed)."""
+        clipped = np.abs(np.clip(np.asarray(values, dtype=np.float64), -PRO_CLIP, PRO_CLIP))
+        np.add.at(self.abs_sum, indices, clipped)
+        np.add.at(self.count, indices, 1)
+
+    def importance(self) -> np.ndarray:
+        return self.abs_sum / self.count
+
+    def probabilities(self) -> np.ndarray:
+        """FedKSeed-Pro's sampling probabilities (float64); uniform while no history exists."""
+        v = self.importance()
+        u = (v - v.min()) / (v.max() - v.min() + 1e-10)
+        e = np.exp(u - u.max())
+        return e / e.sum()
+
+    def state_dict(self) -> dict:
+        return {"abs_sum": self.abs_sum.copy(), "count": self.count.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        abs_sum = np.asarray(state["abs_sum"], dtype=np.float64)
+        count = np.asarray(state["count"], dtype=np.int64)
+        if abs_sum.shape != (self.k,) or count.shape != (self.k,):
+            raise ValueError(f"seed-pool state does not hold K = {self.k} entries")
+        self.abs_sum, self.count = abs_sum.copy(), count.copy()
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """The ``per_round`` clients taking part in ``round_`` (sorted ids), without replacement."""
+    keys = [derive_seed(b"fks-clients", seed, round_, c) for c in range(num_clients)]
+    return sorted(sorted(range(num_clients), key=keys.__getitem__)[:per_round])
+
+
+def draw_schedule(
+    seed: int, round_: int, client_id: int, steps: int, k: int, probabilities: np.ndarray | None = None
+) -> np.ndarray:
+    """The seed index of each local step of ``client_id`` in ``round_`` (int64, length ``steps``):
+    uniform over K, or by inverse CDF over ``probabilities`` (FedKSeed-Pro)."""
+    words = np.array([derive_seed(b"fks-schedule", seed, round_, client_id, t) for t in range(steps)], dtype=np.uint64)
+    if probabilities is None:
+        return (words % np.uint64(k)).astype(np.int64)
+    cumulative = np.cumsum(np.asarray(probabilities, dtype=np.float64))
+    u = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53 * cumulative[-1]
+    return np.minimum(np.searchsorted(cumulative, u, side="right"), k - 1).astype(np.int64)
+
+
+def draw_rows(seed: int, round_: int, client_id: int, step: int, batch_size: int, n: int) -> list[int]:
+    """The rows (of ``n`` examples) forming the batch of one local step."""
+    return [derive_seed(b"fks-batch", seed, round_, client_id, step, j) % n for j in range(batch_size)]

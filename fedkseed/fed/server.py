@@ -1,0 +1,236 @@
+"""The FedKSeed server: client sampling, catch-up downloads, upload checks, aggregation.
+
+No transport and no model here: methods take and return bytes (``wire``) and numpy arrays; a
+party builds weights from ``server.table`` with ``Replica.build``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import wire
+from .seedpool import SeedPool, draw_schedule, sample_clients
+from .spec import FedSpec
+
+log = logging.getLogger("fedkseed.fed")
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    sampled: list[int]
+    accepted: list[int]
+    rejected: dict[int, str]  # client id (-1 when unreadable) -> reason
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    train_loss: float = float("nan")  # data-weighted mean of the accepted clients' losses
+    weights: dict[int, float] = field(default_factory=dict)  # aggregation weight per client
+
+
+class Server:
+    """Holds the global model as (base weights, published seed table) and runs rounds:
+
+        sampled = server.begin_round()              # or begin_round(clients=[...])
+        for c in sampled: send(c, server.download(c))
+        for data in uploads: server.receive(data)   # False (and logged) when rejected
+        summary = server.end_round()
+
+    The exact per-seed sums live in ``accumulated`` (float64: pool[s] += g_c[s] * w_c, clients
+    in id order, w_c = the client's share of the data of the clients whose uploads were
+    accepted). ``table`` is what everyone replays: ``accumulated`` rounded to the run's
+    precision (fp16: one power-of-two scale ``exponent`` for the table, which only grows), so
+    rounding never accumulates. ``changed[k]`` is the round in which entry k last changed, and
+    ``synced[c]`` the table state client c holds: its download is the entries changed since.
+    """
+
+    def __init__(self, spec: FedSpec, client_sizes: Sequence[int]) -> None:
+        if len(client_sizes) != spec.num_clients:
+            raise ValueError(f"client_sizes has {len(client_sizes)} entries for {spec.num_clients} clients")
+        if any(int(n) < 1 for n in client_sizes):
+            raise ValueError("every client needs at least one example")
+        self.spec = spec
+        self.pool = SeedPool(spec.seed, spec.k)
+        self.sizes = [int(n) for n in client_sizes]
+        self.round = 0
+        self.accumulated = np.zeros(spec.k, dtype=np.float64)
+        self.table = np.zeros(spec.k, dtype=np.float32)
+        self.exponent = wire.MIN_EXPONENT
+        self.changed = np.zeros(spec.k, dtype=np.int64)
+        self.synced = np.zeros(spec.num_clients, dtype=np.int64)
+        self._sampled: list[int] | None = None
+        self._probabilities: np.ndarray | None = None
+        self._schedules: dict[int, np.ndarray] = {}
+        self._uploads: dict[int, wire.Upload] = {}
+        self._summary: RoundSummary | None = None
+
+    # ----------------------------------------------------------------------------- a round
+    def begin_round(self, clients: Sequence[int] | None = None) -> list[int]:
+        """Open round ``self.round + 1`` for ``clients`` (default: the run's deterministic
+        sample of ``clients_per_round``); returns the sorted participant ids."""
+        if self._sampled is not None:
+            raise RuntimeError(f"round {self.round + 1} is already open")
+        r = self.round + 1
+        spec = self.spec
+        if clients is None:
+            chosen = sample_clients(spec.seed, r, spec.num_clients, spec.clients_per_round)
+        else:
+            chosen = sorted({int(c) for c in clients})
+            if any(not 0 <= c < spec.num_clients for c in chosen):
+                raise ValueError(f"client ids must be in [0, {spec.num_clients}), got {chosen}")
+        self._sampled = chosen
+        self._probabilities = self.pool.probabilities() if spec.pro else None
+        self._schedules = {
+            c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, self._probabilities) for c in chosen
+        }
+        self._uploads = {}
+        self._summary = RoundSummary(r, list(chosen), [], {})
+        return list(chosen)
+
+    def probabilities(self) -> np.ndarray:
+        """The seed probabilities of the open (or next) round: Pro's formula, or uniform."""
+        if not self.spec.pro:
+            return np.full(self.spec.k, 1.0 / self.spec.k)
+        return self._probabilities if self._probabilities is not None else self.pool.probabilities()
+
+    def download(self, client_id: int) -> bytes:
+        """The catch-up message for a sampled client: the table entries changed since the state
+        it holds (never weights), plus its seed schedule under FedKSeed-Pro."""
+        summary = self._open()
+        if client_id not in self._schedules:
+            raise ValueError(f"client {client_id} is not sampled in round {summary.round}")
+        since = int(self.synced[client_id])
+        schedule = self._schedules[client_id] if self.spec.pro else np.zeros(0, dtype=np.int64)
+
+        def encode(indices: np.ndarray) -> bytes:
+            d = wire.Download(summary.round, since, self.spec.k, indices, self.table[indices], schedule)
+            return wire.encode_download(d, self.spec.precision, self.exponent)
+
+        # Entries the client already holds may ride along when that is shorter than naming
+        # the changed ones (a nearly dense change set: K values beat a bitmap plus values).
+        changed = encode(np.flatnonzero(self.changed > since))
+        everything = encode(np.arange(self.spec.k))
+        message = changed if len(changed) <= len(everything) else everything
+        summary.bytes_down[client_id] = len(message)
+        return message
+
+    def receive(self, data: bytes) -> bool:
+        """Check an upload and keep it for aggregation; a bad one is logged and dropped."""
+        summary = self._open()
+        try:
+            upload = wire.decode_upload(data, self._schedules)
+        except wire.WireError as error:
+            return self._reject(-1, str(error))
+        reason = self._check(upload, summary.round)
+        if reason:
+            return self._reject(upload.client_id, reason)
+        self._uploads[upload.client_id] = upload
+        summary.bytes_up[upload.client_id] = len(data)
+        return True
+
+    def end_round(self) -> RoundSummary:
+        """Aggregate the accepted uploads (clients that failed are simply absent), publish the
+        new table and close the round."""
+        summary = self._open()
+        accepted = sorted(self._uploads)
+        total = sum(self.sizes[c] for c in accepted)
+        losses = []
+        for c in accepted:
+            upload = self._uploads[c]
+            weight = self.sizes[c] / total
+            self.accumulated[upload.indices] += weight * upload.values.astype(np.float64)
+            self.pool.record(upload.indices, upload.values)
+            self.synced[c] = summary.round - 1
+            summary.weights[c] = weight
+            if np.isfinite(upload.loss):
+                losses.append((weight, upload.loss))
+        if losses:
+            summary.train_loss = sum(w * l for w, l in losses) / sum(w for w, _ in losses)
+        summary.accepted = accepted
+        self._publish(summary.round)
+        self.round = summary.round
+        self._sampled, self._probabilities, self._schedules, self._uploads, self._summary = None, None, {}, {}, None
+        return summary
+
+    # ------------------------------------------------------------------------------ helpers
+    def _open(self) -> RoundSummary:
+        if self._summary is None:
+            raise RuntimeError("no round is open: call begin_round() first")
+        return self._summary
+
+    def _reject(self, client_id: int, reason: str) -> bool:
+        log.warning("round %d: rejected upload from client %d: %s", self.round + 1, client_id, reason)
+        self._summary.rejected[client_id] = reason
+        return False
+
+    def _check(self, u: wire.Upload, round_: int) -> str | None:
+        if u.round != round_:
+            return f"upload is for round {u.round}, the open round is {round_}"
+        if not 0 <= u.client_id < self.spec.num_clients:
+            return f"unknown client {u.client_id}"
+        if u.client_id not in self._schedules:
+            return f"client {u.client_id} is not sampled in round {round_}"
+        if u.client_id in self._uploads:
+            return f"client {u.client_id} already uploaded in round {round_}"
+        if u.k != self.spec.k:
+            return f"upload has K = {u.k}, the run has K = {self.spec.k}"
+        if u.steps > self.spec.local_steps:
+            return f"upload claims {u.steps} steps, local_steps is {self.spec.local_steps}"
+        if not np.isin(u.indices, self._schedules[u.client_id]).all():
+            return "upload names seeds outside the client's schedule for this round"
+        return None
+
+    def _publish(self, round_: int) -> None:
+        if self.spec.precision == "fp16":
+            peak = float(np.abs(self.accumulated).max())
+            self.exponent = wire.fp16_exponent(peak, floor=self.exponent)
+        table = wire.quantize(self.accumulated, self.spec.precision, self.exponent)
+        moved = table.view(np.uint32) != self.table.view(np.uint32)
+        self.changed[moved] = round_
+        self.table = table
+
+    # ----------------------------------------------------------------- delta file, resume
+    def delta(self, fingerprint: str) -> bytes:
+        """The delta file: the published table (non-zero entries) and what it applies to."""
+        indices = np.flatnonzero(self.table)
+        table = wire.Table(
+            self.spec.k, self.spec.seed, self.spec.lr32, self.spec.dist, self.round, fingerprint,
+            indices, self.table[indices],
+        )
+        return wire.encode_table(table, self.spec.precision, self.exponent)
+
+    def state_dict(self) -> dict:
+        if self._summary is not None:
+            raise RuntimeError("cannot save in the middle of a round")
+        return {
+            "spec": self.spec.to_dict(),
+            "sizes": list(self.sizes),
+            "round": self.round,
+            "accumulated": self.accumulated.copy(),
+            "table": self.table.copy(),
+            "exponent": self.exponent,
+            "changed": self.changed.copy(),
+            "synced": self.synced.copy(),
+            "pool": self.pool.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["spec"] != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
+            raise ValueError("the saved server state belongs to a run with other settings or data")
+        k, n = self.spec.k, self.spec.num_clients
+        arrays = {
+            "accumulated": (np.float64, k), "table": (np.float32, k), "changed": (np.int64, k), "synced": (np.int64, n)
+        }
+        loaded = {}
+        for name, (dtype, size) in arrays.items():
+            value = np.asarray(state[name], dtype=dtype)
+            if value.shape != (size,):
+                raise ValueError(f"saved {name} has shape {value.shape}, expected ({size},)")
+            loaded[name] = value.copy()
+        self.pool.load_state_dict(state["pool"])
+        self.round, self.exponent = int(state["round"]), int(state["exponent"])
+        for name, value in loaded.items():
+            setattr(self, name, value)

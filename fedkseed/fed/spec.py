@@ -1,0 +1,64 @@
+"""FedSpec: the settings every party of a FedKSeed run shares (sent to clients once, at setup)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .. import stream as S
+from ..history import float32
+from .wire import PRECISIONS
+
+
+@dataclass(frozen=True)
+class FedSpec:
+    """What the server and every client must agree on for the run to be one run.
+
+    ``lr`` is used as its float32 value everywhere (the delta file stores that value), so the
+    global model is the same bits on every party. ``seed`` derives the pool, the client
+    sampling, the seed schedules and the batches. ``precision`` is how seed-table entries and
+    uploaded sums travel, and therefore the values every party replays: "fp16" (float16 codes
+    with a shared power-of-two scale: 2 bytes per entry) or "fp32".
+    """
+
+    num_clients: int
+    clients_per_round: int
+    k: int = 4096
+    local_steps: int = 200
+    lr: float = 3e-7
+    eps: float = 5e-4
+    dist: str = "gaussian"
+    batch_size: int = 1
+    pro: bool = False
+    precision: str = "fp16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_clients", "clients_per_round", "k", "local_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        if self.k > 1 << 24:
+            raise ValueError(f"k must be <= 2^24, got {self.k}")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if float32(value) == 0 or not math.isfinite(float32(value)):
+                raise ValueError(f"{name} = {value!r} is not representable in float32")
+        S.dist_tag(self.dist)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"seed must be an int in [0, 2^64), got {self.seed!r}")
+
+    @property
+    def lr32(self) -> float:
+        return float32(self.lr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,398 @@
+"""The FedKSeed wire format: uploads, downloads and the delta file, as compact checked bytes.
+
+Every message is framed the same way (little-endian throughout)::
+
+    "FKS" | kind (1 B: "U" upload, "D" download, "T" seed table / delta file) | u8 version
+    | body | u32 CRC-32 of everything before it
+
+and the decoder checks magic, kind, version, CRC and that the body ends exactly where the CRC
+begins, so a truncated, padded or corrupted message is rejected (``WireError``) before any of
+it is used. Integers in bodies are unsigned LEB128 varints.
+
+Bodies (``index set`` and ``values`` are defined below):
+
+    upload    client id | round | K | steps | f32 mean train loss | index set | values
+    download  round | since | K | index set | values | n | n schedule indices (bit-packed)
+    table     K | u64 pool seed | f32 lr | u8 dist tag | round | 32 B base fingerprint
+              | index set | values
+
+An *index set* is a sorted set of seed indices < K in the smallest of four forms: u8 0 +
+count + gap varints (sparse), u8 1 + a K-bit bitmap (dense), u8 2 (all K), or, in uploads
+only, u8 3: "the distinct seeds of my schedule for this round", which the server derives
+itself (a client normally reports every seed it used, so its indices cost nothing). *Values* are
+float32 numbers, one per index: u8 0 + raw float32, or u8 1 + i8 exponent e + float16 codes
+h with value = float32(h) * 2^e (``quantize``); the encoder refuses values the chosen form
+would change, so a decoded value is always bit-identical to the one encoded.
+Schedule indices (FedKSeed-Pro: the seed indices the server drew for the client) are packed
+with bit_length(K - 1) bits each.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import stream as S
+
+MAGIC = b"FKS"
+VERSION = 1
+KIND_UPLOAD, KIND_DOWNLOAD, KIND_TABLE = b"U", b"D", b"T"
+PRECISIONS = ("fp16", "fp32")
+FP16_LIMIT = 32768.0  # largest |value| * 2^-e a float16 code may carry (headroom below 65504)
+MAX_K = 1 << 24
+MIN_EXPONENT = -126
+_VALUES_F32, _VALUES_F16 = 0, 1
+_SET_LIST, _SET_BITMAP, _SET_ALL, _SET_SCHEDULE = 0, 1, 2, 3
+_DIST_NAMES = {tag: name for name, tag in S.DISTRIBUTIONS.items()}
+
+
+class WireError(ValueError):
+    """A message that is malformed, truncated, corrupted or out of range."""
+
+
+# ------------------------------------------------------------------------------ quantisation
+def fp16_exponent(max_abs: float, floor: int = MIN_EXPONENT) -> int:
+    """The smallest e >= ``floor`` with max_abs * 2^-e <= FP16_LIMIT (2^e stays a normal
+    float32, so scaling by it is exact)."""
+    e = floor if max_abs == 0 else math.ceil(math.log2(max_abs / FP16_LIMIT))
+    while max_abs * 2.0**-e > FP16_LIMIT:  # guard log2 rounding
+        e += 1
+    return max(e, floor)
+
+
+def quantize(values: np.ndarray, precision: str, exponent: int = 0) -> np.ndarray:
+    """float32 values as ``precision`` carries them: fp32 rounds to float32; fp16 rounds
+    value * 2^-exponent to float16 (round to nearest even) and scales back, exactly."""
+    x = np.asarray(values, dtype=np.float64)
+    if precision == "fp32":
+        return x.astype(np.float32)
+    if precision != "fp16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    codes = (x * 2.0**-exponent).astype(np.float16)
+    return codes.astype(np.float32) * np.float32(2.0**exponent)
+
+
+# ------------------------------------------------------------------------------- primitives
+class _Writer:
+    def __init__(self, kind: bytes) -> None:
+        self.parts = [MAGIC, kind, bytes([VERSION])]
+
+    def raw(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def varint(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"varint must be >= 0, got {value}")
+        out = bytearray()
+        while True:
+            byte = value & 0x7F
+            value >>= 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                break
+        self.parts.append(bytes(out))
+
+    def finish(self) -> bytes:
+        body = b"".join(self.parts)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Reader:
+    def __init__(self, data: bytes, kind: bytes, what: str) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        self.what = what
+        if len(data) < len(MAGIC) + 2 + 4:
+            raise WireError(f"{what}: {len(data)} bytes is shorter than any message")
+        if data[:3] != MAGIC:
+            raise WireError(f"{what}: bad magic {data[:3]!r}")
+        if data[3:4] != kind:
+            raise WireError(f"{what}: message kind {data[3:4]!r}, expected {kind!r}")
+        if data[4] != VERSION:
+            raise WireError(f"{what}: unsupported version {data[4]} (this build reads {VERSION})")
+        (crc,) = struct.unpack("<I", data[-4:])
+        if zlib.crc32(data[:-4]) != crc:
+            raise WireError(f"{what}: CRC mismatch (truncated or corrupted)")
+        self.data = data[:-4]
+        self.pos = 5
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            (byte,) = self.take(1)
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise WireError(f"{self.what}: varint too long")
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def unpack(self, fmt: str):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise WireError(f"{self.what}: {len(self.data) - self.pos} unexpected bytes after the body")
+
+
+# ------------------------------------------------------------------------- index sets, values
+def _check_k(k: int, what: str) -> int:
+    if not 1 <= k <= MAX_K:
+        raise WireError(f"{what}: K = {k} is outside [1, {MAX_K}]")
+    return k
+
+
+def _write_indices(w: _Writer, indices: np.ndarray, k: int, implied: np.ndarray | None = None) -> None:
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx[0] < 0 or idx[-1] >= k or np.any(np.diff(idx) <= 0)):
+        raise ValueError("indices must be strictly increasing and in [0, K)")
+    if implied is not None and np.array_equal(idx, implied):
+        w.raw(bytes([_SET_SCHEDULE]))
+        return
+    if idx.size == k:
+        w.raw(bytes([_SET_ALL]))
+        return
+    sparse = _Writer(b"")
+    sparse.parts = []
+    sparse.varint(int(idx.size))
+    previous = -1
+    for i in idx.tolist():
+        sparse.varint(i - previous - 1)
+        previous = i
+    listed = b"".join(sparse.parts)
+    if len(listed) <= (k + 7) // 8:
+        w.raw(bytes([_SET_LIST]) + listed)
+    else:
+        bits = np.zeros(k, dtype=np.uint8)
+        bits[idx] = 1
+        w.raw(bytes([_SET_BITMAP]) + np.packbits(bits, bitorder="little").tobytes())
+
+
+def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.ndarray:
+    form = r.u8()
+    if form == _SET_SCHEDULE:
+        if implied is None:
+            raise WireError(f"{r.what}: refers to a seed schedule the reader does not know")
+        return np.asarray(implied, dtype=np.int64)
+    if form == _SET_ALL:
+        return np.arange(k, dtype=np.int64)
+    if form == _SET_BITMAP:
+        bits = np.unpackbits(np.frombuffer(r.take((k + 7) // 8), dtype=np.uint8), bitorder="little")
+        if bits[k:].any():
+            raise WireError(f"{r.what}: bitmap sets bits past K = {k}")
+        return np.flatnonzero(bits[:k]).astype(np.int64)
+    if form != _SET_LIST:
+        raise WireError(f"{r.what}: unknown index-set form {form}")
+    count = r.varint()
+    if count > k:
+        raise WireError(f"{r.what}: {count} indices for K = {k}")
+    out = np.empty(count, dtype=np.int64)
+    previous = -1
+    for n in range(count):
+        previous += r.varint() + 1
+        if previous >= k:
+            raise WireError(f"{r.what}: seed index {previous} >= K = {k}")
+        out[n] = previous
+    return out
+
+
+def _write_values(w: _Writer, values: np.ndarray, precision: str, exponent: int) -> None:
+    v = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(v).all():
+        raise ValueError("values must be finite")
+    if precision == "fp32":
+        w.raw(bytes([_VALUES_F32]) + v.astype("<f4").tobytes())
+        return
+    if not MIN_EXPONENT <= exponent <= 127:
+        raise ValueError(f"exponent {exponent} is outside [{MIN_EXPONENT}, 127]")
+    codes = (v.astype(np.float64) * 2.0**-exponent).astype(np.float16)
+    if not np.array_equal(codes.astype(np.float32) * np.float32(2.0**exponent), v):
+        raise ValueError("values are not on the float16 grid of this exponent: quantize() them first")
+    w.raw(bytes([_VALUES_F16]) + struct.pack("<b", exponent) + codes.astype("<f2").tobytes())
+
+
+def _read_values(r: _Reader, count: int) -> np.ndarray:
+    form = r.u8()
+    if form == _VALUES_F32:
+        values = np.frombuffer(r.take(4 * count), dtype="<f4").astype(np.float32)
+    elif form == _VALUES_F16:
+        (exponent,) = r.unpack("b")
+        if exponent < MIN_EXPONENT:
+            raise WireError(f"{r.what}: exponent {exponent} < {MIN_EXPONENT}")
+        codes = np.frombuffer(r.take(2 * count), dtype="<f2")
+        values = codes.astype(np.float32) * np.float32(2.0**exponent)
+    else:
+        raise WireError(f"{r.what}: unknown value form {form}")
+    if not np.isfinite(values).all():
+        raise WireError(f"{r.what}: non-finite value")
+    return values
+
+
+def _write_packed(w: _Writer, indices: np.ndarray, k: int) -> None:
+    width = max(1, (k - 1).bit_length())
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= k):
+        raise ValueError("schedule indices must be in [0, K)")
+    w.varint(int(idx.size))
+    bits = ((idx[:, None] >> np.arange(width)) & 1).astype(np.uint8).reshape(-1)
+    w.raw(np.packbits(bits, bitorder="little").tobytes())
+
+
+def _read_packed(r: _Reader, k: int) -> np.ndarray:
+    width = max(1, (k - 1).bit_length())
+    count = r.varint()
+    if count > 1 << 24:
+        raise WireError(f"{r.what}: schedule of {count} steps")
+    raw = r.take((count * width + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: count * width]
+    idx = (bits.reshape(count, width).astype(np.int64) << np.arange(width)).sum(axis=1)
+    if idx.size and idx.max() >= k:
+        raise WireError(f"{r.what}: schedule index {int(idx.max())} >= K = {k}")
+    return idx
+
+
+# -------------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class Upload:
+    """A client's round result: per-seed sums of its projected gradients."""
+
+    client_id: int
+    round: int
+    k: int
+    steps: int
+    loss: float  # mean training loss over the steps (NaN when every step was skipped)
+    indices: np.ndarray  # int64, strictly increasing, < k
+    values: np.ndarray  # float32, finite, one per index
+
+
+@dataclass(frozen=True)
+class Download:
+    """What a client needs before training in ``round``: the seed-table entries that changed
+    after round ``since`` (the table state it holds), and the Pro schedule when there is one."""
+
+    round: int
+    since: int
+    k: int
+    indices: np.ndarray
+    values: np.ndarray
+    schedule: np.ndarray  # int64 seed indices, one per local step; empty: the client draws
+
+
+@dataclass(frozen=True)
+class Table:
+    """The delta file: the whole published seed table and what it is relative to."""
+
+    k: int
+    pool_seed: int
+    lr: float  # float32 value
+    dist: str
+    round: int
+    fingerprint: str  # ParamSet.fingerprint() of the base model (hex sha256)
+    indices: np.ndarray
+    values: np.ndarray
+
+
+def encode_upload(u: Upload, precision: str = "fp16", implied: np.ndarray | None = None) -> bytes:
+    """The upload message; fp16 quantises the values (the decoded ones are what counts).
+    ``implied``: the sorted distinct seeds of the client's schedule (its indices then take one
+    byte when they are exactly those)."""
+    values = np.asarray(u.values, dtype=np.float64)
+    if len(values) != len(u.indices):
+        raise ValueError(f"{len(u.indices)} indices but {len(values)} values")
+    exponent = 0
+    if precision == "fp16":
+        exponent = fp16_exponent(float(np.abs(values).max()) if values.size else 0.0)
+    w = _Writer(KIND_UPLOAD)
+    for value in (u.client_id, u.round, u.k, u.steps):
+        w.varint(value)
+    w.raw(struct.pack("<f", u.loss))
+    _write_indices(w, u.indices, u.k, implied)
+    _write_values(w, quantize(values, precision, exponent), precision, exponent)
+    return w.finish()
+
+
+def decode_upload(data: bytes, schedules: Mapping[int, np.ndarray] | None = None) -> Upload:
+    """``schedules``: client id -> that client's seed schedule this round, for uploads that
+    refer to it (index-set form 3)."""
+    r = _Reader(data, KIND_UPLOAD, "upload")
+    client_id, round_, k, steps = (r.varint() for _ in range(4))
+    _check_k(k, "upload")
+    (loss,) = r.unpack("f")
+    schedule = schedules.get(client_id) if schedules is not None else None
+    indices = _read_indices(r, k, None if schedule is None else np.unique(schedule))
+    values = _read_values(r, len(indices))
+    r.done()
+    return Upload(client_id, round_, k, steps, loss, indices, values)
+
+
+def encode_download(d: Download, precision: str, exponent: int) -> bytes:
+    """The download message; ``values`` must already be on ``precision``'s grid."""
+    w = _Writer(KIND_DOWNLOAD)
+    for value in (d.round, d.since, d.k):
+        w.varint(value)
+    _write_indices(w, d.indices, d.k)
+    _write_values(w, d.values, precision, exponent)
+    _write_packed(w, d.schedule, d.k)
+    return w.finish()
+
+
+def decode_download(data: bytes) -> Download:
+    r = _Reader(data, KIND_DOWNLOAD, "download")
+    round_, since, k = (r.varint() for _ in range(3))
+    _check_k(k, "download")
+    if since >= round_:
+        raise WireError(f"download: since = {since} must precede round = {round_}")
+    indices = _read_indices(r, k)
+    values = _read_values(r, len(indices))
+    schedule = _read_packed(r, k)
+    r.done()
+    return Download(round_, since, k, indices, values, schedule)
+
+
+def encode_table(t: Table, precision: str, exponent: int) -> bytes:
+    w = _Writer(KIND_TABLE)
+    w.varint(t.k)
+    w.raw(struct.pack("<Qf", t.pool_seed, t.lr) + bytes([S.dist_tag(t.dist)]))
+    w.varint(t.round)
+    w.raw(bytes.fromhex(t.fingerprint))
+    _write_indices(w, t.indices, t.k)
+    _write_values(w, t.values, precision, exponent)
+    return w.finish()
+
+
+def decode_table(data: bytes) -> Table:
+    r = _Reader(data, KIND_TABLE, "delta")
+    k = _check_k(r.varint(), "delta")
+    pool_seed, lr = r.unpack("Qf")
+    tag = r.u8()
+    if tag not in _DIST_NAMES:
+        raise WireError(f"delta: unknown distribution tag {tag}")
+    round_ = r.varint()
+    fingerprint = r.take(32).hex()
+    indices = _read_indices(r, k)
+    values = _read_values(r, len(indices))
+    r.done()
+    return Table(k, pool_seed, lr, _DIST_NAMES[tag], round_, fingerprint, indices, values)
+
+
+def dense(indices: Sequence[int] | np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """The K-entry float32 table holding ``values`` at ``indices`` and 0 elsewhere."""
+    table = np.zeros(k, dtype=np.float32)
+    table[np.asarray(indices, dtype=np.int64)] = values
+    return table
