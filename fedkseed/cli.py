@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run FedKSeed on one machine", description=(
         "Federated ZO fine-tuning (FedKSeed) of a causal LM, simulated on this machine. Writes "
-        "metrics.json, delta.fks, model/, losses.png and a resumable state.pt to --output."))
+        "metrics.json, delta.fks, model/, losses.png and a resumable state.npz to --output."))
     d = DEFAULTS
     sim.add_argument("--model", default=d.model, help="smollm2-135m, tiny or a local HF model folder (default %(default)s)")
     sim.add_argument("--data", default=d.data, help="faq or a JSONL file (default %(default)s)")

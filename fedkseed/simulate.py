@@ -8,7 +8,7 @@ app) and returns the same Results, which ``simulate`` writes to the output folde
     delta.fks         the seed table: what ``fedkseed apply`` rebuilds the model from
     model/            the final model (safetensors, config, tokenizer)
     losses.png        train and eval loss per round
-    state.pt          the checkpoint --resume continues from (rewritten atomically each round)
+    state.npz         the checkpoint --resume continues from: arrays + JSON, no pickle (rewritten atomically)
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from .paramset import ParamSet
 
 log = logging.getLogger("fedkseed.simulate")
 STATE_FILE, METRICS_FILE, DELTA_FILE, MODEL_DIR, PLOT_FILE = (
-    "state.pt", "metrics.json", "delta.fks", "model", "losses.png"
+    "state.npz", "metrics.json", "delta.fks", "model", "losses.png"
 )
+STATE_FORMAT = 1  # version of the checkpoint layout written by save_state
 ENGINES = ("local", "flower")
 EVAL_BATCH = 8
 
@@ -221,8 +222,42 @@ def save_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -
             os.unlink(tmp)
 
 
+def _split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``value`` with every numpy array replaced by a reference into ``arrays`` (JSON-ready)."""
+    if isinstance(value, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, dict):
+        return {k: _split_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_arrays(v, arrays) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _join_arrays(value: Any, arrays: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            return arrays[value["__array__"]]
+        return {k: _join_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_arrays(v, arrays) for v in value]
+    return value
+
+
 def save_state(output: pathlib.Path, state: dict[str, Any]) -> None:
-    save_atomically(output / STATE_FILE, lambda p: torch.save(state, p))
+    """The checkpoint as one .npz: numeric arrays plus the rest as JSON (no pickle)."""
+    arrays: dict[str, np.ndarray] = {}
+    document = json.dumps({"format": STATE_FORMAT, "state": _split_arrays(state, arrays)})
+    arrays["__json__"] = np.frombuffer(document.encode(), dtype=np.uint8)
+
+    def write(path: pathlib.Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    save_atomically(output / STATE_FILE, write)
 
 
 def load_state(output: pathlib.Path, config: SimConfig) -> dict[str, Any] | None:
@@ -230,7 +265,14 @@ def load_state(output: pathlib.Path, config: SimConfig) -> dict[str, Any] | None
     if not path.is_file():
         log.info("no checkpoint in %s: starting from round 1", output)
         return None
-    state = torch.load(path, weights_only=False)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            document = json.loads(arrays["__json__"].tobytes())
+            if document.get("format") != STATE_FORMAT:
+                raise UsageError(f"--resume: {path} has checkpoint format {document.get('format')!r}, expected {STATE_FORMAT}")
+            state = _join_arrays(document["state"], {k: arrays[k] for k in arrays.files})
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({error})") from None
     if state["identity"] != config.run_identity():
         raise UsageError(f"--resume: {path} was saved by a run with other settings")
     return state

@@ -36,7 +36,7 @@ def full_run(tmp_path_factory):
 
 
 def test_simulate_writes_every_output(full_run):
-    assert {p.name for p in full_run.iterdir()} >= {"metrics.json", "delta.fks", "model", "losses.png", "state.pt"}
+    assert {p.name for p in full_run.iterdir()} >= {"metrics.json", "delta.fks", "model", "losses.png", "state.npz"}
     assert (full_run / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
