@@ -67,11 +67,16 @@ class ParamSet:
             return None
         return [decay if flag else 1.0 for flag in self.decay_mask]
 
-    def fingerprint(self) -> str:
-        """sha256 of names, shapes, dtypes and order: what a history or delta must match."""
+    def fingerprint(self, *, values: bool = False) -> str:
+        """sha256 of names, shapes, dtypes and order: what a history must match. With
+        ``values`` the weights' bytes are hashed too: what a delta must match, since it only
+        rebuilds a model from the very base weights it was trained from."""
         h = hashlib.sha256(b"fedkseed-paramset-v1\n")
         for name, t in zip(self.names, self.tensors):
             h.update(f"{name}\t{tuple(t.shape)}\t{str(t.dtype).removeprefix('torch.')}\n".encode())
+        if values:
+            for t in self.tensors:
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
 
     def state(self) -> list[torch.Tensor]:

@@ -156,7 +156,7 @@ def prepare(config: SimConfig) -> Setup:
         _encode_scored(tokenizer, evaluation[i : i + EVAL_BATCH], config.max_length)
         for i in range(0, len(evaluation), EVAL_BATCH)
     ]
-    fingerprint = ParamSet.of(model).fingerprint()
+    fingerprint = ParamSet.of(model).fingerprint(values=True)
     return Setup(config, model, tokenizer, fingerprint, server, replica, clients, eval_data, heldout)
 
 
@@ -419,7 +419,7 @@ def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathl
 # ------------------------------------------------------------------------------------- apply
 def apply_delta(base: str, delta: str | os.PathLike, output: str | os.PathLike) -> pathlib.Path:
     """Rebuild a fine-tuned model from a base model spec and a delta file, bit-identical to the
-    simulation's final model; refuses a base whose ParamSet fingerprint differs."""
+    simulation's final model; refuses a base whose parameters (layout or values) differ."""
     from .fed import SeedPool, wire
     from .models import load_model
 
@@ -434,10 +434,10 @@ def apply_delta(base: str, delta: str | os.PathLike, output: str | os.PathLike) 
         model, tokenizer = load_model(base)
     except (ValueError, RuntimeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    fingerprint = ParamSet.of(model).fingerprint()
+    fingerprint = ParamSet.of(model).fingerprint(values=True)
     if fingerprint != table.fingerprint:
         raise UsageError(
-            f"--base {base!r} does not match the delta: parameter fingerprint {fingerprint[:16]}... "
+            f"--base {base!r} does not match the delta: parameter fingerprint (layout and values) {fingerprint[:16]}... "
             f"!= {table.fingerprint[:16]}..."
         )
     replica = Replica(model, SeedPool(table.pool_seed, table.k), table.lr, table.dist)

@@ -77,6 +77,12 @@ def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, c
     assert "fingerprint" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
+    # Same layout, other values: the fine-tuned model is not the base the delta was made from.
+    assert main(["apply", "--base", str(full_run / "model"), "--delta", str(full_run / "delta.fks"),
+                 "--output", str(tmp_path / "y")]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
 
 @pytest.mark.parametrize(
     "argv",
