@@ -1,0 +1,14 @@
+"""Flower engine for FedKSeed (optional extra: ``pip install 'fedkseed[flower]'``).
+
+Thin Flower shells over the transport-free ``fedkseed.fed.Server`` / ``Client``, exchanging
+only wire-format bytes (in a ConfigRecord; the ArrayRecord stays empty):
+
+    protocol.py     message keys, the run config, the model digest
+    strategy.py     FedKSeedStrategy (flwr.serverapp.strategy.Strategy) over Server
+    server_app.py   serve() (the round loop) and the deployable ServerApp ``app``
+    client_app.py   the ClientApp ``app`` over Client
+    engine.py       run_flower(): ``fedkseed simulate --engine flower`` (simulation runtime, Ray)
+    app/            the Flower App config (pyproject.toml) for ``flwr run`` on a SuperLink
+
+``import fedkseed`` never imports this package (nor flwr). See docs/flower.md.
+"""

@@ -1,0 +1,74 @@
+"""fedkseed's ClientApp: a thin shell over ``fedkseed.fed.Client``.
+
+A node enrols once (``query``: it receives the run's SimConfig and answers with its client id,
+its ``partition-id``), then trains when sampled (``train``: download bytes in, upload bytes
+out). What the client must remember between rounds, its copy of the seed table and the round
+it holds, lives in the node's Flower ``Context.state``, because the process that runs the
+ClientApp may change from one message to the next (a Ray actor in simulation, a fresh
+``flwr-clientapp`` process per message in deployment). Model and data are rebuilt per process
+by ``fedkseed.simulate.prepare``, the same preparation as the local engine's, and cached.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from ..simulate import Setup
+
+app = ClientApp()
+_cache: dict[str, Setup] = {}  # SimConfig JSON -> Setup; one run per process at a time
+
+
+def _setup(config_json: str) -> Setup:
+    if config_json not in _cache:
+        from ..simulate import prepare
+
+        _cache.clear()
+        _cache[config_json] = prepare(P.config_from_json(config_json))
+    return _cache[config_json]
+
+
+@app.query()
+def enroll(msg: Message, context: Context) -> Message:
+    """Keep the run's settings, start from an empty table, answer with who this node is (no
+    model or data is loaded here: enrolment stays cheap)."""
+    config_json = str(msg.content[P.CONFIG][P.SIM_CONFIG])
+    config = json.loads(config_json)
+    client_id = int(context.node_config[P.PARTITION_ID])
+    if not 0 <= client_id < config["clients"]:
+        raise ValueError(f"{P.PARTITION_ID} {client_id} is not a client of this run (0..{config['clients'] - 1})")
+    context.state[P.NODE_STATE] = ConfigRecord({
+        P.SIM_CONFIG: config_json,
+        P.CLIENT_ID: client_id,
+        "table": np.zeros(config["k"], dtype=np.float32).tobytes(),
+        "synced": 0,
+    })
+    reply = ConfigRecord({P.CLIENT_ID: client_id})
+    return Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Catch up from the download (report the digest of the model built), train, upload."""
+    if P.NODE_STATE not in context.state:
+        raise RuntimeError("this node has not enrolled in the run (no query message received)")
+    state = context.state[P.NODE_STATE]
+    setup = _setup(str(state[P.SIM_CONFIG]))
+    client = setup.clients[int(state[P.CLIENT_ID])]
+    client.table = np.frombuffer(state["table"], dtype=np.float32).copy()
+    client.synced = int(state["synced"])
+    download = msg.content[P.CONFIG][P.DOWNLOAD]
+    client.catch_up(download)
+    digest = P.weights_digest(setup.replica.params)
+    upload = client.train(download)  # merges the same download again: a no-op rebuild
+    state["table"], state["synced"] = client.table.tobytes(), client.synced
+    reply = ConfigRecord({P.UPLOAD: upload, P.MODEL_DIGEST: digest})
+    return Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: reply}), reply_to=msg)

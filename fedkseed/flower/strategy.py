@@ -1,0 +1,203 @@
+"""FedKSeedStrategy: ``fedkseed.fed.Server`` as a Flower Message-API strategy.
+
+One Flower round is one Server round: ``configure_train`` enrols nodes that appeared since the
+last round, opens the round (the run's deterministic client sample, as in the local engine) and
+sends each sampled client that has a node its download; ``aggregate_train`` hands the uploads
+to ``Server.receive`` and closes the round with ``Server.end_round``. Clients without a node
+(not joined yet, or departed) and nodes that fail or time out are simply absent: the server
+aggregates the others, exactly as the local engine does for a client that fails.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from ..fed import RoundSummary, Server
+from . import protocol as P
+
+
+@dataclass
+class RoundLog:
+    """What the transport saw in a round (written to flower.json next to metrics.json)."""
+
+    round: int
+    nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id, this round
+    enrolled: list[int] = field(default_factory=list)  # clients whose node enrolled this round
+    departed: list[int] = field(default_factory=list)  # clients whose node left
+    absent: list[int] = field(default_factory=list)  # sampled clients with no node
+    failed: dict[int, str] = field(default_factory=dict)  # client id -> error reply / timeout
+    rejected: dict[int, str] = field(default_factory=dict)  # client id (-1: unknown) -> reason
+    global_digest: str = ""  # the model the clients had to train from
+    client_digests: dict[int, str] = field(default_factory=dict)  # what they reported
+
+
+def replies_by_node(sent: list[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Each reply keyed by the node its message was sent to. Matched on ``reply_to``, not on
+    the sender: Flower's own error replies (e.g. NODE_UNAVAILABLE) come from the SuperLink."""
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    return {node_of[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in node_of}
+
+
+class FedKSeedStrategy(Strategy):
+    """``on_round(summary, log, started)`` runs after each round; it rebuilds the global model
+    and returns its digest, which the next round's clients must report."""
+
+    def __init__(
+        self,
+        server: Server,
+        config_json: str,
+        global_digest: str,
+        on_round: Callable[[RoundSummary, RoundLog, float], str],
+        timeout: float,
+    ) -> None:
+        self.server, self.config_json, self.global_digest = server, config_json, global_digest
+        self.on_round, self.timeout = on_round, timeout
+        self.client_of: dict[int, int] = {}  # node id -> client id
+        self.refused: set[int] = set()  # nodes that claimed an impossible client id
+        self.log: RoundLog | None = None
+        self._started = 0.0
+        self._sent: list[Message] = []  # this round's train messages (Flower sets their ids)
+
+    def summary(self) -> None:
+        spec = self.server.spec
+        log(INFO, "\t├── FedKSeed: K = %d, %d of %d clients per round, %d local steps, %s",
+            spec.k, spec.clients_per_round, spec.num_clients, spec.local_steps, spec.precision)
+        log(INFO, "\t└── payloads: wire-format bytes in a ConfigRecord (no arrays)")
+
+    # --------------------------------------------------------------------------- enrolment
+    def _enroll(self, grid: Grid, round_log: RoundLog) -> None:
+        online = set(grid.get_node_ids())
+        for node in sorted(set(self.client_of) - online):
+            client = self.client_of.pop(node)
+            round_log.departed.append(client)
+            log(WARNING, "round %d: node %d (client %d) left", round_log.round, node, client)
+        new = sorted(online - set(self.client_of) - self.refused)
+        if not new:
+            return
+        query = ConfigRecord({P.SIM_CONFIG: self.config_json})
+        messages = [
+            Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: query}), node, MessageType.QUERY,
+                    group_id=str(round_log.round))
+            for node in new
+        ]
+        for node, reply in replies_by_node(messages, grid.send_and_receive(messages, timeout=self.timeout)).items():
+            if reply.has_error():
+                log(WARNING, "round %d: node %d failed to enrol: %s", round_log.round, node, reply.error.reason)
+                continue
+            try:
+                client = int(reply.content[P.CONFIG][P.CLIENT_ID])
+            except (KeyError, TypeError, ValueError) as error:
+                log(WARNING, "round %d: node %d sent a malformed enrolment: %r", round_log.round, node, error)
+                continue
+            reason = self._enrolment_problem(client)
+            if reason:
+                self.refused.add(node)
+                log(WARNING, "round %d: node %d refused: %s", round_log.round, node, reason)
+                continue
+            self.client_of[node] = client
+            # A node that (re)joins holds no table: its first download is a full catch-up.
+            self.server.synced[client] = 0
+            round_log.enrolled.append(client)
+            log(INFO, "round %d: node %d enrolled as client %d", round_log.round, node, client)
+
+    def _enrolment_problem(self, client: int) -> str | None:
+        if not 0 <= client < self.server.spec.num_clients:
+            return f"client id {client} is outside [0, {self.server.spec.num_clients})"
+        if client in self.client_of.values():
+            return f"client {client} is already served by another node"
+        return None
+
+    # ----------------------------------------------------------------------------- training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        round_log = self.log = RoundLog(self.server.round + 1, global_digest=self.global_digest)
+        self._enroll(grid, round_log)
+        node_of = {client: node for node, client in self.client_of.items()}
+        round_log.nodes = dict(sorted(node_of.items()))
+        self._sent = []
+        for client in self.server.begin_round():
+            node = node_of.get(client)
+            if node is None:
+                round_log.absent.append(client)
+                continue
+            payload = ConfigRecord({P.DOWNLOAD: self.server.download(client)})
+            self._sent.append(Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: payload}), node,
+                                      MessageType.TRAIN, group_id=str(round_log.round)))
+        if round_log.absent:
+            log(WARNING, "round %d: sampled clients without a node: %s", round_log.round, round_log.absent)
+        return self._sent
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_log = self.log
+        sent_by: dict[int, int] = {}  # client id -> 1 accepted by Server.receive / 0 refused
+        received = replies_by_node(self._sent, replies)
+        for message in self._sent:
+            node = message.metadata.dst_node_id
+            client = self.client_of.get(node, -1)
+            reply = received.get(node)
+            if reply is None:
+                round_log.failed[client] = f"no reply within {self.timeout:g} s"
+                log(WARNING, "round %d: client %d (node %d) did not reply", round_log.round, client, node)
+                continue
+            if reply.has_error():
+                round_log.failed[client] = str(reply.error.reason)
+                log(WARNING, "round %d: client %d (node %d) failed: %s", round_log.round, client, node,
+                    reply.error.reason)
+                continue
+            upload, digest = self._payload(reply)
+            if upload is None:
+                self._reject(round_log, client, node, "reply carries no upload bytes")
+                continue
+            round_log.client_digests[client] = digest
+            if digest != self.global_digest:
+                self._reject(round_log, client, node, "trained from weights that differ from the global model")
+                continue
+            sent_by[client] = int(self.server.receive(upload))
+        summary = self.server.end_round()
+        for client, ok in sent_by.items():
+            if not ok:  # Server.receive logged it; an unreadable upload is filed under -1
+                reason = summary.rejected.get(client, summary.rejected.get(-1, "rejected"))
+                self._reject(round_log, client, None, reason)
+        self.global_digest = self.on_round(summary, round_log, self._started)
+        metrics = MetricRecord({
+            "train-loss": float(summary.train_loss),
+            "accepted": len(summary.accepted),
+            "rejected": len(round_log.rejected),
+        })
+        return None, metrics
+
+    @staticmethod
+    def _payload(reply: Message) -> tuple[bytes | None, str]:
+        try:
+            record = reply.content[P.CONFIG]
+            upload, digest = record[P.UPLOAD], str(record[P.MODEL_DIGEST])
+        except (KeyError, TypeError):
+            return None, ""
+        return (upload if isinstance(upload, bytes) else None), digest
+
+    @staticmethod
+    def _reject(round_log: RoundLog, client: int, node: int | None, reason: str) -> None:
+        round_log.rejected[client] = reason
+        log(WARNING, "round %d: rejected upload of client %d%s: %s", round_log.round, client,
+            "" if node is None else f" (node {node})", reason)
+
+    # ---------------------------------------------------------- no federated evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself (on_round)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
