@@ -23,14 +23,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import data as D
-from .fed import Client, FedSpec, Replica, Server
+from .fed import Client, FedSpec, Replica, RoundSummary, Server
 from .fed.wire import PRECISIONS
 from .ops import BACKENDS
 from .paramset import ParamSet
@@ -278,32 +278,83 @@ def load_state(output: pathlib.Path, config: SimConfig) -> dict[str, Any] | None
     return state
 
 
+# ----------------------------------------------------------------------- what every engine does
+class RunBook:
+    """The bookkeeping every engine shares around its rounds: resume from the checkpoint or
+    measure the "before" metrics, one record per round (evaluated, checkpointed, printed), and
+    the final block. Engines only move the bytes between ``Server`` and clients."""
+
+    def __init__(self, setup: Setup, *, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.setup = setup
+        config, server = setup.config, setup.server
+        self.output = pathlib.Path(config.output)
+        state = load_state(self.output, config) if config.resume else None
+        self.resumed = state is not None
+        if state is not None:
+            server.load_state_dict(state["server"])
+        setup.replica.build(server.table)
+        if state is not None:
+            self.rounds, self.before = state["rounds"], state["before"]
+        else:
+            self.rounds = []
+            self.before = {"eval_loss": eval_loss(setup.model, setup.eval_data), "rouge_l": rouge(setup)}
+        self.steps_per_round = config.clients_per_round * config.local_steps
+        self.bar = tqdm(total=max(0, config.rounds - server.round) * self.steps_per_round, file=sys.stderr,
+                        disable=not progress, unit="step", desc="fedkseed")
+        _row(self.bar, None)
+        _row(self.bar, {"round": 0, "train_loss": math.nan, "eval_loss": self.before["eval_loss"],
+                        "bytes_up_per_client": 0, "bytes_down_per_client": 0, "seconds": 0.0})
+
+    def record(self, summary: RoundSummary, started: float) -> dict[str, Any]:
+        """Evaluate the new global model, checkpoint the run and print the round's row."""
+        setup = self.setup
+        setup.replica.build(setup.server.table)
+        record = {
+            "round": summary.round,
+            "train_loss": summary.train_loss,
+            "eval_loss": eval_loss(setup.model, setup.eval_data),
+            "bytes_up_per_client": _mean(summary.bytes_up.values()),
+            "bytes_down_per_client": _mean(summary.bytes_down.values()),
+            "clients": summary.accepted,
+            "seconds": time.perf_counter() - started,
+        }
+        self.rounds.append(record)
+        save_state(self.output, {"identity": setup.config.run_identity(), "server": setup.server.state_dict(),
+                                 "rounds": self.rounds, "before": self.before})
+        _row(self.bar, record)
+        return record
+
+    def finish(self) -> Results:
+        """The final block (before/after metrics) and the run's results."""
+        self.bar.close()
+        setup, config = self.setup, self.setup.config
+        setup.replica.build(setup.server.table)
+        final = {
+            "eval_loss_before": self.before["eval_loss"],
+            "eval_loss_after": eval_loss(setup.model, setup.eval_data),
+            "rouge_l_before": self.before["rouge_l"],
+            "rouge_l_after": rouge(setup),
+            "heldout_examples": min(len(setup.heldout), config.eval_examples),
+            "eval_examples": sum(int(b["input_ids"].shape[0]) for b in setup.eval_data),
+            "fingerprint": setup.fingerprint,
+        }
+        return Results(config, self.rounds, final, setup.server.delta(setup.fingerprint), setup.model,
+                       setup.tokenizer)
+
+
 # ------------------------------------------------------------------------------ local engine
 def run_local(config: SimConfig, *, progress: bool = True) -> Results:
     """The local engine: every client in this process, one shared Replica (each client still
     merges its own catch-up table; the replica rebuilds only when the table changes)."""
-    from tqdm import tqdm
-
     setup = prepare(config)
-    server, replica, output = setup.server, setup.replica, pathlib.Path(config.output)
-    state = load_state(output, config) if config.resume else None
-    if state is not None:
-        server.load_state_dict(state["server"])
+    book = RunBook(setup, progress=progress)
+    server = setup.server
+    if book.resumed:
         for client in setup.clients:  # the current table agrees with the table a client
             client.table = server.table.copy()  # holds on every entry its catch-up leaves out
             client.synced = int(server.synced[client.client_id])
-        rounds, before = state["rounds"], state["before"]
-    else:
-        replica.build(server.table)
-        rounds = []
-        before = {"eval_loss": eval_loss(setup.model, setup.eval_data), "rouge_l": rouge(setup)}
-
-    steps = config.clients_per_round * config.local_steps
-    bar = tqdm(total=max(0, config.rounds - server.round) * steps, file=sys.stderr, disable=not progress,
-               unit="step", desc="fedkseed")
-    _row(bar, None)
-    _row(bar, {"round": 0, "train_loss": math.nan, "eval_loss": before["eval_loss"], "bytes_up_per_client": 0,
-               "bytes_down_per_client": 0, "seconds": 0.0})
     while server.round < config.rounds:
         started = time.perf_counter()
         for c in server.begin_round():
@@ -314,35 +365,9 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
                 log.warning("round %d: client %d failed: %s", server.round + 1, c, error)
             else:
                 server.receive(upload)
-            bar.update(config.local_steps)
-        summary = server.end_round()
-        replica.build(server.table)
-        record = {
-            "round": summary.round,
-            "train_loss": summary.train_loss,
-            "eval_loss": eval_loss(setup.model, setup.eval_data),
-            "bytes_up_per_client": _mean(summary.bytes_up.values()),
-            "bytes_down_per_client": _mean(summary.bytes_down.values()),
-            "clients": summary.accepted,
-            "seconds": time.perf_counter() - started,
-        }
-        rounds.append(record)
-        save_state(output, {"identity": config.run_identity(), "server": server.state_dict(),
-                            "rounds": rounds, "before": before})
-        _row(bar, record)
-    bar.close()
-
-    replica.build(server.table)
-    final = {
-        "eval_loss_before": before["eval_loss"],
-        "eval_loss_after": eval_loss(setup.model, setup.eval_data),
-        "rouge_l_before": before["rouge_l"],
-        "rouge_l_after": rouge(setup),
-        "heldout_examples": min(len(setup.heldout), config.eval_examples),
-        "eval_examples": sum(int(b["input_ids"].shape[0]) for b in setup.eval_data),
-        "fingerprint": setup.fingerprint,
-    }
-    return Results(config, rounds, final, server.delta(setup.fingerprint), setup.model, setup.tokenizer)
+            book.bar.update(config.local_steps)
+        book.record(server.end_round(), started)
+    return book.finish()
 
 
 def run_flower(config: SimConfig, *, progress: bool = True) -> Results:

@@ -9,12 +9,10 @@ Flower is an optional extra: everything but the import check skips without it. B
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import socket
 import subprocess

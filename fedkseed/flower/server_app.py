@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
-import sys
 import time
 from logging import INFO
 
@@ -39,62 +37,24 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
 
 
 def serve(grid: Grid, setup: sim.Setup, *, min_nodes: int, timeout: float, progress: bool) -> sim.Results:
-    from tqdm import tqdm
-
-    config = setup.config
-    server, replica, output = setup.server, setup.replica, pathlib.Path(config.output)
-    state = sim.load_state(output, config) if config.resume else None
-    if state is not None:
-        server.load_state_dict(state["server"])
-    replica.build(server.table)
-    if state is not None:
-        rounds, before = state["rounds"], state["before"]
-    else:
-        rounds = []
-        before = {"eval_loss": sim.eval_loss(setup.model, setup.eval_data), "rouge_l": sim.rouge(setup)}
+    """Run the remaining rounds over Flower's grid with the local engine's bookkeeping."""
+    book = sim.RunBook(setup, progress=progress)
+    server, replica = setup.server, setup.replica
     transport: list[dict] = []
 
-    steps = config.clients_per_round * config.local_steps
-    bar = tqdm(total=max(0, config.rounds - server.round) * steps, file=sys.stderr, disable=not progress,
-               unit="step", desc="fedkseed")
-    sim._row(bar, None)
-
     def on_round(summary: RoundSummary, round_log: RoundLog, started: float) -> str:
-        replica.build(server.table)
-        record = {
-            "round": summary.round,
-            "train_loss": summary.train_loss,
-            "eval_loss": sim.eval_loss(setup.model, setup.eval_data),
-            "bytes_up_per_client": sim._mean(summary.bytes_up.values()),
-            "bytes_down_per_client": sim._mean(summary.bytes_down.values()),
-            "clients": summary.accepted,
-            "seconds": time.perf_counter() - started,
-        }
-        rounds.append(record)
         transport.append(dataclasses.asdict(round_log))
-        sim.save_state(output, {"identity": config.run_identity(), "server": server.state_dict(),
-                                "rounds": rounds, "before": before})
-        sim.save_atomically(output / FLOWER_FILE, lambda p: p.write_text(json.dumps(transport, indent=2) + "\n"))
-        bar.update(steps)
-        sim._row(bar, record)
+        book.bar.update(book.steps_per_round)
+        book.record(summary, started)
+        sim.save_atomically(book.output / FLOWER_FILE,
+                            lambda p: p.write_text(json.dumps(transport, indent=2) + "\n"))
         return P.weights_digest(replica.params)
 
     wait_for_nodes(grid, min_nodes, timeout)
-    strategy = FedKSeedStrategy(server, P.config_to_json(config), P.weights_digest(replica.params), on_round, timeout)
-    strategy.start(grid, ArrayRecord(), num_rounds=config.rounds - server.round, timeout=timeout)
-    bar.close()
-
-    replica.build(server.table)
-    final = {
-        "eval_loss_before": before["eval_loss"],
-        "eval_loss_after": sim.eval_loss(setup.model, setup.eval_data),
-        "rouge_l_before": before["rouge_l"],
-        "rouge_l_after": sim.rouge(setup),
-        "heldout_examples": min(len(setup.heldout), config.eval_examples),
-        "eval_examples": sum(int(b["input_ids"].shape[0]) for b in setup.eval_data),
-        "fingerprint": setup.fingerprint,
-    }
-    return sim.Results(config, rounds, final, server.delta(setup.fingerprint), setup.model, setup.tokenizer)
+    strategy = FedKSeedStrategy(server, P.config_to_json(setup.config), P.weights_digest(replica.params),
+                                on_round, timeout)
+    strategy.start(grid, ArrayRecord(), num_rounds=setup.config.rounds - server.round, timeout=timeout)
+    return book.finish()
 
 
 app = ServerApp()
