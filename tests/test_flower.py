@@ -146,6 +146,20 @@ class Federation:
         self.processes: dict[str, subprocess.Popen] = {}
         self._start("superlink", [BIN / "flower-superlink", "--insecure", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
+        self._wait_listening("superlink", self.port, timeout=120)
+
+    def _wait_listening(self, name: str, port: int, timeout: float) -> None:
+        """Block until ``name`` accepts connections: a cold start (fresh venv, no bytecode yet)
+        can take many seconds, and `flwr run` fails at once on a refused connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                return
+            except OSError:
+                assert self.processes[name].poll() is None, f"{name} exited:\n{self.log(name)[-2000:]}"
+                assert time.monotonic() < deadline, f"{name} not listening on {port} after {timeout:g} s"
+                time.sleep(0.2)
 
     def _start(self, name: str, argv: list) -> None:
         log = open(self.root / f"{name}.log", "wb")
