@@ -9,6 +9,10 @@
 namespace fedkseed {
 namespace cpu {
 
+// For the SIMD paths' big per-group functions, which GCC would otherwise call out of line and
+// then pass every vector through memory.
+#define FKS_CPU_INLINE __attribute__((always_inline)) inline
+
 enum class DType : int { kFloat32, kBFloat16, kFloat16 };
 enum class Isa : int { kScalar, kAvx2, kAvx512 };
 
@@ -63,10 +67,10 @@ void run_chunk_scalar(const Job& job, const Chunk& chunk, uint32_t* scratch);
 void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch);
 void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch);
 
-// Lanes (Philox blocks generated at once) of each path.
-constexpr int kLanesScalar = 1;
-constexpr int kLanesAvx2 = 8;
-constexpr int kLanesAvx512 = 16;
+// Philox blocks each path generates at once (vector lanes x independent vectors in flight).
+constexpr int kBlocksScalar = 1;
+constexpr int kBlocksAvx2 = 16;
+constexpr int kBlocksAvx512 = 32;
 
 }  // namespace cpu
 }  // namespace fedkseed

@@ -1,4 +1,5 @@
-// The AVX2 path (avx2 + f16c): 8 Philox blocks per vector, so 32 Gaussian elements per group.
+// The AVX2 path (avx2 + f16c): 8 Philox blocks per vector, two vectors in flight, so 64 Gaussian
+// elements per group.
 // Same rules as the AVX-512 path: target pragma instead of -march, run-time choice in
 // ops_cpu.cpp, one separately rounded vector add/mul per stream.h operation (FMA is not enabled
 // for this target), correctly rounded vsqrtps, exact vpmuludq Philox on even and odd lanes.
@@ -21,7 +22,8 @@ namespace st = fedkseed::stream;
 using fedkseed::cpu::DType;
 
 struct Avx2 {
-  static constexpr int L = fedkseed::cpu::kLanesAvx2;
+  static constexpr int L = 8;
+  static constexpr int N = fedkseed::cpu::kBlocksAvx2 / L;
   using F = __m256;
   using I = __m256i;
 
@@ -45,38 +47,75 @@ struct Avx2 {
     hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   }
 
-  // Philox4x32-10 of blocks block0 .. block0 + 7 (lane l = block0 + l).
-  static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block0, uint32_t tag, I w[4]) {
-    I c0, c1;
-    const uint32_t lo = static_cast<uint32_t>(block0);
-    if (lo <= 0xFFFFFFFFu - (L - 1)) {
-      c0 = _mm256_add_epi32(iset1(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      c1 = iset1(static_cast<uint32_t>(block0 >> 32));
-    } else {  // the low words wrap inside this vector: carry into the high word lane by lane
-      alignas(32) uint32_t a0[L], a1[L];
-      for (int l = 0; l < L; ++l) {
+  // One Philox round on N independent vectors of counters.
+  FKS_CPU_INLINE static void philox_round(I c0[N], I c1[N], I c2[N], I c3[N], const uint32_t key[2]) {
+    const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
+    const I k0 = iset1(key[0]), k1 = iset1(key[1]);
+    I hi0[N], lo0[N], hi1[N], lo1[N];
+    for (int n = 0; n < N; ++n) {
+      mulhilo(m0, c0[n], hi0[n], lo0[n]);
+      mulhilo(m1, c2[n], hi1[n], lo1[n]);
+    }
+    for (int n = 0; n < N; ++n) {
+      c0[n] = _mm256_xor_si256(_mm256_xor_si256(hi1[n], c1[n]), k0);
+      c1[n] = lo1[n];
+      c2[n] = _mm256_xor_si256(_mm256_xor_si256(hi0[n], c3[n]), k1);
+      c3[n] = lo0[n];
+    }
+  }
+
+  // Philox4x32-10 of blocks block0 .. block0 + N*L - 1 (lane l of vector n: block0 + n*L + l).
+  FKS_CPU_INLINE static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block0, uint32_t tag, I w[4][N]) {
+    const uint32_t lo = static_cast<uint32_t>(block0), hi = static_cast<uint32_t>(block0 >> 32);
+    const I iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    I c0[N], c1[N], c2[N], c3[N];
+    if (lo <= 0xFFFFFFFFu - (N * L - 1)) {
+      // Every lane has c1 = hi, c2 = tag, c3 = 0 at the start, so half of the products of rounds
+      // 0 and 1 are the same in every lane: compute those once as scalars.
+      const uint64_t p1 = static_cast<uint64_t>(st::kPhiloxM1) * tag;  // round 0, (hi1, lo1)
+      const uint32_t c0_after0 = static_cast<uint32_t>(p1 >> 32) ^ hi ^ keys.round_key[0][0];
+      const uint32_t c1_after0 = static_cast<uint32_t>(p1);
+      const uint64_t p0 = static_cast<uint64_t>(st::kPhiloxM0) * c0_after0;  // round 1, (hi0, lo0)
+      const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
+      for (int n = 0; n < N; ++n) {
+        I hi0, lo0;
+        mulhilo(m0, _mm256_add_epi32(iset1(lo + static_cast<uint32_t>(n * L)), iota), hi0, lo0);
+        c2[n] = _mm256_xor_si256(hi0, iset1(keys.round_key[0][1]));  // round 0: c3 = 0
+        c3[n] = lo0;
+      }
+      for (int n = 0; n < N; ++n) {
+        I hi1, lo1;
+        mulhilo(m1, c2[n], hi1, lo1);
+        c0[n] = _mm256_xor_si256(hi1, iset1(c1_after0 ^ keys.round_key[1][0]));
+        c1[n] = lo1;
+        c2[n] = _mm256_xor_si256(c3[n], iset1(static_cast<uint32_t>(p0 >> 32) ^ keys.round_key[1][1]));
+        c3[n] = iset1(static_cast<uint32_t>(p0));
+      }
+    } else {  // the low words wrap inside this group: carry into the high word lane by lane
+      alignas(32) uint32_t a0[N * L], a1[N * L];
+      for (int l = 0; l < N * L; ++l) {
         const uint64_t b = block0 + static_cast<uint64_t>(l);
         a0[l] = static_cast<uint32_t>(b);
         a1[l] = static_cast<uint32_t>(b >> 32);
       }
-      c0 = _mm256_load_si256(reinterpret_cast<const I*>(a0));
-      c1 = _mm256_load_si256(reinterpret_cast<const I*>(a1));
+      for (int n = 0; n < N; ++n) {
+        c0[n] = _mm256_load_si256(reinterpret_cast<const I*>(a0 + n * L));
+        c1[n] = _mm256_load_si256(reinterpret_cast<const I*>(a1 + n * L));
+        c2[n] = iset1(tag);
+        c3[n] = _mm256_setzero_si256();
+      }
+      philox_round(c0, c1, c2, c3, keys.round_key[0]);
+      philox_round(c0, c1, c2, c3, keys.round_key[1]);
     }
-    I c2 = iset1(tag), c3 = _mm256_setzero_si256();
-    const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
-    for (int round = 0; round < st::kPhiloxRounds; ++round) {
-      I hi0, lo0, hi1, lo1;
-      mulhilo(m0, c0, hi0, lo0);
-      mulhilo(m1, c2, hi1, lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), iset1(keys.round_key[round][0]));
-      c1 = lo1;
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), iset1(keys.round_key[round][1]));
-      c3 = lo0;
+    // Fully unrolled, so the four counter words rotate through registers without copies.
+#pragma GCC unroll 8
+    for (int round = 2; round < st::kPhiloxRounds; ++round) philox_round(c0, c1, c2, c3, keys.round_key[round]);
+    for (int n = 0; n < N; ++n) {
+      w[0][n] = c0[n];
+      w[1][n] = c1[n];
+      w[2][n] = c2[n];
+      w[3][n] = c3[n];
     }
-    w[0] = c0;
-    w[1] = c1;
-    w[2] = c2;
-    w[3] = c3;
   }
 
   // Lanes are blocks, elements are (block, word): transpose 4 x 8 into element order.
@@ -105,72 +144,91 @@ struct Avx2 {
     for (int i = 0; i < 4; ++i) _mm256_storeu_si256(reinterpret_cast<I*>(out + i * L), t[i]);
   }
 
-  static I uniform_numerator(I w) {
-    return _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(w, 9), 1), iset1(1));
+  // n = 2*(w >> 9) + 1 = (w >> 8) | 1, the odd 24-bit numerator of U(w) = n * 2^-24.
+  static I uniform_numerator(I w) { return _mm256_or_si256(_mm256_srli_epi32(w, 8), iset1(1)); }
+
+  // sqrt(-2 ln U(w)) for R independent vectors in lockstep; the exponent/mantissa split is the
+  // carry trick explained in kernel_avx512.cpp.
+  template <int R>
+  static void radius(const I w[R], F r[R]) {
+    const uint32_t sqrt_half = st::float_bits(st::kLogSqrtHalf);
+    const I carry_in = iset1(0x00800000u - (sqrt_half & 0x007FFFFFu));
+    I t[R];
+    F x[R], z[R], p[R], ef[R];
+    for (int i = 0; i < R; ++i) {
+      t[i] = _mm256_add_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(uniform_numerator(w[i]))), carry_in);
+    }
+    for (int i = 0; i < R; ++i) {
+      const I m = _mm256_add_epi32(_mm256_and_si256(t[i], iset1(0x007FFFFFu)), iset1(sqrt_half));
+      x[i] = sub(_mm256_castsi256_ps(m), set1(1.0f));
+      ef[i] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(t[i], 23), iset1(24 + 127)));
+    }
+    for (int i = 0; i < R; ++i) z[i] = mul(x[i], x[i]);
+    for (int i = 0; i < R; ++i) p[i] = add(mul(set1(st::kLogP0), x[i]), set1(st::kLogP1));
+    const float horner[] = {st::kLogP2, st::kLogP3, st::kLogP4, st::kLogP5, st::kLogP6, st::kLogP7, st::kLogP8};
+    for (const float c : horner) {
+      for (int i = 0; i < R; ++i) p[i] = add(mul(p[i], x[i]), set1(c));
+    }
+    for (int i = 0; i < R; ++i) {
+      F y = mul(mul(p[i], x[i]), z[i]);
+      y = add(y, mul(ef[i], set1(st::kLogLn2Lo)));
+      y = sub(y, mul(set1(0.5f), z[i]));
+      const F ln = add(add(x[i], y), mul(ef[i], set1(st::kLogLn2Hi)));
+      r[i] = _mm256_sqrt_ps(mul(set1(-2.0f), ln));
+    }
   }
 
-  // stream::log_uniform, lane-wise.
-  static F log_uniform(F u) {
-    const I bits = _mm256_castps_si256(u);
-    I e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), iset1(0xFF)), iset1(126));
-    const F m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, iset1(0x007FFFFF)), iset1(0x3F000000)));
-    const F small = _mm256_cmp_ps(m, set1(st::kLogSqrtHalf), _CMP_LT_OQ);
-    e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // all-ones lanes are -1
-    const F x = _mm256_blendv_ps(sub(m, set1(1.0f)), sub(add(m, m), set1(1.0f)), small);
-    const F z = mul(x, x);
-    F p = set1(st::kLogP0);
-    p = add(mul(p, x), set1(st::kLogP1));
-    p = add(mul(p, x), set1(st::kLogP2));
-    p = add(mul(p, x), set1(st::kLogP3));
-    p = add(mul(p, x), set1(st::kLogP4));
-    p = add(mul(p, x), set1(st::kLogP5));
-    p = add(mul(p, x), set1(st::kLogP6));
-    p = add(mul(p, x), set1(st::kLogP7));
-    p = add(mul(p, x), set1(st::kLogP8));
-    F y = mul(mul(p, x), z);
-    const F ef = _mm256_cvtepi32_ps(e);
-    y = add(y, mul(ef, set1(st::kLogLn2Lo)));
-    y = sub(y, mul(set1(0.5f), z));
-    const F r = add(x, y);
-    return add(r, mul(ef, set1(st::kLogLn2Hi)));
+  // stream::cos_sin_2pi for odd = 0 and odd = 1 of R words (derivation in kernel_avx512.cpp).
+  template <int R>
+  static void cos_sin(const I w[R], F cos_out[R], F sin_out[R]) {
+    const I sign = iset1(0x80000000u);
+    F x[R], z[R], s[R], c[R];
+    for (int i = 0; i < R; ++i) {
+      const I m = _mm256_srai_epi32(_mm256_or_si256(_mm256_slli_epi32(w[i], 2), iset1(1u << 10)), 10);
+      x[i] = mul(_mm256_cvtepi32_ps(m), set1(st::kSincosScale));
+    }
+    for (int i = 0; i < R; ++i) z[i] = mul(x[i], x[i]);
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(set1(st::kSinP0), z[i]), set1(st::kSinP1));
+      c[i] = add(mul(set1(st::kCosP0), z[i]), set1(st::kCosP1));
+    }
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(s[i], z[i]), set1(st::kSinP2));
+      c[i] = add(mul(c[i], z[i]), set1(st::kCosP2));
+    }
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(mul(s[i], z[i]), x[i]), x[i]);
+      c[i] = mul(mul(c[i], z[i]), z[i]);
+      c[i] = add(sub(c[i], mul(set1(0.5f), z[i])), set1(1.0f));
+    }
+    for (int i = 0; i < R; ++i) {
+      const I q = _mm256_add_epi32(w[i], iset1(1u << 29));          // bits 31..30: q mod 4
+      const I q_plus_1 = _mm256_add_epi32(w[i], iset1(3u << 29));   // bits 31..30: q + 1 mod 4
+      const F odd_q = _mm256_castsi256_ps(_mm256_slli_epi32(q, 1));  // sign bit = q & 1
+      const I cos_v = _mm256_castps_si256(_mm256_blendv_ps(c[i], s[i], odd_q));
+      const I sin_v = _mm256_castps_si256(_mm256_blendv_ps(s[i], c[i], odd_q));
+      cos_out[i] = _mm256_castsi256_ps(_mm256_xor_si256(cos_v, _mm256_and_si256(q_plus_1, sign)));
+      sin_out[i] = _mm256_castsi256_ps(_mm256_xor_si256(sin_v, _mm256_and_si256(q, sign)));
+    }
   }
 
-  static F radius(I w) {
-    const F u = mul(_mm256_cvtepi32_ps(uniform_numerator(w)), set1(st::kUniformScale));
-    return _mm256_sqrt_ps(mul(set1(-2.0f), log_uniform(u)));
-  }
-
-  // stream::cos_sin_2pi for odd = 0 and odd = 1 of the same word (see kernel_avx512.cpp).
-  static void cos_sin(I w, F& cos_out, F& sin_out) {
-    const I n = uniform_numerator(w);
-    const I q = _mm256_srli_epi32(_mm256_add_epi32(n, iset1(1u << 21)), 22);
-    const I m = _mm256_sub_epi32(n, _mm256_slli_epi32(q, 22));
-    const F x = mul(_mm256_cvtepi32_ps(m), set1(st::kSincosScale));
-    const F z = mul(x, x);
-    F s = add(mul(set1(st::kSinP0), z), set1(st::kSinP1));
-    s = add(mul(s, z), set1(st::kSinP2));
-    s = mul(mul(s, z), x);
-    s = add(s, x);
-    F c = add(mul(set1(st::kCosP0), z), set1(st::kCosP1));
-    c = add(mul(c, z), set1(st::kCosP2));
-    c = mul(mul(c, z), z);
-    c = sub(c, mul(set1(0.5f), z));
-    c = add(c, set1(1.0f));
-    const F odd_q = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // sign bit = q & 1
-    const I cos_sign = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, iset1(1)), iset1(2)), 30);
-    const I sin_sign = _mm256_slli_epi32(_mm256_and_si256(q, iset1(2)), 30);
-    cos_out = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(c, s, odd_q)), cos_sign));
-    sin_out = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(_mm256_blendv_ps(s, c, odd_q)), sin_sign));
-  }
-
-  static void gaussian_by_block(const I w[4], F z[4]) {
-    const F ra = radius(w[0]), rb = radius(w[2]);
-    cos_sin(w[1], z[0], z[1]);
-    cos_sin(w[3], z[2], z[3]);
-    z[0] = mul(ra, z[0]);
-    z[1] = mul(ra, z[1]);
-    z[2] = mul(rb, z[2]);
-    z[3] = mul(rb, z[3]);
+  FKS_CPU_INLINE static void gaussian_by_block(const I w[4][N], F z[4][N]) {
+    I radius_words[2 * N], angle_words[2 * N];
+    for (int n = 0; n < N; ++n) {
+      radius_words[n] = w[0][n];
+      radius_words[N + n] = w[2][n];
+      angle_words[n] = w[1][n];
+      angle_words[N + n] = w[3][n];
+    }
+    F r[2 * N], cos_v[2 * N], sin_v[2 * N];
+    radius<2 * N>(radius_words, r);
+    cos_sin<2 * N>(angle_words, cos_v, sin_v);
+    for (int n = 0; n < N; ++n) {
+      z[0][n] = mul(r[n], cos_v[n]);
+      z[1][n] = mul(r[n], sin_v[n]);
+      z[2][n] = mul(r[N + n], cos_v[N + n]);
+      z[3][n] = mul(r[N + n], sin_v[N + n]);
+    }
   }
 
   template <DType D, class T>

@@ -1,5 +1,5 @@
-// The AVX-512 path (avx512f/bw/dq/vl): 16 Philox blocks per vector, so 64 Gaussian elements per
-// group. Compiled for that target with a pragma (never -march), picked at run time in
+// The AVX-512 path (avx512f/bw/dq/vl): 16 Philox blocks per vector, two vectors in flight, so
+// 128 Gaussian elements per group. Compiled for that target with a pragma (never -march), picked at run time in
 // ops_cpu.cpp. The float32 arithmetic is the stream.h sequence, one separately rounded vector
 // add/mul per scalar operation (no FMA is enabled for this target, and the build sets
 // -ffp-contract=off); sqrt is the correctly rounded vsqrtps; Philox is exact 32x32->64 integer
@@ -26,7 +26,8 @@ namespace st = fedkseed::stream;
 using fedkseed::cpu::DType;
 
 struct Avx512 {
-  static constexpr int L = fedkseed::cpu::kLanesAvx512;
+  static constexpr int L = 16;
+  static constexpr int N = fedkseed::cpu::kBlocksAvx512 / L;
   using F = __m512;
   using I = __m512i;
 
@@ -50,38 +51,75 @@ struct Avx512 {
     hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
   }
 
-  // Philox4x32-10 of blocks block0 .. block0 + 15 (lane l = block0 + l).
-  static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block0, uint32_t tag, I w[4]) {
-    I c0, c1;
-    const uint32_t lo = static_cast<uint32_t>(block0);
-    if (lo <= 0xFFFFFFFFu - (L - 1)) {
-      c0 = _mm512_add_epi32(iset1(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      c1 = iset1(static_cast<uint32_t>(block0 >> 32));
-    } else {  // the low words wrap inside this vector: carry into the high word lane by lane
-      alignas(64) uint32_t a0[L], a1[L];
-      for (int l = 0; l < L; ++l) {
+  // One Philox round on N independent vectors of counters.
+  FKS_CPU_INLINE static void philox_round(I c0[N], I c1[N], I c2[N], I c3[N], const uint32_t key[2]) {
+    const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
+    const I k0 = iset1(key[0]), k1 = iset1(key[1]);
+    I hi0[N], lo0[N], hi1[N], lo1[N];
+    for (int n = 0; n < N; ++n) {
+      mulhilo(m0, c0[n], hi0[n], lo0[n]);
+      mulhilo(m1, c2[n], hi1[n], lo1[n]);
+    }
+    for (int n = 0; n < N; ++n) {
+      c0[n] = _mm512_ternarylogic_epi32(hi1[n], c1[n], k0, 0x96);  // three-way xor
+      c1[n] = lo1[n];
+      c2[n] = _mm512_ternarylogic_epi32(hi0[n], c3[n], k1, 0x96);
+      c3[n] = lo0[n];
+    }
+  }
+
+  // Philox4x32-10 of blocks block0 .. block0 + N*L - 1 (lane l of vector n: block0 + n*L + l).
+  FKS_CPU_INLINE static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block0, uint32_t tag, I w[4][N]) {
+    const uint32_t lo = static_cast<uint32_t>(block0), hi = static_cast<uint32_t>(block0 >> 32);
+    const I iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    I c0[N], c1[N], c2[N], c3[N];
+    if (lo <= 0xFFFFFFFFu - (N * L - 1)) {
+      // Every lane has c1 = hi, c2 = tag, c3 = 0 at the start, so half of the products of rounds
+      // 0 and 1 are the same in every lane: compute those once as scalars.
+      const uint64_t p1 = static_cast<uint64_t>(st::kPhiloxM1) * tag;  // round 0, (hi1, lo1)
+      const uint32_t c0_after0 = static_cast<uint32_t>(p1 >> 32) ^ hi ^ keys.round_key[0][0];
+      const uint32_t c1_after0 = static_cast<uint32_t>(p1);
+      const uint64_t p0 = static_cast<uint64_t>(st::kPhiloxM0) * c0_after0;  // round 1, (hi0, lo0)
+      const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
+      for (int n = 0; n < N; ++n) {
+        I hi0, lo0;
+        mulhilo(m0, _mm512_add_epi32(iset1(lo + static_cast<uint32_t>(n * L)), iota), hi0, lo0);
+        c2[n] = _mm512_xor_si512(hi0, iset1(keys.round_key[0][1]));  // round 0: c3 = 0
+        c3[n] = lo0;
+      }
+      for (int n = 0; n < N; ++n) {
+        I hi1, lo1;
+        mulhilo(m1, c2[n], hi1, lo1);
+        c0[n] = _mm512_xor_si512(hi1, iset1(c1_after0 ^ keys.round_key[1][0]));
+        c1[n] = lo1;
+        c2[n] = _mm512_xor_si512(c3[n], iset1(static_cast<uint32_t>(p0 >> 32) ^ keys.round_key[1][1]));
+        c3[n] = iset1(static_cast<uint32_t>(p0));
+      }
+    } else {  // the low words wrap inside this group: carry into the high word lane by lane
+      alignas(64) uint32_t a0[N * L], a1[N * L];
+      for (int l = 0; l < N * L; ++l) {
         const uint64_t b = block0 + static_cast<uint64_t>(l);
         a0[l] = static_cast<uint32_t>(b);
         a1[l] = static_cast<uint32_t>(b >> 32);
       }
-      c0 = _mm512_load_si512(a0);
-      c1 = _mm512_load_si512(a1);
+      for (int n = 0; n < N; ++n) {
+        c0[n] = _mm512_load_si512(a0 + n * L);
+        c1[n] = _mm512_load_si512(a1 + n * L);
+        c2[n] = iset1(tag);
+        c3[n] = _mm512_setzero_si512();
+      }
+      philox_round(c0, c1, c2, c3, keys.round_key[0]);
+      philox_round(c0, c1, c2, c3, keys.round_key[1]);
     }
-    I c2 = iset1(tag), c3 = _mm512_setzero_si512();
-    const I m0 = iset1(st::kPhiloxM0), m1 = iset1(st::kPhiloxM1);
-    for (int round = 0; round < st::kPhiloxRounds; ++round) {
-      I hi0, lo0, hi1, lo1;
-      mulhilo(m0, c0, hi0, lo0);
-      mulhilo(m1, c2, hi1, lo1);
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, iset1(keys.round_key[round][0]), 0x96);  // three-way xor
-      c1 = lo1;
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, iset1(keys.round_key[round][1]), 0x96);
-      c3 = lo0;
+    // Fully unrolled, so the four counter words rotate through registers without copies.
+#pragma GCC unroll 8
+    for (int round = 2; round < st::kPhiloxRounds; ++round) philox_round(c0, c1, c2, c3, keys.round_key[round]);
+    for (int n = 0; n < N; ++n) {
+      w[0][n] = c0[n];
+      w[1][n] = c1[n];
+      w[2][n] = c2[n];
+      w[3][n] = c3[n];
     }
-    w[0] = c0;
-    w[1] = c1;
-    w[2] = c2;
-    w[3] = c3;
   }
 
   // Lanes are blocks, elements are (block, word): transpose 4 x 16 into element order.
@@ -112,77 +150,103 @@ struct Avx512 {
     for (int i = 0; i < 4; ++i) _mm512_storeu_si512(out + i * L, t[i]);
   }
 
-  static I uniform_numerator(I w) {
-    return _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(w, 9), 1), iset1(1));
+  // n = 2*(w >> 9) + 1 = (w >> 8) | 1, the odd 24-bit numerator of U(w) = n * 2^-24.
+  static I uniform_numerator(I w) { return _mm512_or_si512(_mm512_srli_epi32(w, 8), iset1(1)); }
+
+  // sqrt(-2 ln U(w)) for R independent vectors, stepped in lockstep (stream::log_uniform).
+  template <int R>
+  static void radius(const I w[R], F r[R]) {
+    // U = n * 2^-24 has the mantissa of float(n) (exact: n < 2^24) and its exponent minus 24.
+    // log_uniform's split (m in [0.5, 1), halved exponent and doubled m when m < LOG_SQRT_HALF)
+    // without a compare: adding 2^23 - mant(LOG_SQRT_HALF) to the bits carries into the exponent
+    // exactly when mant(m) >= mant(LOG_SQRT_HALF); the low 23 bits plus bits(LOG_SQRT_HALF) are
+    // then the bits of m (carry) or of m + m (no carry), both exact as in stream.h.
+    const uint32_t sqrt_half = st::float_bits(st::kLogSqrtHalf);
+    const I carry_in = iset1(0x00800000u - (sqrt_half & 0x007FFFFFu));
+    I t[R];
+    F x[R], z[R], p[R], ef[R];
+    for (int i = 0; i < R; ++i) {
+      t[i] = _mm512_add_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(uniform_numerator(w[i]))), carry_in);
+    }
+    for (int i = 0; i < R; ++i) {
+      const I m = _mm512_add_epi32(_mm512_and_si512(t[i], iset1(0x007FFFFFu)), iset1(sqrt_half));
+      x[i] = sub(_mm512_castsi512_ps(m), set1(1.0f));
+      // e = biased exponent of U - 126 (minus 1 without carry) = (t >> 23) - 24 - 127.
+      ef[i] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(t[i], 23), iset1(24 + 127)));
+    }
+    for (int i = 0; i < R; ++i) z[i] = mul(x[i], x[i]);
+    for (int i = 0; i < R; ++i) p[i] = add(mul(set1(st::kLogP0), x[i]), set1(st::kLogP1));
+    const float horner[] = {st::kLogP2, st::kLogP3, st::kLogP4, st::kLogP5, st::kLogP6, st::kLogP7, st::kLogP8};
+    for (const float c : horner) {
+      for (int i = 0; i < R; ++i) p[i] = add(mul(p[i], x[i]), set1(c));
+    }
+    for (int i = 0; i < R; ++i) {
+      F y = mul(mul(p[i], x[i]), z[i]);
+      y = add(y, mul(ef[i], set1(st::kLogLn2Lo)));
+      y = sub(y, mul(set1(0.5f), z[i]));
+      const F ln = add(add(x[i], y), mul(ef[i], set1(st::kLogLn2Hi)));
+      r[i] = _mm512_sqrt_ps(mul(set1(-2.0f), ln));
+    }
   }
 
-  // stream::log_uniform, lane-wise.
-  static F log_uniform(F u) {
-    const I bits = _mm512_castps_si512(u);
-    I e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 23), iset1(0xFF)), iset1(126));
-    const F m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, iset1(0x007FFFFF)), iset1(0x3F000000)));
-    const __mmask16 small = _mm512_cmp_ps_mask(m, set1(st::kLogSqrtHalf), _CMP_LT_OQ);
-    e = _mm512_mask_sub_epi32(e, small, e, iset1(1));
-    const F x = _mm512_mask_blend_ps(small, sub(m, set1(1.0f)), sub(add(m, m), set1(1.0f)));
-    const F z = mul(x, x);
-    F p = set1(st::kLogP0);
-    p = add(mul(p, x), set1(st::kLogP1));
-    p = add(mul(p, x), set1(st::kLogP2));
-    p = add(mul(p, x), set1(st::kLogP3));
-    p = add(mul(p, x), set1(st::kLogP4));
-    p = add(mul(p, x), set1(st::kLogP5));
-    p = add(mul(p, x), set1(st::kLogP6));
-    p = add(mul(p, x), set1(st::kLogP7));
-    p = add(mul(p, x), set1(st::kLogP8));
-    F y = mul(mul(p, x), z);
-    const F ef = _mm512_cvtepi32_ps(e);
-    y = add(y, mul(ef, set1(st::kLogLn2Lo)));
-    y = sub(y, mul(set1(0.5f), z));
-    const F r = add(x, y);
-    return add(r, mul(ef, set1(st::kLogLn2Hi)));
+  // stream::cos_sin_2pi for both odd = 0 (cos) and odd = 1 (sin) of R independent words: the two
+  // share the reduction and both polynomials, and differ only in which polynomial and sign they take.
+  template <int R>
+  static void cos_sin(const I w[R], F cos_out[R], F sin_out[R]) {
+    const I sign = iset1(0x80000000u);
+    F x[R], z[R], s[R], c[R];
+    for (int i = 0; i < R; ++i) {
+      // m = n - q * 2^22 with q = (n + 2^21) >> 22 is n mod 2^22 read as a signed 22-bit number:
+      // shift n's bit 21 into the sign bit ((w >> 8) << 10 keeps w's bits 8..29) and back.
+      const I m = _mm512_srai_epi32(_mm512_or_si512(_mm512_slli_epi32(w[i], 2), iset1(1u << 10)), 10);
+      x[i] = mul(_mm512_cvtepi32_ps(m), set1(st::kSincosScale));
+    }
+    for (int i = 0; i < R; ++i) z[i] = mul(x[i], x[i]);
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(set1(st::kSinP0), z[i]), set1(st::kSinP1));
+      c[i] = add(mul(set1(st::kCosP0), z[i]), set1(st::kCosP1));
+    }
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(s[i], z[i]), set1(st::kSinP2));
+      c[i] = add(mul(c[i], z[i]), set1(st::kCosP2));
+    }
+    for (int i = 0; i < R; ++i) {
+      s[i] = add(mul(mul(s[i], z[i]), x[i]), x[i]);
+      c[i] = mul(mul(c[i], z[i]), z[i]);
+      c[i] = add(sub(c[i], mul(set1(0.5f), z[i])), set1(1.0f));
+    }
+    for (int i = 0; i < R; ++i) {
+      // q mod 4 sits in bits 31..30 of w + 2^29 (the rounding carry of n + 2^21), and q + 1 mod 4
+      // in those of w + 3*2^29. cos: quadrant qq = q & 3; sin: qq = (q + 3) & 3. Odd qq takes the
+      // sine polynomial; qq in {1, 2} negates, i.e. bit 1 of qq + 1: of q + 1 for cos, of q for sin.
+      const I q = _mm512_add_epi32(w[i], iset1(1u << 29));
+      const I q_plus_1 = _mm512_add_epi32(w[i], iset1(3u << 29));
+      const __mmask16 odd_q = _mm512_test_epi32_mask(q, iset1(1u << 30));
+      const I cos_v = _mm512_castps_si512(_mm512_mask_blend_ps(odd_q, c[i], s[i]));
+      const I sin_v = _mm512_castps_si512(_mm512_mask_blend_ps(odd_q, s[i], c[i]));
+      cos_out[i] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(cos_v, q_plus_1, sign, 0x78));  // a ^ (b & c)
+      sin_out[i] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sin_v, q, sign, 0x78));
+    }
   }
 
-  // sqrt(-2 ln U(w)).
-  static F radius(I w) {
-    const F u = mul(_mm512_cvtepi32_ps(uniform_numerator(w)), set1(st::kUniformScale));
-    return _mm512_sqrt_ps(mul(set1(-2.0f), log_uniform(u)));
-  }
-
-  // stream::cos_sin_2pi for both odd = 0 (cos) and odd = 1 (sin) of the same word: the two share
-  // the reduction and both polynomials, and differ only in which polynomial and sign they take.
-  static void cos_sin(I w, F& cos_out, F& sin_out) {
-    const I n = uniform_numerator(w);
-    const I q = _mm512_srli_epi32(_mm512_add_epi32(n, iset1(1u << 21)), 22);
-    const I m = _mm512_sub_epi32(n, _mm512_slli_epi32(q, 22));
-    const F x = mul(_mm512_cvtepi32_ps(m), set1(st::kSincosScale));
-    const F z = mul(x, x);
-    F s = add(mul(set1(st::kSinP0), z), set1(st::kSinP1));
-    s = add(mul(s, z), set1(st::kSinP2));
-    s = mul(mul(s, z), x);
-    s = add(s, x);
-    F c = add(mul(set1(st::kCosP0), z), set1(st::kCosP1));
-    c = add(mul(c, z), set1(st::kCosP2));
-    c = mul(mul(c, z), z);
-    c = sub(c, mul(set1(0.5f), z));
-    c = add(c, set1(1.0f));
-    // cos: quadrant qq = q & 3; sin: qq = (q + 3) & 3. Odd qq takes the sine polynomial; qq in
-    // {1, 2} negates, i.e. bit 1 of qq + 1: (q + 1) & 2 for cos, q & 2 for sin.
-    const __mmask16 odd_q = _mm512_test_epi32_mask(q, iset1(1));
-    const I cos_sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, iset1(1)), iset1(2)), 30);
-    const I sin_sign = _mm512_slli_epi32(_mm512_and_si512(q, iset1(2)), 30);
-    cos_out = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd_q, c, s)), cos_sign));
-    sin_out = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mask_blend_ps(odd_q, s, c)), sin_sign));
-  }
-
-  // The 64 Gaussian values of the 16 blocks: z[j] holds word-pair lane j of every block.
-  static void gaussian_by_block(const I w[4], F z[4]) {
-    const F ra = radius(w[0]), rb = radius(w[2]);
-    cos_sin(w[1], z[0], z[1]);
-    cos_sin(w[3], z[2], z[3]);
-    z[0] = mul(ra, z[0]);
-    z[1] = mul(ra, z[1]);
-    z[2] = mul(rb, z[2]);
-    z[3] = mul(rb, z[3]);
+  // The Gaussian values of the N*L blocks: z[j][n] holds word-pair lane j of the blocks of vector n.
+  FKS_CPU_INLINE static void gaussian_by_block(const I w[4][N], F z[4][N]) {
+    I radius_words[2 * N], angle_words[2 * N];
+    for (int n = 0; n < N; ++n) {
+      radius_words[n] = w[0][n];
+      radius_words[N + n] = w[2][n];
+      angle_words[n] = w[1][n];
+      angle_words[N + n] = w[3][n];
+    }
+    F r[2 * N], cos_v[2 * N], sin_v[2 * N];
+    radius<2 * N>(radius_words, r);
+    cos_sin<2 * N>(angle_words, cos_v, sin_v);
+    for (int n = 0; n < N; ++n) {
+      z[0][n] = mul(r[n], cos_v[n]);
+      z[1][n] = mul(r[n], sin_v[n]);
+      z[2][n] = mul(r[N + n], cos_v[N + n]);
+      z[3][n] = mul(r[N + n], sin_v[N + n]);
+    }
   }
 
   template <DType D, class T>

@@ -5,10 +5,14 @@
 // file gets its own copy compiled for its own ISA and no inline function is shared (and picked
 // by the linker) across files compiled with different targets.
 //
-// V generates L Philox blocks at once (lanes = consecutive blocks) and provides the float32
-// arithmetic as separately rounded vector operations in the order of stream.h (never FMA).
-// The unit of work is a group of G = 4L elements whose global start is a multiple of G:
-// L Gaussian blocks, or a 4L-bit slice of one Rademacher block (128 is a multiple of 4L).
+// V generates B = L * N Philox blocks at once: N vectors of L lanes each (lane l of vector n is
+// block block0 + n*L + l), and provides the float32 arithmetic as separately rounded vector
+// operations in the order of stream.h (never FMA). The N vectors are independent dependency
+// chains that V steps in lockstep, so the out-of-order core always has work for every vector
+// port while one chain waits on a multiply, a polynomial step or a sqrt.
+// The unit of work is a group of G = 4B elements whose global start is a multiple of G:
+// B Gaussian blocks, or a 4B-bit slice of one Rademacher block (G divides 128). Element vector
+// v = 4n + j of a group holds elements v*L .. v*L + L - 1.
 // Per group the seed loop is innermost: x is loaded once, the K perturbations accumulate in
 // registers, y is stored once.
 
@@ -22,85 +26,113 @@ namespace st = fedkseed::stream;
 template <class V>
 struct Kernel {
   static constexpr int L = V::L;
-  static constexpr int G = 4 * L;
+  static constexpr int N = V::N;
+  static constexpr int B = L * N;  // Philox blocks per group
+  static constexpr int G = 4 * B;  // elements per group
+  static constexpr int NV = 4 * N;  // element vectors per group
+  static_assert(128 % G == 0, "a group must not straddle Rademacher blocks");
   using F = typename V::F;
   using I = typename V::I;
 
-  // One Rademacher tile: per seed, L blocks of 4 words ([seed][block][word]) in scratch.
+  // One Rademacher tile: per seed, B blocks of 4 words ([seed][block][word]) in scratch.
   static void fill_tile(const Job& job, uint64_t block0, uint32_t* tile) {
     for (int64_t k = 0; k < job.num_seeds; ++k) {
-      I w[4];
+      I w[4][N];
       V::philox(job.seeds[k], block0, st::kTagRademacher, w);
-      V::interleave_store(w, tile + k * 4 * L);
+      for (int n = 0; n < N; ++n) {
+        const I by_block[4] = {w[0][n], w[1][n], w[2][n], w[3][n]};
+        V::interleave_store(by_block, tile + (k * B + n * L) * 4);
+      }
     }
   }
 
-  // The 4L-bit slice of Rademacher bits of the group starting at global index gs.
-  static uint64_t rademacher_bits(const uint32_t* block_words, uint64_t gs) {
-    // Bit k of the block is bit (k & 31) of word k >> 5; the G bits of a group lie inside one
-    // 64-bit half of the block (G divides 64).
-    const unsigned bit = static_cast<unsigned>(gs & 127u);
-    const uint32_t* w = block_words + (bit >> 6) * 2;
-    const uint64_t half = static_cast<uint64_t>(w[0]) | (static_cast<uint64_t>(w[1]) << 32);
-    return half >> (bit & 63u);
+  // The L Rademacher bits of element vector v of the group starting at global index gs: bit k
+  // of the block is bit (k & 31) of word k >> 5, and L divides 32, so they lie in one word.
+  static uint32_t rademacher_bits(const uint32_t* block_words, uint64_t gs, int v) {
+    const unsigned bit = static_cast<unsigned>(gs & 127u) + static_cast<unsigned>(v * L);
+    return block_words[bit >> 5] >> (bit & 31u);
   }
 
   // acc[v] = sum_k alphas[k] * z(seeds[k], gs + v*L + lane), in seed order, starting from 0.0f.
-  static void accumulate(const Job& job, uint64_t gs, const uint32_t* tile, uint64_t tile_block, F acc[4]) {
-    for (int v = 0; v < 4; ++v) acc[v] = V::zero();
+  // The two distributions are separate functions so the light Rademacher loop does not carry the
+  // register and stack footprint of the Gaussian one.
+  static void accumulate(const Job& job, uint64_t gs, const uint32_t* tile, uint64_t tile_block, F acc[NV]) {
     if (job.tag == st::kTagGaussian) {
-      // Accumulate with lanes = blocks (the sum is element-wise, so lane order is free) and put
-      // the elements in order once per group instead of once per seed.
-      for (int64_t k = 0; k < job.num_seeds; ++k) {
-        I w[4];
-        F z[4];
-        V::philox(job.seeds[k], gs >> st::kGaussianBlockShift, st::kTagGaussian, w);
-        V::gaussian_by_block(w, z);
-        const F a = V::set1(job.alphas[k]);
-        for (int v = 0; v < 4; ++v) acc[v] = V::add(acc[v], V::mul(a, z[v]));
-      }
-      const F by_block[4] = {acc[0], acc[1], acc[2], acc[3]};
-      V::interleave_ps(by_block, acc);
+      accumulate_gaussian(job, gs, acc);
     } else {
-      const uint64_t lane = (gs >> st::kRademacherBlockShift) - tile_block;
-      for (int64_t k = 0; k < job.num_seeds; ++k) {
-        const uint64_t bits = rademacher_bits(tile + (k * L + lane) * 4, gs);
-        const F a = V::set1(job.alphas[k]), na = V::set1(job.neg_alphas[k]);
-        // a * (+-1) is exactly +-a, so picking the sign is the multiply of spec section 7.
-        for (int v = 0; v < 4; ++v) acc[v] = V::add(acc[v], V::pick(na, a, bits >> (v * L)));
-      }
+      accumulate_rademacher(job, gs, tile, tile_block, acc);
+    }
+  }
+
+  __attribute__((noinline)) static void accumulate_gaussian(const Job& job, uint64_t gs, F acc[NV]) {
+    // Accumulate with lanes = blocks (the sum is element-wise, so lane order is free) and put
+    // the elements in order once per group instead of once per seed.
+    F by_block[4][N];
+    for (int j = 0; j < 4; ++j)
+      for (int n = 0; n < N; ++n) by_block[j][n] = V::zero();
+    for (int64_t k = 0; k < job.num_seeds; ++k) {
+      I w[4][N];
+      F z[4][N];
+      V::philox(job.seeds[k], gs >> st::kGaussianBlockShift, st::kTagGaussian, w);
+      V::gaussian_by_block(w, z);
+      const F a = V::set1(job.alphas[k]);
+      for (int j = 0; j < 4; ++j)
+        for (int n = 0; n < N; ++n) by_block[j][n] = V::add(by_block[j][n], V::mul(a, z[j][n]));
+    }
+    for (int n = 0; n < N; ++n) {
+      const F in[4] = {by_block[0][n], by_block[1][n], by_block[2][n], by_block[3][n]};
+      V::interleave_ps(in, acc + 4 * n);
+    }
+  }
+
+  static void accumulate_rademacher(const Job& job, uint64_t gs, const uint32_t* tile, uint64_t tile_block,
+                                    F acc[NV]) {
+    for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+    const uint64_t lane = (gs >> st::kRademacherBlockShift) - tile_block;
+    for (int64_t k = 0; k < job.num_seeds; ++k) {
+      const uint32_t* words = tile + (k * B + lane) * 4;
+      const F a = V::set1(job.alphas[k]), na = V::set1(job.neg_alphas[k]);
+      // a * (+-1) is exactly +-a, so picking the sign is the multiply of spec section 7.
+      for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::pick(na, a, rademacher_bits(words, gs, v)));
     }
   }
 
   // z(seed, gs + j) for the G elements of a group (noise_: the single seed, no accumulation).
   static void noise_group(const Job& job, uint64_t gs, const uint32_t* tile, uint64_t tile_block, float* out) {
-    F z[4];
+    F z[NV];
     if (job.tag == st::kTagGaussian) {
-      I w[4];
+      I w[4][N];
+      F by_block[4][N];
       V::philox(job.seeds[0], gs >> st::kGaussianBlockShift, st::kTagGaussian, w);
-      F by_block[4];
       V::gaussian_by_block(w, by_block);
-      V::interleave_ps(by_block, z);
+      for (int n = 0; n < N; ++n) {
+        const F in[4] = {by_block[0][n], by_block[1][n], by_block[2][n], by_block[3][n]};
+        V::interleave_ps(in, z + 4 * n);
+      }
     } else {
-      const uint64_t bits = rademacher_bits(tile + ((gs >> st::kRademacherBlockShift) - tile_block) * 4, gs);
-      for (int v = 0; v < 4; ++v) z[v] = V::pick(V::set1(-1.0f), V::set1(1.0f), bits >> (v * L));
+      const uint32_t* words = tile + ((gs >> st::kRademacherBlockShift) - tile_block) * 4;
+      for (int v = 0; v < NV; ++v) z[v] = V::pick(V::set1(-1.0f), V::set1(1.0f), rademacher_bits(words, gs, v));
     }
-    for (int v = 0; v < 4; ++v) V::store_f32(out + v * L, z[v]);
+    for (int v = 0; v < NV; ++v) V::store_f32(out + v * L, z[v]);
   }
 
   template <DType D, class T>
   static void update_group(const Job& job, const Chunk& c, uint64_t gs, const uint32_t* tile,
                            uint64_t tile_block, T* p) {
-    F acc[4];
+    F acc[NV];
     accumulate(job, gs, tile, tile_block, acc);
-    I words[4] = {};  // only read under stochastic rounding
+    I words[NV] = {};  // only read under stochastic rounding
     const bool sr = job.stochastic_rounding && D != DType::kFloat32;
     if (sr) {
-      V::philox(job.rounding_seed, gs >> st::kRoundingBlockShift, st::kTagRounding, words);
-      V::interleave(words);
+      I w[4][N];
+      V::philox(job.rounding_seed, gs >> st::kRoundingBlockShift, st::kTagRounding, w);
+      for (int n = 0; n < N; ++n) {
+        for (int j = 0; j < 4; ++j) words[4 * n + j] = w[j][n];
+        V::interleave(words + 4 * n);
+      }
     }
     const F d = V::set1(c.decay);
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < NV; ++v) {
       F x = V::template load<D>(p + v * L);
       if (c.apply_decay) x = V::mul(x, d);
       F y = V::add(x, acc[v]);
@@ -121,7 +153,7 @@ struct Kernel {
     for (; j < c.count; j += G, gs += G) {
       if (job.tag == st::kTagRademacher) {
         const uint64_t block = gs >> st::kRademacherBlockShift;
-        if (!have_tile || block - tile_block >= static_cast<uint64_t>(L)) {
+        if (!have_tile || block - tile_block >= static_cast<uint64_t>(B)) {
           fill_tile(job, block, tile);
           tile_block = block;
           have_tile = true;

@@ -14,7 +14,9 @@ namespace st = fedkseed::stream;
 using fedkseed::cpu::DType;
 
 struct Scalar {
-  static constexpr int L = fedkseed::cpu::kLanesScalar;
+  static constexpr int L = 1;
+  static constexpr int N = fedkseed::cpu::kBlocksScalar;
+  static_assert(N == 1, "the scalar path generates one block at a time");
   using F = float;
   using I = uint32_t;
 
@@ -25,19 +27,19 @@ struct Scalar {
   static F pick(F when_clear, F when_set, uint64_t bits) { return (bits & 1u) ? when_set : when_clear; }
   static void store_f32(float* p, F v) { *p = v; }
 
-  static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block, uint32_t tag, I w[4]) {
+  static void philox(const fedkseed::cpu::SeedKeys& keys, uint64_t block, uint32_t tag, I w[4][N]) {
     const st::Words words = st::philox(keys.seed, block, tag);
-    for (int i = 0; i < 4; ++i) w[i] = words.w[i];
+    for (int i = 0; i < 4; ++i) w[i][0] = words.w[i];
   }
   // One block: words and values are already in element order.
   static void interleave(I[4]) {}
   static void interleave_ps(const F in[4], F out[4]) { std::memcpy(out, in, 4 * sizeof(F)); }
   static void interleave_store(const I w[4], uint32_t* out) { std::memcpy(out, w, 4 * sizeof(I)); }
-  static void gaussian_by_block(const I w[4], F z[4]) {
-    z[0] = st::gaussian_from_words(w[0], w[1], 0);
-    z[1] = st::gaussian_from_words(w[0], w[1], 1);
-    z[2] = st::gaussian_from_words(w[2], w[3], 0);
-    z[3] = st::gaussian_from_words(w[2], w[3], 1);
+  static void gaussian_by_block(const I w[4][N], F z[4][N]) {
+    z[0][0] = st::gaussian_from_words(w[0][0], w[1][0], 0);
+    z[1][0] = st::gaussian_from_words(w[0][0], w[1][0], 1);
+    z[2][0] = st::gaussian_from_words(w[2][0], w[3][0], 0);
+    z[3][0] = st::gaussian_from_words(w[2][0], w[3][0], 1);
   }
 
   template <DType D, class T>

@@ -26,7 +26,7 @@ namespace fedkseed {
 namespace cpu {
 namespace {
 
-// Elements per chunk (a multiple of every group and tile: 128 Rademacher bits x 16 lanes).
+// Elements per chunk (a multiple of every group and tile: 128 Rademacher bits x 32 blocks).
 constexpr int64_t kChunk = int64_t{1} << 15;
 
 Isa detect_isa() {
@@ -222,8 +222,8 @@ std::string cpu_isa() { return isa_name(active_isa()); }
 
 int64_t scratch_words(Isa isa, const Job& job) {
   if (job.tag != stream::kTagRademacher) return 0;
-  const int lanes = isa == Isa::kAvx512 ? kLanesAvx512 : isa == Isa::kAvx2 ? kLanesAvx2 : kLanesScalar;
-  return job.num_seeds * 4 * lanes;
+  const int blocks = isa == Isa::kAvx512 ? kBlocksAvx512 : isa == Isa::kAvx2 ? kBlocksAvx2 : kBlocksScalar;
+  return job.num_seeds * 4 * blocks;
 }
 
 }  // namespace cpu
