@@ -24,8 +24,11 @@ build: install
 test: build cuda-check
 	$(PY) -m pytest -q tests
 
+# CPU benchmark tables (fused kernels and ZO step against MeZO-style, same run); on a GPU
+# machine also run benchmarks/bench_gpu.py. Figures are recorded in benchmarks/RESULTS.md.
 bench: build
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_zo.py
 
 demo: build
 	$(VENV)/bin/fedkseed simulate --output runs/demo
