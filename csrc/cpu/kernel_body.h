@@ -5,6 +5,7 @@
 // file gets its own copy compiled for its own ISA and no inline function is shared (and picked
 // by the linker) across files compiled with different targets.
 //
+// V is Scalar (kernel_scalar.cpp) or Simd<P> (kernel_simd.h over an ISA's primitives P).
 // V generates B = L * N Philox blocks at once: N vectors of L lanes each (lane l of vector n is
 // block block0 + n*L + l), and provides the float32 arithmetic as separately rounded vector
 // operations in the order of stream.h (never FMA). The N vectors are independent dependency
