@@ -52,18 +52,20 @@ class UsageError(ValueError):
 class SimConfig:
     model: str = "smollm2-135m"
     data: str = "faq"
-    # Defaults: a meaningful run of SmolLM2-135M in a few minutes on a 2-core CPU (measured:
-    # about 1.5 s per ZO step at batch 2 x 64 tokens; Rademacher replays K seeds ~20x cheaper
-    # than Gaussian). FedKSeed's official shape is K=4096, 200 steps, lr 3e-7, eps 5e-4.
+    # Defaults: a visible improvement of SmolLM2-135M in a few minutes on a 2-core CPU
+    # (measured: 300 ZO steps at batch 2 x 64 tokens, ~2.5 min at load 2, eval loss -1.9%;
+    # Rademacher replays K seeds ~20x cheaper than Gaussian). Sequential steps (rounds x
+    # local steps) drive progress; lr 1e-4 diverges, lr 1e-5 barely moves, eps 1e-2 beats 1e-3.
+    # FedKSeed's official shape is K=4096, 200 steps, lr 3e-7, eps 5e-4.
     clients: int = 20
     clients_per_round: int = 2
     rounds: int = 5
-    local_steps: int = 10
+    local_steps: int = 30
     k: int = 1024
     pro: bool = False
     dist: str = "rademacher"
-    lr: float = 1e-5
-    eps: float = 1e-3
+    lr: float = 3e-5
+    eps: float = 1e-2
     alpha: float = 0.5
     holdout: int = 1
     seed: int = 0
