@@ -134,7 +134,10 @@ class Federation:
         self.root = root
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name: the
+        # venv's bin must be on PATH even when the tests run as .venv/bin/python unactivated.
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1", PATH=path)
         self.port = free_port()
         (self.home / "config.toml").write_text(textwrap.dedent(f"""\
             [superlink]
