@@ -44,7 +44,7 @@ cuda-check: install
 	  gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done) && \
 	  for src in csrc/cuda/*.cu; do \
 	    echo "cuda-check: $(NVCC) $$src for sm_$$(echo $(CUDA_ARCHS) | sed 's/ /, sm_/g')"; \
-	    $(NVCC) $$flags $$gencode -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions -c $$src -o "$$tmp/$$(basename $$src .cu).o" || exit 1; \
+	    $(NVCC) $$flags $$gencode -c $$src -o "$$tmp/$$(basename $$src .cu).o" || exit 1; \
 	  done && echo "cuda-check: OK"; \
 	fi
 

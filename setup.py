@@ -13,8 +13,8 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(HERE, "csrc", "include")]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "-fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
 
 
 def _sources(pattern: str) -> list[str]:
