@@ -46,11 +46,11 @@ import math
 import os
 import pathlib
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Union
 
 from . import stream as S
+from .atomic import save_atomically
 from .ops import replay_
 from .paramset import ParamSet
 from .reference import check_seed
@@ -283,19 +283,9 @@ class History:
         return history
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write atomically: a temporary file in the target's folder, then os.replace."""
-        path = pathlib.Path(path)
+        """Write atomically (a temporary file renamed over ``path``): never half a file."""
         data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_atomically(path, lambda p: p.write_bytes(data))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "History":

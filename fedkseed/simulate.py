@@ -20,7 +20,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .atomic import save_atomically
 from .fed import Client, FedSpec, Replica, RoundSummary, Server
 from .fed.wire import PRECISIONS
 from .ops import BACKENDS
@@ -208,22 +208,6 @@ def rouge(setup: Setup) -> float | None:
 
 
 # ----------------------------------------------------------------------------- checkpointing
-def save_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """Write via a temporary file in the same folder and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
-        write(pathlib.Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     """``value`` with every numpy array replaced by a reference into ``arrays`` (JSON-ready)."""
     if isinstance(value, np.ndarray):

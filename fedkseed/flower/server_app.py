@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .. import simulate as sim
+from ..atomic import save_atomically
 from ..fed import RoundSummary
 from . import protocol as P
 from .strategy import FedKSeedStrategy, RoundLog
@@ -46,7 +47,7 @@ def serve(grid: Grid, setup: sim.Setup, *, min_nodes: int, timeout: float, progr
         transport.append(dataclasses.asdict(round_log))
         book.bar.update(book.steps_per_round)
         book.record(summary, started)
-        sim.save_atomically(book.output / FLOWER_FILE,
+        save_atomically(book.output / FLOWER_FILE,
                             lambda p: p.write_text(json.dumps(transport, indent=2) + "\n"))
         return P.weights_digest(replica.params)
 
