@@ -3,13 +3,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedkseed-installed
 NVCC ?= nvcc
-CUDA_ARCHS ?= 80 90
+# Targets that must run without installing anything (a GPU image with torch, triton and nvcc but no
+# network) use the venv's python when there is one, else the image's python3.
+HOST_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
-.PHONY: install build test demo bench cuda-check clean
+.PHONY: install build lint test dist demo bench cuda-check gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-data.txt setup.py
+# The editable install skips build isolation: the extension must be compiled against the torch it
+# will run with (torch's C++ ABI changes between releases), the venv's, whichever index it came
+# from; an isolated build would first install a second torch (~1 GB, ~1 min) for nothing.
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -21,8 +26,20 @@ $(STAMP): requirements.txt requirements-data.txt setup.py
 build: install
 	$(PY) setup.py -q build_ext --inplace
 
-test: build cuda-check
+# Lint and format check (configuration: pyproject.toml [tool.ruff]); `ruff format` fixes format.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint build cuda-check
 	$(PY) -m pytest -q tests
+
+# A distributable wheel in dist/ through the standard isolated PEP 517 build. Left alone, pip would
+# give the build the newest torch (a multi-GB CUDA build); the constraint pins it to the venv's.
+dist: install
+	mkdir -p build
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > build/torch-constraint.txt
+	$(PY) -m pip wheel --no-deps --build-constraint build/torch-constraint.txt -w dist .
 
 # CPU benchmark tables (fused kernels and ZO step against MeZO-style, same run); on a GPU
 # machine also run benchmarks/bench_gpu.py. Figures are recorded in benchmarks/RESULTS.md.
@@ -33,20 +50,26 @@ bench: build
 demo: build
 	$(VENV)/bin/fedkseed simulate --output runs/demo
 
-# Compile (never link or run) every CUDA kernel for each of CUDA_ARCHS with setup.py's flags, so
-# the CUDA backend is checked on machines without a GPU or a CUDA build of torch.
+# Compile (never link or run) every CUDA kernel for each architecture of pyproject.toml's
+# [tool.fedkseed] cuda-archs with setup.py's flags (both read by tools/nvcc_flags.py), so the CUDA
+# backend is checked on machines without a GPU or a CUDA build of torch.
 cuda-check: install
 	@if ! command -v $(NVCC) >/dev/null 2>&1; then \
 	  echo "cuda-check: SKIPPED, $(NVCC) not found (install the CUDA toolkit to compile csrc/cuda)"; \
 	else \
 	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  flags=$$($(PY) -m fedkseed.kernels.nvcc_flags "$$tmp/stub") && \
-	  gencode=$$(for a in $(CUDA_ARCHS); do printf -- '-gencode arch=compute_%s,code=sm_%s ' $$a $$a; done) && \
+	  flags=$$($(PY) tools/nvcc_flags.py "$$tmp/stub") && \
+	  archs=$$(printf '%s\n' $$flags | sed -n 's/^arch=compute_[0-9]*,code=//p' | tr '\n' ' ') && \
 	  for src in csrc/cuda/*.cu; do \
-	    echo "cuda-check: $(NVCC) $$src for sm_$$(echo $(CUDA_ARCHS) | sed 's/ /, sm_/g')"; \
-	    $(NVCC) $$flags $$gencode -c $$src -o "$$tmp/$$(basename $$src .cu).o" || exit 1; \
+	    echo "cuda-check: $(NVCC) $$src for $$archs"; \
+	    $(NVCC) $$flags -c $$src -o "$$tmp/$$(basename $$src .cu).o" || exit 1; \
 	  done && echo "cuda-check: OK"; \
 	fi
 
+# On a GPU machine: build and check the GPU backends, writing the report to $(OUT) (default
+# gpu-report/). No `install` prerequisite: it uses the torch, triton and nvcc already there.
+gpu-check:
+	$(HOST_PY) tools/gpu_check.py $(or $(OUT),gpu-report)
+
 clean:
-	rm -rf build fedkseed/*.so *.egg-info
+	rm -rf build dist fedkseed/*.so *.egg-info

@@ -1,24 +1,40 @@
 """Build fedkseed's compiled operators: C++ CPU kernels always, CUDA kernels when torch has CUDA.
 
-The arithmetic must stay exact (shared/perturbation-stream.md section 4): no -ffast-math,
-contraction off on the host and -fmad=false on the device. SIMD paths are selected at run time
-with per-function target attributes, so the build never assumes the build machine's CPU.
+Everything else about the package (metadata, version, dependencies, entry points, package data)
+is declared in pyproject.toml; this file holds only what must be code. torch is a build
+requirement there, so importing it here works under a PEP 517 build, isolated or not.
+
+The arithmetic must stay exact (docs/stream-spec.md#conversion): no -ffast-math, contraction off
+on the host and -fmad=false on the device. SIMD paths are selected at run time with per-function
+target attributes, so the build never assumes the build machine's CPU. tools/nvcc_flags.py reads
+NVCC_FLAGS from this file, so `make cuda-check` compiles exactly what the build compiles.
 """
 
 import glob
 import os
+import tomllib
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(HERE, "csrc", "include")]
+# -fopenmp at compile time only: at::parallel_for then runs on torch's own OpenMP pool (libtorch_cpu
+# brings the runtime); linking -fopenmp ourselves could load a second OpenMP runtime beside it.
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "-fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
 
 
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+def cuda_archs() -> list[str]:
+    """The GPU architectures to compile for: pyproject.toml's [tool.fedkseed] cuda-archs."""
+    with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+        return list(tomllib.load(f)["tool"]["fedkseed"]["cuda-archs"])
+
+
+def _files(*patterns: str) -> list[str]:
+    # Relative paths: setuptools requires them for sources and puts `depends` into the sdist.
+    paths = (p for pattern in patterns for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
+    return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
 def _want_cuda() -> bool:
@@ -30,37 +46,29 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp", *_files("csrc/cpu/*.cpp")]
+    # Headers: a change rebuilds the extension, and the sdist ships them.
+    headers = _files("csrc/**/*.h", "csrc/**/*.cuh")
     if _want_cuda():
+        # Without this, torch compiles for the GPU it sees, or for every architecture it supports.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(cuda_archs()))
         return cpp_extension.CUDAExtension(
             "fedkseed._C",
-            sources + _sources("csrc/cuda/*.cu"),
+            sources + _files("csrc/cuda/*.cu"),
             include_dirs=INCLUDE,
+            depends=headers,
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-            extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(
         "fedkseed._C",
         sources,
         include_dirs=INCLUDE,
+        depends=headers,
         extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
     )
 
 
 setup(
-    name="fedkseed",
-    version="0.1.0",
-    description="Fused, device-independent seed-based zeroth-order fine-tuning and FedKSeed",
-    packages=find_packages(include=["fedkseed", "fedkseed.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton"],
-        "llm": ["transformers", "gguf", "accelerate", "safetensors", "rouge-score", "matplotlib", "tqdm"],
-        "flower": ["flwr[simulation]>=1.21"],
-    },
-    entry_points={"console_scripts": ["fedkseed=fedkseed.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

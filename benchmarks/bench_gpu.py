@@ -2,6 +2,7 @@
 passes the anchors use (torch.manual_seed + per-parameter torch.normal + add), all in one run.
 
     python benchmarks/bench_gpu.py [--shapes smollm2,llama1.3b] [--dtypes bf16,fp32] [--ks 16,256,4096]
+                                   [--zo] [--json PATH]
 
 Measures, per parameter-set shape and dtype:
 - device-to-device copy bandwidth of a buffer of the same size (the memory roof);
@@ -11,22 +12,28 @@ Measures, per parameter-set shape and dtype:
   MeZO-style passes (target >= 20x at K = 256);
 and prints a roofline line per replay: bytes moved, normals generated, the memory-bound time at
 the measured copy bandwidth and the generation-bound time at the best normals/s seen.
+With --zo: one ZO (MeZO) step of a SmolLM2-135M-shaped Llama in bfloat16 (random weights,
+built from its config by transformers, no download) against two forward passes of the same
+batch: the step is +eps z, forward, -2 eps z, forward, +eps z, update, the perturbations fused.
+With --json: every figure also goes to PATH as JSON (tools/gpu_check.py reads it).
 Timing: CUDA events, warm-up, median of repeats; the parameter sets are far larger than L2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import statistics
 import sys
 from collections.abc import Callable
 
 import torch
+from smollm2_shape import llama_1b_shapes, make_params, smollm2_135m_shapes
 
 import fedkseed
 from fedkseed import ParamSet
 from fedkseed.ops import has_kernel, has_triton
-from smollm2_shape import llama_1b_shapes, make_params, smollm2_135m_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -60,18 +67,25 @@ def mezo_pass(tensors: list[torch.Tensor], seed: int, alpha: float) -> None:
         p.data = p.data + alpha * z
 
 
-def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str]) -> list[str]:
+def mezo_passes(tensors: list[torch.Tensor], k: int) -> None:
+    for s in range(k):
+        mezo_pass(tensors, s, 1e-6)
+
+
+def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str], record: list[dict]) -> list[str]:
     dtype = DTYPES[dtype_name]
     pset = ParamSet(make_params(SHAPES[shape_name](), dtype, "cuda"))
     n, size = pset.numel, torch.finfo(dtype).bits // 8
     rw_bytes = 2 * n * size
     src = torch.empty(n, dtype=dtype, device="cuda")
     dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), repeats=20, warmup=3)
+    copy_s = timed(functools.partial(dst.copy_, src), repeats=20, warmup=3)
     del src, dst
     copy_bw = rw_bytes / copy_s
-    lines = [f"\n## {shape_name} ({n:,} params, {len(pset)} tensors), {dtype_name}: "
-             f"copy {copy_bw / 1e9:,.0f} GB/s ({copy_s * 1e3:.2f} ms)"]
+    lines = [
+        f"\n## {shape_name} ({n:,} params, {len(pset)} tensors), {dtype_name}: "
+        f"copy {copy_bw / 1e9:,.0f} GB/s ({copy_s * 1e3:.2f} ms)"
+    ]
     mezo_s = timed(lambda: mezo_pass(pset.tensors, 1, 1e-3), repeats=5)
     lines.append(f"MeZO-style pass (torch.normal + add): {mezo_s * 1e3:.2f} ms")
     header = f"{'backend':8} {'op':22} {'time ms':>10} {'GB/s':>8} {'% copy':>7} {'normals/s':>10} {'vs MeZO':>8}"
@@ -82,28 +96,49 @@ def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str]) 
     rows = []
     for backend in backends:
         for dist in ("gaussian", "rademacher"):
-            t = timed(lambda: fedkseed.perturb_(pset, seed_t, alpha_t, dist, backend=backend), repeats=10, warmup=2)
-            rows.append((backend, f"perturb_ {dist}", t, rw_bytes / t, n / t, mezo_s / t if dist == "gaussian" else None, 1))
+            perturb = functools.partial(fedkseed.perturb_, pset, seed_t, alpha_t, dist, backend=backend)
+            t = timed(perturb, repeats=10, warmup=2)
+            rows.append(
+                (backend, f"perturb_ {dist}", t, rw_bytes / t, n / t, mezo_s / t if dist == "gaussian" else None, 1)
+            )
             for k in ks:
                 seeds = torch.arange(1, k + 1, dtype=torch.int64, device="cuda")
                 alphas = torch.full((k,), 1e-6, device="cuda")
                 reps = 3 if k * n > 1e11 else 5
-                t = timed(lambda: fedkseed.replay_(pset, seeds, alphas, dist, backend=backend), repeats=reps)
+                replay = functools.partial(fedkseed.replay_, pset, seeds, alphas, dist, backend=backend)
+                t = timed(replay, repeats=reps)
                 rate = k * n / t
                 best_rate[dist] = max(best_rate.get(dist, 0.0), rate)
                 rows.append((backend, f"replay_ {dist} K={k}", t, rw_bytes / t, rate, None, k))
     baseline = {k: k * mezo_s for k in ks}
     for k in ks:
         if k <= 256:  # K MeZO-style passes, measured (K = 4096 would take minutes)
-            baseline[k] = timed(lambda: [mezo_pass(pset.tensors, s, 1e-6) for s in range(k)], repeats=1, warmup=0)
+            passes = functools.partial(mezo_passes, pset.tensors, k)
+            baseline[k] = timed(passes, repeats=1, warmup=0)
     for backend, op, t, bw, rate, speedup, k in rows:
         if op.startswith("replay_ gaussian"):
             speedup = baseline[k] / t
+        record.append(
+            {
+                "shape": shape_name,
+                "dtype": dtype_name,
+                "backend": backend,
+                "op": op,
+                "k": k,
+                "ms": t * 1e3,
+                "gb_per_s": bw / 1e9,
+                "copy_share": bw / copy_bw,
+                "per_s": rate,
+                "speedup_vs_mezo": speedup,
+                "copy_gb_per_s": copy_bw / 1e9,
+                "mezo_pass_ms": mezo_s * 1e3,
+            }
+        )
         lines.append(
             f"{backend:8} {op:22} {t * 1e3:10.2f} {bw / 1e9:8.0f} {100 * bw / copy_bw:6.0f}% {rate:10.2e} "
             + (f"{speedup:7.1f}x" if speedup else f"{'':>8}")
         )
-    for backend, op, t, bw, rate, speedup, k in rows:
+    for backend, op, t, _bw, _rate, _speedup, k in rows:
         if op.startswith("replay_"):
             dist = op.split()[1]
             mem_s, gen_s = rw_bytes / copy_bw, k * n / best_rate[dist]
@@ -115,15 +150,66 @@ def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str]) 
     return lines
 
 
+def zo_step_vs_forward(backend: str, batch: int = 8, seq: int = 256) -> dict:
+    """One fused ZO step against two forward passes, SmolLM2-135M shape, bfloat16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    pset = ParamSet(model)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    seed = torch.tensor([7], dtype=torch.int64, device="cuda")
+    eps, minus2, update = (torch.tensor([v], device="cuda") for v in (1e-3, -2e-3, -1e-6))
+
+    @torch.no_grad()
+    def forward() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    @torch.no_grad()
+    def step() -> None:
+        fedkseed.perturb_(pset, seed, eps, backend=backend)
+        forward()
+        fedkseed.perturb_(pset, seed, minus2, backend=backend)
+        forward()
+        fedkseed.perturb_(pset, seed, eps, backend=backend)
+        fedkseed.perturb_(pset, seed, update, backend=backend)
+
+    two_fwd = timed(lambda: (forward(), forward()), repeats=10, warmup=2)
+    step_s = timed(step, repeats=10, warmup=2)
+    return {
+        "backend": backend,
+        "batch": batch,
+        "seq": seq,
+        "params": pset.numel,
+        "zo_step_ms": step_s * 1e3,
+        "two_forward_ms": two_fwd * 1e3,
+        "ratio": step_s / two_fwd,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama1.3b")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--ks", default="16,256,4096")
+    parser.add_argument("--zo", action="store_true", help="also time a ZO step against two forward passes")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA GPU here; run this on a GPU machine (python benchmarks/bench_gpu.py). "
-              "CPU figures come from benchmarks/bench_cpu.py.")
+        print(
+            "bench_gpu: no CUDA GPU here; run this on a GPU machine (python benchmarks/bench_gpu.py). "
+            "CPU figures come from benchmarks/bench_cpu.py."
+        )
         return 0
     backends = [b for b, ok in (("cuda", has_kernel("CUDA")), ("triton", has_triton())) if ok]
     if not backends:
@@ -131,10 +217,32 @@ def main() -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, backends: {', '.join(backends)}")
     ks = [int(k) for k in args.ks.split(",")]
+    record: list[dict] = []
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
-            print("\n".join(bench(shape, dtype, ks, backends)), flush=True)
+            print("\n".join(bench(shape, dtype, ks, backends, record)), flush=True)
             torch.cuda.empty_cache()
+    zo = []
+    if args.zo:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("bench_gpu: --zo skipped, transformers is not installed")
+        else:
+            for backend in backends:
+                row = zo_step_vs_forward(backend)
+                zo.append(row)
+                print(
+                    f"ZO step {backend}: {row['zo_step_ms']:.2f} ms vs two forward passes "
+                    f"{row['two_forward_ms']:.2f} ms ({row['ratio']:.2f}x), batch {row['batch']}x{row['seq']}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": record, "zo_step": zo},
+                f,
+                indent=1,
+            )
     return 0
 
 

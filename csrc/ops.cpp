@@ -11,7 +11,7 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fedkseed, m) {
   // x <- cast(float32(x) * decay[t] + sum_k alphas[k] * z(seeds[k], offsets[t] + j)) for every
-  // element j of every params[t] (spec section 7), K = seeds.numel() seeds in one pass.
+  // element j of every params[t] (docs/stream-spec.md#accumulation), K = seeds.numel() seeds in one pass.
   //   offsets: global offset of each tensor (int64, two's complement of uint64)
   //   decay:   one factor per tensor, or empty for no decay
   //   seeds:   int64 [K] (two's complement of uint64); alphas: float32 [K]; both on the

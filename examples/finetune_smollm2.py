@@ -45,19 +45,24 @@ def main() -> None:
     heldout_batch = data.encode(tokenizer, heldout, args.max_length)
 
     opt = fedkseed.ZOSGD(model, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, seed=args.seed)
-    print(f"{opt.params.numel:,} parameters in {len(opt.params)} tensors; "
-          f"backend {fedkseed.resolve_backend('auto', opt.params.device)}")
+    print(
+        f"{opt.params.numel:,} parameters in {len(opt.params)} tensors; "
+        f"backend {fedkseed.resolve_backend('auto', opt.params.device)}"
+    )
     with torch.inference_mode():
         print(f"held-out loss before: {data.lm_loss(model, heldout_batch).item():.4f}")
         recent: list[float] = []
         start = time.perf_counter()
         for step in range(1, args.steps + 1):
             batch = data.encode(tokenizer, rng.sample(train, args.batch_size), args.max_length)
-            recent.append(opt.step(lambda: data.lm_loss(model, batch)))
+            recent.append(opt.step(lambda batch=batch: data.lm_loss(model, batch)))
             if step % args.log_every == 0 or step == args.steps:
                 elapsed = time.perf_counter() - start
-                print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  "
-                      f"|g| {abs(opt.last.grad):.3f}  {elapsed / step:.2f} s/step", flush=True)
+                print(
+                    f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  "
+                    f"|g| {abs(opt.last.grad):.3f}  {elapsed / step:.2f} s/step",
+                    flush=True,
+                )
                 recent = []
         print(f"held-out loss after:  {data.lm_loss(model, heldout_batch).item():.4f}")
     if args.history:

@@ -1,18 +1,24 @@
 """fedkseed: fused, device-independent perturbations for seed-based zeroth-order fine-tuning
-(MeZO) and FedKSeed. The stream contract is shared/perturbation-stream.md."""
+(MeZO) and FedKSeed. The perturbation stream is specified in docs/stream-spec.md; the layers of
+the package are drawn in docs/architecture.md.
+
+This module is the public API of the layers up to ``zo``; the federated (``fedkseed.fed``),
+experiment (``fedkseed.experiment``) and Flower (``fedkseed.flower``) layers are imported by
+name, so ``import fedkseed`` stays free of them."""
 
 from . import reference, stream
 from .ops import BACKENDS, noise, perturb_, replay_, resolve_backend
-from .history import History
 from .paramset import ParamSet
-from .zo import ZOSGD, ZOStepResult, zo_step
+from .version import __version__
+from .zo import ZOSGD, History, ZOStepResult, zo_step
 
 __all__ = [
     "BACKENDS",
+    "ZOSGD",
     "History",
     "ParamSet",
-    "ZOSGD",
     "ZOStepResult",
+    "__version__",
     "noise",
     "perturb_",
     "reference",
@@ -21,4 +27,3 @@ __all__ = [
     "stream",
     "zo_step",
 ]
-__version__ = "0.1.0"

@@ -1,4 +1,8 @@
-"""The ``fedkseed`` command: ``simulate`` (a FedKSeed run) and ``apply`` (delta -> model)."""
+"""The ``fedkseed`` command: ``simulate`` (a FedKSeed run) and ``apply`` (delta -> model).
+
+The arguments are generated from the experiment's config dataclasses (field name, type,
+default, help and choices), so an option is defined once, in ``fedkseed.experiment.config``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ import argparse
 import dataclasses
 import logging
 import sys
+import types
+import typing
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .simulate import ENGINES, SimConfig, UsageError
+from .errors import UsageError
+from .experiment.config import ApplyConfig, SimConfig, choices_of, flag, protocol_defaults
 
-DEFAULTS = SimConfig()
+SIMULATE_DESCRIPTION = (
+    "Federated ZO fine-tuning (FedKSeed) of a causal LM, simulated on this machine. Writes "
+    "delta.fks, model/, losses.png, a resumable state.npz and, last, metrics.json to --output."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,46 +31,79 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _value_type(kind: Any) -> Any:
+    """The type an option parses its text with: ``X | None`` parses as X."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+    return kind
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One option per field of ``config_class``: bools are switches, fields without a default
+    are required, fields with choices accept only those, protocol-dependent fields say each
+    protocol's default."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        kind = _value_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag(f.name), action="store_true", help=help_text)
+            continue
+        options: dict[str, Any] = {"type": kind, "help": help_text}
+        per_protocol = protocol_defaults(f.name)
+        if f.default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options["default"] = f.default
+            if per_protocol is not None:
+                listed = ", ".join(f"{value} ({name})" for name, value in per_protocol.items())
+                options["help"] = f"{help_text} (default by --protocol: {listed})"
+            else:
+                options["help"] = f"{help_text} (default %(default)s)"
+        allowed = choices_of(f)
+        if allowed is not None:
+            options["choices"] = allowed
+        parser.add_argument(flag(f.name), **options)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedkseed", description=__doc__)
+    from . import data
+
+    parser = _Parser(prog="fedkseed", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    sim = commands.add_parser("simulate", help="run FedKSeed on one machine", description=(
-        "Federated ZO fine-tuning (FedKSeed) of a causal LM, simulated on this machine. Writes "
-        "metrics.json, delta.fks, model/, losses.png and a resumable state.npz to --output."))
-    d = DEFAULTS
-    sim.add_argument("--model", default=d.model, help="smollm2-135m, tiny or a local HF model folder (default %(default)s)")
-    sim.add_argument("--data", default=d.data, help="faq or a JSONL file (default %(default)s)")
-    sim.add_argument("--clients", type=int, default=d.clients, help="number of clients (default %(default)s)")
-    sim.add_argument("--clients-per-round", type=int, default=d.clients_per_round, help="default %(default)s")
-    sim.add_argument("--rounds", type=int, default=d.rounds, help="default %(default)s")
-    sim.add_argument("--local-steps", type=int, default=d.local_steps, help="ZO steps per client and round (default %(default)s)")
-    sim.add_argument("--k", type=int, default=d.k, help="candidate seeds (default %(default)s)")
-    sim.add_argument("--pro", action="store_true", help="FedKSeed-Pro seed probabilities")
-    sim.add_argument("--dist", choices=("gaussian", "rademacher"), default=d.dist, help="default %(default)s")
-    sim.add_argument("--lr", type=float, default=d.lr, help="default %(default)s")
-    sim.add_argument("--eps", type=float, default=d.eps, help="default %(default)s")
-    sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration over categories (default %(default)s)")
-    sim.add_argument("--holdout", type=int, default=d.holdout, help="categories held out for new-task Rouge-L (default %(default)s)")
-    sim.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    sim.add_argument("--engine", choices=ENGINES, default=d.engine, help="default %(default)s")
-    sim.add_argument("--output", default=d.output, help="output folder (default %(default)s)")
-    sim.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
-    sim.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    sim.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
-    sim.add_argument("--eval-examples", type=int, default=d.eval_examples, help="default %(default)s")
-    sim.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="Rouge-L generation length (default %(default)s)")
-    sim.add_argument("--precision", choices=("fp16", "fp32"), default=d.precision,
-                     help="how seed-table entries travel and are replayed (default %(default)s)")
-    sim.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "cuda"), default=d.backend,
-                     help="perturbation kernels (default %(default)s)")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    app = commands.add_parser("apply", help="rebuild a fine-tuned model from a base model and a delta file")
-    app.add_argument("--base", required=True, help="smollm2-135m, tiny or a local HF model folder")
-    app.add_argument("--delta", required=True, help="a delta.fks file written by simulate")
-    app.add_argument("--output", required=True, help="folder for the rebuilt model")
+    sim = commands.add_parser(
+        "simulate",
+        help="run FedKSeed on one machine",
+        description=SIMULATE_DESCRIPTION,
+        epilog="--data: " + data.DATA_FORMATS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(sim, SimConfig)
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")  # how to print, not what to run
+    app = commands.add_parser("apply", help=ApplyConfig.__doc__, description=ApplyConfig.__doc__)
+    add_config_arguments(app, ApplyConfig)
     return parser
+
+
+def final_line(final: dict[str, Any], output: str) -> str:
+    """The run's last line: eval loss and Rouge-L before -> after, each with its n."""
+    parts = [f"eval loss {final['eval_loss_before']:.4f} -> {final['eval_loss_after']:.4f} (n={final['eval_examples']})"]
+    before, after = final.get("rouge_l_before"), final.get("rouge_l_after")
+    if before and after:
+        scorer = next(iter(after))
+        a, b = before[scorer], after[scorer]
+        parts.append(
+            f"Rouge-L ({scorer}) {a['mean']:.1f} -> {b['mean']:.1f} "
+            f"[95% CI {b['low']:.1f}, {b['high']:.1f}] (n={b['n']})"
+        )
+    else:
+        parts.append("Rouge-L not scored (no held-out examples or --rouge-examples 0)")
+    return "; ".join(parts) + f"; outputs in {output}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,18 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_transformers()
     try:
         if args.command == "simulate":
-            from .simulate import simulate
+            from .experiment.run import simulate
 
-            fields = {f.name for f in dataclasses.fields(SimConfig)}
-            config = SimConfig(**{k: v for k, v in vars(args).items() if k in fields})
+            config = config_from_args(SimConfig, args)
             results = simulate(config, progress=not args.quiet)
-            final = results.final
-            print(f"eval loss {final['eval_loss_before']:.4f} -> {final['eval_loss_after']:.4f}; "
-                  f"outputs in {config.output}")
+            print(final_line(results.final, config.output))
         else:
-            from .simulate import apply_delta
+            from .experiment.apply import apply_delta
 
-            print(f"model written to {apply_delta(args.base, args.delta, args.output)}")
+            target = config_from_args(ApplyConfig, args)
+            written = apply_delta(target.base, target.delta, target.output, dtype=target.dtype, overwrite=target.overwrite)
+            print(f"model written to {written}")
     except UsageError as error:
         print(f"fedkseed {args.command}: error: {error}", file=sys.stderr)
         return 2

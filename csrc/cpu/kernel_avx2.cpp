@@ -57,6 +57,7 @@ struct Avx2 {
   static F greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static F blend(F mask, F when_clear, F when_set) { return _mm256_blendv_ps(when_clear, when_set, mask); }
   static F add_where(F mask, F a, F b) { return blend(mask, a, add(a, b)); }
+  static F is_nan(F y) { return _mm256_cmp_ps(y, y, _CMP_UNORD_Q); }
   static F nonfinite(F y) {
     const I exponent = iset1(0x7F800000u);
     return as_f(_mm256_cmpeq_epi32(iand(as_i(y), exponent), exponent));
@@ -109,7 +110,9 @@ struct Avx2 {
       const I b = _mm256_castps_si256(y);
       const I lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), iset1(1));
       I r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, iset1(0x7FFF)), lsb), 16);
-      r = _mm256_blendv_epi8(r, iset1(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+      // NaN: sign and top payload bits, quieted (fedkseed/dtypes.h).
+      const I nan = _mm256_or_si256(_mm256_srli_epi32(b, 16), iset1(0x0040));
+      r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(is_nan(y)));
       // Pack the 32-bit lanes (all <= 0xFFFF) to 16 bits; packus works per 128-bit half.
       const I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));

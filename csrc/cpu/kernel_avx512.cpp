@@ -60,6 +60,7 @@ struct Avx512 {
   static __mmask16 greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static F blend(__mmask16 mask, F when_clear, F when_set) { return _mm512_mask_blend_ps(mask, when_clear, when_set); }
   static F add_where(__mmask16 mask, F a, F b) { return _mm512_mask_add_ps(a, mask, a, b); }
+  static __mmask16 is_nan(F y) { return _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q); }
   static __mmask16 nonfinite(F y) {
     const I exponent = iset1(0x7F800000u);
     return _mm512_cmpeq_epi32_mask(iand(as_i(y), exponent), exponent);
@@ -109,11 +110,12 @@ struct Avx512 {
     if constexpr (D == DType::kFloat32) {
       _mm512_storeu_ps(p, y);
     } else if constexpr (D == DType::kBFloat16) {
-      // Round to nearest even by adding 0x7FFF + lsb; NaN becomes 0xFFFF (as torch's .to()).
+      // Round to nearest even by adding 0x7FFF + lsb; a NaN keeps its sign and top payload bits,
+      // quieted (fedkseed/dtypes.h).
       const I b = _mm512_castps_si512(y);
       const I lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), iset1(1));
       I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, iset1(0x7FFF)), lsb), 16);
-      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), iset1(0xFFFF));
+      r = _mm512_mask_mov_epi32(r, is_nan(y), _mm512_or_si512(_mm512_srli_epi32(b, 16), iset1(0x0040)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
     } else {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),

@@ -93,7 +93,7 @@ struct Kernel {
     for (int64_t k = 0; k < job.num_seeds; ++k) {
       const uint32_t* words = tile + (k * B + lane) * 4;
       const F a = V::set1(job.alphas[k]), na = V::set1(job.neg_alphas[k]);
-      // a * (+-1) is exactly +-a, so picking the sign is the multiply of spec section 7.
+      // a * (+-1) is exactly +-a, so picking the sign is the multiply of docs/stream-spec.md#accumulation.
       for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::pick(na, a, rademacher_bits(words, gs, v)));
     }
   }
@@ -134,9 +134,9 @@ struct Kernel {
     }
     const F d = V::set1(c.decay);
     for (int v = 0; v < NV; ++v) {
-      F x = V::template load<D>(p + v * L);
-      if (c.apply_decay) x = V::mul(x, d);
-      F y = V::add(x, acc[v]);
+      const F x = V::template load<D>(p + v * L);
+      F y = V::add(c.apply_decay ? V::mul(x, d) : x, acc[v]);
+      y = V::settle_nan(y, x);
       if (sr) y = V::template stochastic_round<D>(y, words[v]);
       V::template store<D>(p + v * L, y);
     }

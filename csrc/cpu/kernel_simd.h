@@ -13,7 +13,7 @@
 //            mulhilo (32x32 -> 64 bits per lane), xor3 (a ^ b ^ c) and xor_and (a ^ (b & c)),
 //            one ternary-logic op where P has it
 //   masks (P's own type): bit_set(v, b) (lanes whose bit b is set), greater(a, b), nonfinite(y)
-//            (lanes holding an infinity or NaN), blend(mask, when_clear, when_set),
+//            (lanes holding an infinity or NaN), is_nan(y), blend(mask, when_clear, when_set),
 //            add_where(mask, a, b) (a + b in the mask's lanes, a elsewhere)
 //   interleave_ps, the ISA's own 4 x L transpose.
 // Every float operation is a separately rounded vector add/mul/sub in the order of stream.h
@@ -207,6 +207,14 @@ struct Simd : P {
       cos_out[i] = P::as_f(P::xor_and(cos_v, q_plus_1, sign));
       sin_out[i] = P::as_f(P::xor_and(sin_v, q, sign));
     }
+  }
+
+  // convert::settle_nan, lane-wise: a NaN update result is x quieted when x is NaN, else the
+  // default NaN, whatever NaN the hardware produced.
+  static F settle_nan(F y, F x) {
+    const F from_x = P::as_f(ior(P::as_i(x), iset1(fedkseed::convert::kF32QuietBit)));
+    const F nan = P::blend(P::is_nan(x), P::as_f(iset1(fedkseed::convert::kF32DefaultNaN)), from_x);
+    return P::blend(P::is_nan(y), y, nan);
   }
 
   // stream::stochastic_round_bf16 / _fp16, lane-wise; infinities and NaN pass through.

@@ -2,13 +2,14 @@
 //
 // One call walks every tensor: the concatenated index space is cut into chunks (pieces of one
 // tensor, aligned to kChunk in global index so no Philox block or SIMD group is split twice) and
-// OpenMP hands the chunks out, so small tensors never serialise. The kernel body runs in the
-// widest instruction set this CPU has, chosen at run time; FEDKSEED_CPU_ISA=scalar|avx2|avx512
-// caps it (tests force each path). Every path gives the same bits as fedkseed/reference.py.
+// torch's thread pool runs them, so small tensors never serialise. The kernel body runs in the
+// widest instruction set this CPU has, chosen once; FEDKSEED_CPU_ISA=scalar|avx2|avx512 (read
+// once) caps it and fedkseed::set_cpu_isa switches it (tests force each path). Every path gives the same bits as fedkseed/reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -54,24 +55,33 @@ const char* isa_name(Isa isa) {
   }
 }
 
-// The path to run: the best the CPU supports, capped by FEDKSEED_CPU_ISA (read on every call so
-// a process can switch paths).
-Isa active_isa() {
-  static const Isa best = detect_isa();
-  const char* env = std::getenv("FEDKSEED_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  Isa want;
-  if (std::strcmp(env, "scalar") == 0) {
-    want = Isa::kScalar;
-  } else if (std::strcmp(env, "avx2") == 0) {
-    want = Isa::kAvx2;
-  } else if (std::strcmp(env, "avx512") == 0) {
-    want = Isa::kAvx512;
-  } else {
-    TORCH_CHECK(false, "FEDKSEED_CPU_ISA must be scalar, avx2 or avx512, got '", env, "'");
-  }
-  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+Isa parse_isa(const char* name, const char* what) {
+  if (std::strcmp(name, "scalar") == 0) return Isa::kScalar;
+  if (std::strcmp(name, "avx2") == 0) return Isa::kAvx2;
+  if (std::strcmp(name, "avx512") == 0) return Isa::kAvx512;
+  TORCH_CHECK(false, what, " must be scalar, avx2 or avx512, got '", name, "'");
 }
+
+Isa capped(Isa want, Isa best) { return static_cast<int>(want) < static_cast<int>(best) ? want : best; }
+
+Isa best_isa() {
+  static const Isa best = detect_isa();
+  return best;
+}
+
+// The path to run: the best the CPU supports, capped by FEDKSEED_CPU_ISA, both read once (a
+// function-local static: thread-safe, and retried if a bad FEDKSEED_CPU_ISA made it throw).
+// set_cpu_isa() changes it afterwards (tests force each path in one process).
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{[] {
+    const char* env = std::getenv("FEDKSEED_CPU_ISA");
+    const Isa want = env == nullptr || *env == '\0' ? best_isa() : parse_isa(env, "FEDKSEED_CPU_ISA");
+    return static_cast<int>(capped(want, best_isa()));
+  }()};
+  return slot;
+}
+
+Isa active_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
 
 using ChunkFn = void (*)(const Job&, const Chunk&, uint32_t*);
 
@@ -125,18 +135,17 @@ at::Tensor host_seeds(const at::Tensor& seeds, const char* what) {
   return seeds.contiguous();
 }
 
+// Chunks go to torch's intra-op thread pool (at::parallel_for: the runtime and thread count
+// torch itself uses, never a second OpenMP runtime). A chunk's result does not depend on the
+// thread that runs it, so the bits are the same for any thread count.
 void run(const Job& job, const std::vector<Chunk>& chunks) {
   const Isa isa = active_isa();
   const ChunkFn fn = chunk_fn(isa);
   const int64_t words = scratch_words(isa, job);
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int threads = at::get_num_threads();
-#pragma omp parallel num_threads(threads) if (threads > 1 && n > 1)
-  {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> scratch(static_cast<size_t>(words));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) fn(job, chunks[i], scratch.data());
-  }
+    for (int64_t i = begin; i < end; ++i) fn(job, chunks[i], scratch.data());
+  });
 }
 
 void replay_cpu(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> decay,
@@ -218,6 +227,12 @@ void noise_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t offset, in
 
 std::string cpu_isa() { return isa_name(active_isa()); }
 
+// Use `name` (capped to what the CPU supports) from now on; returns the path now in use.
+std::string set_cpu_isa(const std::string& name) {
+  isa_slot().store(static_cast<int>(capped(parse_isa(name.c_str(), "isa"), best_isa())));
+  return cpu_isa();
+}
+
 }  // namespace
 
 int64_t scratch_words(Isa isa, const Job& job) {
@@ -230,7 +245,11 @@ int64_t scratch_words(Isa isa, const Job& job) {
 }  // namespace fedkseed
 
 // A diagnostic: which instruction set the CPU kernels use now ("scalar", "avx2", "avx512").
-TORCH_LIBRARY_FRAGMENT(fedkseed, m) { m.def("cpu_isa() -> str", &fedkseed::cpu::cpu_isa); }
+// set_cpu_isa(name) switches path in a running process (tests and benchmarks compare them).
+TORCH_LIBRARY_FRAGMENT(fedkseed, m) {
+  m.def("cpu_isa() -> str", &fedkseed::cpu::cpu_isa);
+  m.def("set_cpu_isa(str name) -> str", &fedkseed::cpu::set_cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(fedkseed, CPU, m) {
   m.impl("replay_", &fedkseed::cpu::replay_cpu);

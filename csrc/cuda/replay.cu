@@ -3,10 +3,15 @@
 // -fmad=false; the core's float ops are __fadd_rn/__fmul_rn/__fsqrt_rn on the device anyway).
 //
 // Work split. A thread's unit is 8 consecutive GLOBAL indices starting at a multiple of 8: two
-// whole Gaussian Philox blocks (each Box-Muller pair shares its logarithm and square root), one
-// Philox call for 8 Rademacher signs, and one 16-byte vector of bfloat16/float16 (two of
+// whole Gaussian Philox blocks (each Box-Muller pair shares its logarithm and square root through
+// stream::gaussian_pair_from_words), and one 16-byte vector of bfloat16/float16 (two of
 // float32). Tensor t owns the units that overlap [offset[t], offset[t] + numel[t]); a unit
-// straddling two tensors is handled once per tensor, each masking the other's elements. When a
+// straddling two tensors is handled once per tensor, each masking the other's elements.
+// Rademacher: a Philox block holds 128 signs, the units of 16 threads. Each tensor's units are
+// padded to whole blocks (padding units mask every element), so the 16 threads of each aligned
+// half-warp share one block; for 16 seeds at a time, thread r of the half-warp computes the block
+// of seed r into shared memory and all 16 read their 8 bits from it: one Philox call per 128
+// signs, as on the CPU and in Triton. When a
 // tensor's offset is a multiple of 8 and its storage 16-byte aligned, every whole unit is an
 // aligned vector load/store; the rest (head, tail, odd offsets) goes element by element.
 //
@@ -20,7 +25,8 @@
 //
 // Seeds. The K (seed, alpha) pairs are read from device tensors (no host synchronisation) into
 // shared memory in chunks of kSeedChunk; each thread loops over them with its 8 accumulators in
-// registers, summing in order k = 0..K-1 as spec section 7 requires.
+// registers, summing in order k = 0..K-1 (docs/stream-spec.md#accumulation). The float32 result
+// then goes through the shared conversion rule of fedkseed/dtypes.h (docs/stream-spec.md#conversion).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,6 +35,9 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <atomic>
+
+#include <fedkseed/dtypes.h>
 #include <fedkseed/stream.h>
 
 namespace fedkseed {
@@ -36,11 +45,15 @@ namespace cuda {
 namespace {
 
 namespace S = fedkseed::stream;
+namespace C = fedkseed::convert;
 
 constexpr int kUnit = 8;
 constexpr int kUnitShift = 3;
 constexpr int kThreads = 256;
 constexpr int kSeedChunk = 1024;  // 12 KiB of shared memory
+constexpr int kSignGroup = 16;    // threads (units) per Rademacher block: 128 signs / kUnit
+constexpr int kSignGroupShift = 4;
+static_assert(kSignGroup * kUnit == (1 << S::kRademacherBlockShift), "a sign group is one Philox block");
 #if CUDART_VERSION >= 12010
 constexpr int kMaxTensors = 720;
 constexpr size_t kParamLimit = 32764;
@@ -49,7 +62,7 @@ constexpr int kMaxTensors = 96;
 constexpr size_t kParamLimit = 4096;
 #endif
 
-enum Dtype : uint8_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+using fedkseed::DType;  // the one dtype table (fedkseed/dtypes.h)
 
 struct Table {
   uint64_t units;                       // units of this launch
@@ -64,57 +77,57 @@ struct Table {
 };
 static_assert(sizeof(Table) <= kParamLimit, "kernel parameter table exceeds the launch limit");
 
-// --------------------------------------------------------------------------------------------
-// Float conversions with the reference's rounding (round to nearest even; NaN -> 0x7FC0 for
-// bfloat16, as torch's CPU conversion does).
-__device__ __forceinline__ float bf16_to_float(uint16_t h) {
-  return __uint_as_float(static_cast<uint32_t>(h) << 16);
-}
-__device__ __forceinline__ uint16_t float_to_bf16(float y) {
-  const uint32_t bits = __float_as_uint(y);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-__device__ __forceinline__ float fp16_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-__device__ __forceinline__ uint16_t float_to_fp16(float y) { return __half_as_ushort(__float2half_rn(y)); }
-
-// z(seed, g0 + e) for e < 8, g0 a multiple of 8.
+// First unit of a tensor at global offset `offset`: Rademacher units start on a block boundary.
 template <uint32_t kTag>
-__device__ __forceinline__ void noise_unit(uint64_t seed, uint64_t g0, float z[kUnit]) {
-  if (kTag == S::kTagGaussian) {
+__host__ __device__ __forceinline__ uint64_t first_unit(uint64_t offset) {
+  return kTag == S::kTagRademacher ? (offset >> S::kRademacherBlockShift) << kSignGroupShift : offset >> kUnitShift;
+}
+
+// Units of a tensor: its 8-element units, padded to whole Rademacher blocks for Rademacher.
+template <uint32_t kTag>
+__host__ __device__ __forceinline__ uint64_t unit_count(uint64_t offset, uint64_t numel) {
+  const uint64_t last = offset + numel - 1;
+  const uint64_t end = kTag == S::kTagRademacher ? ((last >> S::kRademacherBlockShift) + 1) << kSignGroupShift
+                                                 : (last >> kUnitShift) + 1;
+  return end - first_unit<kTag>(offset);
+}
+
+// z(seed, g0 + e) for e < 8, g0 a multiple of 8 (Gaussian: two whole Philox blocks).
+__device__ __forceinline__ void gaussian_unit(uint64_t seed, uint64_t g0, float z[kUnit]) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const S::Words w = S::philox(seed, (g0 >> S::kGaussianBlockShift) + h, S::kTagGaussian);
-      // The inlined pairs share their log/sqrt through common-subexpression elimination.
-      z[4 * h + 0] = S::gaussian_from_words(w.w[0], w.w[1], 0);
-      z[4 * h + 1] = S::gaussian_from_words(w.w[0], w.w[1], 1);
-      z[4 * h + 2] = S::gaussian_from_words(w.w[2], w.w[3], 0);
-      z[4 * h + 3] = S::gaussian_from_words(w.w[2], w.w[3], 1);
-    }
-  } else {
-    const S::Words w = S::philox(seed, g0 >> S::kRademacherBlockShift, S::kTagRademacher);
-    const uint32_t first = static_cast<uint32_t>(g0 & 127u);
-#pragma unroll
-    for (int e = 0; e < kUnit; ++e) z[e] = S::rademacher_from_words(w, first + e);
+  for (int h = 0; h < 2; ++h) {
+    const S::Words w = S::philox(seed, (g0 >> S::kGaussianBlockShift) + h, S::kTagGaussian);
+    const S::Pair a = S::gaussian_pair_from_words(w.w[0], w.w[1]);
+    const S::Pair b = S::gaussian_pair_from_words(w.w[2], w.w[3]);
+    z[4 * h + 0] = a.even;
+    z[4 * h + 1] = a.odd;
+    z[4 * h + 2] = b.even;
+    z[4 * h + 3] = b.odd;
   }
 }
 
-__device__ __forceinline__ float load_element(const void* base, uint64_t j, uint8_t dtype) {
-  if (dtype == kFloat32) return static_cast<const float*>(base)[j];
-  const uint16_t h = static_cast<const uint16_t*>(base)[j];
-  return dtype == kBFloat16 ? bf16_to_float(h) : fp16_to_float(h);
+__device__ __forceinline__ float from_storage(uint16_t h, DType dtype) {
+  return dtype == DType::kBFloat16 ? C::bf16_to_f32(h) : C::f16_to_f32(h);
+}
+__device__ __forceinline__ uint16_t to_storage(float y, DType dtype) {
+  return dtype == DType::kBFloat16 ? C::f32_to_bf16(y) : C::f32_to_f16(y);
 }
 
-__device__ __forceinline__ void store_element(void* base, uint64_t j, uint8_t dtype, float y) {
-  if (dtype == kFloat32) {
+__device__ __forceinline__ float load_element(const void* base, uint64_t j, DType dtype) {
+  if (dtype == DType::kFloat32) return static_cast<const float*>(base)[j];
+  return from_storage(static_cast<const uint16_t*>(base)[j], dtype);
+}
+
+__device__ __forceinline__ void store_element(void* base, uint64_t j, DType dtype, float y) {
+  if (dtype == DType::kFloat32) {
     static_cast<float*>(base)[j] = y;
   } else {
-    static_cast<uint16_t*>(base)[j] = dtype == kBFloat16 ? float_to_bf16(y) : float_to_fp16(y);
+    static_cast<uint16_t*>(base)[j] = to_storage(y, dtype);
   }
 }
 
-__device__ __forceinline__ void load_vector(const void* base, uint64_t j, uint8_t dtype, float x[kUnit]) {
-  if (dtype == kFloat32) {
+__device__ __forceinline__ void load_vector(const void* base, uint64_t j, DType dtype, float x[kUnit]) {
+  if (dtype == DType::kFloat32) {
     const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + j);
     const float4 a = p[0], b = p[1];
     x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
@@ -125,13 +138,13 @@ __device__ __forceinline__ void load_vector(const void* base, uint64_t j, uint8_
 #pragma unroll
     for (int e = 0; e < kUnit; ++e) {
       const uint16_t h = static_cast<uint16_t>(words[e >> 1] >> (16 * (e & 1)));
-      x[e] = dtype == kBFloat16 ? bf16_to_float(h) : fp16_to_float(h);
+      x[e] = from_storage(h, dtype);
     }
   }
 }
 
-__device__ __forceinline__ void store_vector(void* base, uint64_t j, uint8_t dtype, const float y[kUnit]) {
-  if (dtype == kFloat32) {
+__device__ __forceinline__ void store_vector(void* base, uint64_t j, DType dtype, const float y[kUnit]) {
+  if (dtype == DType::kFloat32) {
     float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + j);
     p[0] = make_float4(y[0], y[1], y[2], y[3]);
     p[1] = make_float4(y[4], y[5], y[6], y[7]);
@@ -140,8 +153,8 @@ __device__ __forceinline__ void store_vector(void* base, uint64_t j, uint8_t dty
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const float lo = y[2 * q], hi = y[2 * q + 1];
-      const uint32_t a = dtype == kBFloat16 ? float_to_bf16(lo) : float_to_fp16(lo);
-      const uint32_t b = dtype == kBFloat16 ? float_to_bf16(hi) : float_to_fp16(hi);
+      const uint32_t a = to_storage(lo, dtype);
+      const uint32_t b = to_storage(hi, dtype);
       words[q] = a | (b << 16);
     }
     *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + j) =
@@ -166,6 +179,8 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
     const float* __restrict__ alphas, int64_t k_total, const int64_t* __restrict__ rounding_seed) {
   __shared__ uint64_t s_seed[kSeedChunk];
   __shared__ float s_alpha[kSeedChunk];
+  // Rademacher: per half-warp, the 4 words of its block for up to kSignGroup seeds.
+  __shared__ uint32_t s_words[kThreads / kSignGroup][kSignGroup][4];
   const int64_t chunks = kNoise ? 1 : (k_total + kSeedChunk - 1) / kSeedChunk;
   auto load_chunk = [&](int64_t c) {
     const int64_t first = c * kSeedChunk;
@@ -189,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
     const int t = active ? find_tensor(table, w) : 0;
     const uint64_t offset = table.offset[t], numel = table.numel[t];
     const uint64_t unit_begin = t == 0 ? 0 : table.unit_end[t - 1];
-    const uint64_t g0 = ((offset >> kUnitShift) + (w - unit_begin)) << kUnitShift;
+    const uint64_t g0 = (first_unit<kTag>(offset) + (w - unit_begin)) << kUnitShift;
     float acc[kUnit];
 #pragma unroll
     for (int e = 0; e < kUnit; ++e) acc[e] = 0.0f;
@@ -200,21 +215,48 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
         __syncthreads();
       }
       const int n = kNoise ? 1 : static_cast<int>(min(static_cast<int64_t>(kSeedChunk), k_total - c * kSeedChunk));
-      if (!active) continue;
-      for (int k = 0; k < n; ++k) {
-        float z[kUnit];
-        noise_unit<kTag>(s_seed[k], g0, z);
-        const float alpha = s_alpha[k];
+      if (kTag == S::kTagGaussian) {
+        if (!active) continue;
+        for (int k = 0; k < n; ++k) {
+          float z[kUnit];
+          gaussian_unit(s_seed[k], g0, z);
+          const float alpha = s_alpha[k];
 #pragma unroll
-        for (int e = 0; e < kUnit; ++e) {
-          acc[e] = kNoise ? z[e] : S::fks_add(acc[e], S::fks_mul(alpha, z[e]));
+          for (int e = 0; e < kUnit; ++e) {
+            acc[e] = kNoise ? z[e] : S::fks_add(acc[e], S::fks_mul(alpha, z[e]));
+          }
+        }
+      } else {
+        // Every lane takes part (whole half-warps are active or padding alike, since units come
+        // in whole blocks; the warp barriers need all 32 lanes). alpha * (+-1) is exactly +-alpha.
+        const int group = threadIdx.x >> kSignGroupShift, r = threadIdx.x & (kSignGroup - 1);
+        const uint64_t block = g0 >> S::kRademacherBlockShift;
+        const uint32_t word = static_cast<uint32_t>(g0 & 127u) >> 5, shift = static_cast<uint32_t>(g0 & 31u);
+        for (int k0 = 0; k0 < n; k0 += kSignGroup) {
+          const int m = min(kSignGroup, n - k0);
+          if (r < m) {
+            const S::Words w4 = S::philox(s_seed[k0 + r], block, S::kTagRademacher);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) s_words[group][r][q] = w4.w[q];
+          }
+          __syncwarp();
+          for (int j = 0; j < m; ++j) {
+            const uint32_t bits = s_words[group][j][word] >> shift;
+            const float alpha = s_alpha[k0 + j];
+#pragma unroll
+            for (int e = 0; e < kUnit; ++e) {
+              const bool plus = (bits >> e) & 1u;
+              acc[e] = kNoise ? (plus ? 1.0f : -1.0f) : S::fks_add(acc[e], plus ? alpha : -alpha);
+            }
+          }
+          __syncwarp();
         }
       }
     }
     if (!active) continue;
 
     void* data = table.ptr[t];
-    const uint8_t dtype = table.dtype[t];
+    const DType dtype = static_cast<DType>(table.dtype[t]);
     const uint64_t j0 = g0 - offset;  // wraps below the tensor: then the element mask applies
     const bool whole = g0 >= offset && j0 + kUnit <= numel;
     float y[kUnit];
@@ -233,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
       }
       const float d = table.decay[t];
       uint32_t words[kUnit];
-      if (rounding && dtype != kFloat32) {
+      if (rounding && dtype != DType::kFloat32) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const S::Words r = S::philox(round_seed, (g0 >> S::kRoundingBlockShift) + h, S::kTagRounding);
@@ -243,11 +285,11 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
       }
 #pragma unroll
       for (int e = 0; e < kUnit; ++e) {
-        float v = y[e];
-        if (d != 1.0f) v = S::fks_mul(v, d);
-        v = S::fks_add(v, acc[e]);
-        if (rounding && dtype == kBFloat16) v = S::stochastic_round_bf16(v, words[e]);
-        if (rounding && dtype == kFloat16) v = S::stochastic_round_fp16(v, words[e]);
+        const float x = y[e];
+        float v = S::fks_add(d != 1.0f ? S::fks_mul(x, d) : x, acc[e]);
+        v = C::settle_nan(v, x);
+        if (rounding && dtype == DType::kBFloat16) v = S::stochastic_round_bf16(v, words[e]);
+        if (rounding && dtype == DType::kFloat16) v = S::stochastic_round_fp16(v, words[e]);
         y[e] = v;
       }
     }
@@ -269,31 +311,32 @@ struct Entry {
   void* ptr;
   uint64_t offset, numel;
   float decay;
-  Dtype dtype;
+  DType dtype;
 };
 
-Dtype dtype_code(const at::Tensor& t) {
+DType dtype_code(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return kFloat32;
-    case at::kBFloat16: return kBFloat16;
-    case at::kHalf: return kFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
     default: TORCH_CHECK(false, "fedkseed: params must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
-uint64_t units_of(const Entry& e) {
-  return ((e.offset + e.numel - 1) >> kUnitShift) - (e.offset >> kUnitShift) + 1;
-}
-
-// Blocks to fill the device once (grid-stride beyond that), cached per device.
+// Blocks to fill the device once (grid-stride beyond that), cached per device. The cache is
+// atomic: concurrent first calls may both query the device, and both store the same value.
 int grid_limit(int device) {
-  static int cache[64] = {0};
-  if (device < 64 && cache[device] > 0) return cache[device];
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached] = {};
+  if (device >= 0 && device < kCached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int sms = 0, threads_per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
   const int blocks = sms * std::max(1, threads_per_sm / kThreads);
-  if (device < 64) cache[device] = blocks;
+  if (device >= 0 && device < kCached) cache[device].store(blocks, std::memory_order_relaxed);
   return blocks;
 }
 
@@ -309,13 +352,14 @@ void launch(const std::vector<Entry>& entries, int64_t tag, const int64_t* seeds
     for (size_t i = start; i < end; ++i) {
       const Entry& e = entries[i];
       const int t = static_cast<int>(i - start);
-      units += units_of(e);
+      units += tag == S::kTagGaussian ? unit_count<S::kTagGaussian>(e.offset, e.numel)
+                                      : unit_count<S::kTagRademacher>(e.offset, e.numel);
       table.ptr[t] = e.ptr;
       table.offset[t] = e.offset;
       table.numel[t] = e.numel;
       table.unit_end[t] = units;
       table.decay[t] = e.decay;
-      table.dtype[t] = e.dtype;
+      table.dtype[t] = static_cast<uint8_t>(e.dtype);
       table.vector_ok[t] = (e.offset % kUnit == 0) && (reinterpret_cast<uintptr_t>(e.ptr) % 16 == 0);
     }
     table.count = static_cast<int>(end - start);
@@ -365,7 +409,7 @@ void replay_cuda(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<do
     const at::Tensor& p = params[t];
     TORCH_CHECK(p.device() == device, "fedkseed: params[", t, "] is on ", p.device(), ", not ", device);
     TORCH_CHECK(p.is_contiguous(), "fedkseed: params[", t, "] is not contiguous");
-    const Dtype code = dtype_code(p);
+    const DType code = dtype_code(p);
     if (p.numel() == 0) continue;
     entries.push_back(Entry{p.data_ptr(), static_cast<uint64_t>(offsets[t]), static_cast<uint64_t>(p.numel()),
                             decay.empty() ? 1.0f : static_cast<float>(decay[t]), code});
@@ -384,7 +428,7 @@ void noise_cuda(at::Tensor out, const at::Tensor& seed, int64_t offset, int64_t 
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const std::vector<Entry> entries{
-      Entry{out.data_ptr(), static_cast<uint64_t>(offset), static_cast<uint64_t>(out.numel()), 1.0f, kFloat32}};
+      Entry{out.data_ptr(), static_cast<uint64_t>(offset), static_cast<uint64_t>(out.numel()), 1.0f, DType::kFloat32}};
   launch<true>(entries, dist, seed.data_ptr<int64_t>(), nullptr, 1, nullptr, out.device().index());
 }
 

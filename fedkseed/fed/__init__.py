@@ -1,10 +1,11 @@
 """FedKSeed (Qin et al., ICML 2024): federated full-parameter ZO fine-tuning with K seeds.
 
-Transport-free building blocks; an engine (``fedkseed.simulate``'s local loop, or a Flower app)
+Transport-free building blocks; an engine (``fedkseed.experiment``'s local engine, or a Flower app)
 moves the bytes. Every method takes and returns bytes or plain objects.
 
 ``FedSpec(num_clients, clients_per_round, k, local_steps, lr, eps, dist, batch_size, pro,
-precision, seed)``: the settings all parties share (send ``spec.to_dict()`` at setup).
+precision, seed, aggregate, clip, weighting)``: the settings all parties share (send
+``spec.to_dict()`` at setup).
 
 ``SeedPool(pool_seed, k)``: the K candidate seeds (``seeds``, ``seed_tensor``) and
 FedKSeed-Pro's statistics (``record``, ``importance``, ``probabilities``).
@@ -22,26 +23,38 @@ float32(-lr) * table[k]): every party holds bit-identical weights.
     ok = server.receive(upload_bytes)           # False when rejected (reason logged on the
                                                 # "fedkseed.fed" logger and in the summary)
     summary = server.end_round()                # RoundSummary: accepted, rejected, bytes,
-                                                # train_loss, weights
+                                                # train_loss, weights, rms, bound, clipped
     server.table                                # float32[K]: what everyone replays
     server.delta(fingerprint) -> bytes          # the delta file (``apply`` rebuilds from it)
     server.state_dict() / load_state_dict()     # between rounds, for resuming
 
 ``Client(client_id, spec, replica, data, loss)``: ``upload = client.train(download)`` (or
-``client.catch_up(download)`` alone to sync without training). Clients that fail simply send
-nothing; the server aggregates the others.
+``client.catch_up(download)`` alone to sync without training; ``train(download, attack=kind)``
+simulates a Byzantine client). Clients that fail simply send nothing; the server aggregates
+the others.
+
+Bounded influence (``robust``): each upload's norm is bounded (``FedSpec.clip``), the per-seed
+rule is ``FedSpec.aggregate``, the table stays finite. Attack simulation: ``attacks``
+(``ATTACKS``, ``byzantine_clients``, ``attack``).
 
 Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).
 """
 
+from .attacks import ATTACKS, attack, byzantine_clients
 from .client import Client
 from .replica import Replica, canonical_alphas
+from .robust import AGGREGATES, CLIP_FACTOR, TRIM_FRACTION, parse_clip
 from .seedpool import SeedPool, draw_schedule, sample_clients
 from .server import RoundSummary, Server
-from .spec import FedSpec
+from .spec import WEIGHTINGS, FedSpec
 from .wire import WireError
 
 __all__ = [
+    "AGGREGATES",
+    "ATTACKS",
+    "CLIP_FACTOR",
+    "TRIM_FRACTION",
+    "WEIGHTINGS",
     "Client",
     "FedSpec",
     "Replica",
@@ -49,7 +62,10 @@ __all__ = [
     "SeedPool",
     "Server",
     "WireError",
+    "attack",
+    "byzantine_clients",
     "canonical_alphas",
     "draw_schedule",
+    "parse_clip",
     "sample_clients",
 ]

@@ -10,6 +10,7 @@ import torch
 
 from ..zo import zo_step
 from . import wire
+from .attacks import attack as corrupt
 from .replica import Replica
 from .seedpool import draw_rows, draw_schedule
 from .spec import FedSpec
@@ -32,7 +33,9 @@ class Client:
     construction, so it holds the server's bits), then runs ``spec.local_steps`` ZO steps on
     batches of its own examples. Seeds come from the download's schedule (FedKSeed-Pro) or are
     drawn uniformly from (seed, round, client id); batches from (seed, round, client id, step).
-    The upload carries, per seed used, the sum of the step gradients g (skipped steps add 0).
+    The upload carries, per seed used, the sum of the step gradients g (skipped steps add 0);
+    under FedKSeed-Pro every step's g in schedule order (``wire.StepUpload``), since each step
+    enters its seed's history on the server.
     ``data`` is an encoded data set (``fedkseed.data.encode``), ``loss(model, batch)`` a scalar.
     """
 
@@ -55,33 +58,35 @@ class Client:
 
     def catch_up(self, download: bytes) -> wire.Download:
         """Merge a download into the local table and build the global model from it."""
-        d = wire.decode_download(download)
-        if d.k != self.spec.k:
-            raise wire.WireError(f"download has K = {d.k}, the run has K = {self.spec.k}")
+        d = wire.decode_download(download, self.spec.k)
         if d.since > self.synced:
             raise wire.WireError(f"download is relative to round {d.since}, this client holds round {self.synced}")
         if d.round <= self.synced:
             raise wire.WireError(f"download for round {d.round} is stale: this client holds round {self.synced}")
         if self.spec.pro and len(d.schedule) != self.spec.local_steps:
-            raise wire.WireError(f"FedKSeed-Pro download carries {len(d.schedule)} seeds, expected {self.spec.local_steps}")
+            raise wire.WireError(
+                f"FedKSeed-Pro download carries {len(d.schedule)} seeds, expected {self.spec.local_steps}"
+            )
         self.table[d.indices] = d.values
         self.synced = d.round - 1
         self.replica.build(self.table)
         return d
 
-    def train(self, download: bytes) -> bytes:
+    def train(self, download: bytes, attack: str | None = None) -> bytes:
+        """Catch up, run the local steps, return the encoded upload. ``attack`` (one of
+        ``attacks.ATTACKS``) simulates a Byzantine client: the honest upload's values are
+        rewritten (``attacks.attack``) before the real encoder."""
         d = self.catch_up(download)
         spec, r, me = self.spec, d.round, self.client_id
         schedule = d.schedule if len(d.schedule) else draw_schedule(spec.seed, r, me, spec.local_steps, spec.k)
         seeds = self.replica.pool.seeds
-        sums: dict[int, float] = {}
-        losses = []
+        grads, skipped, losses = [], [], []
         for t, index in enumerate(schedule.tolist()):
             batch = take_rows(self.data, draw_rows(spec.seed, r, me, t, spec.batch_size, self.num_examples))
             following = seeds[schedule[t + 1]] if t + 1 < len(schedule) else None
             result = zo_step(
                 self.replica.params,
-                lambda: self.loss(self.replica.model, batch),
+                lambda batch=batch: self.loss(self.replica.model, batch),  # called within this step
                 seeds[index],
                 eps=spec.eps,
                 lr=spec.lr,
@@ -90,12 +95,26 @@ class Client:
                 perturbed=t > 0,
                 backend=self.replica.backend,
             )
-            sums[index] = sums.get(index, 0.0) + result.grad
-            if not result.skipped:
+            grads.append(result.grad)  # 0.0 when skipped
+            if result.skipped:
+                skipped.append(t)
+            else:
                 losses.append(0.5 * (result.loss_plus + result.loss_minus))
-        indices = np.array(sorted(sums), dtype=np.int64)
-        upload = wire.Upload(
-            me, r, spec.k, len(schedule), float(np.mean(losses)) if losses else float("nan"),
-            indices, np.array([sums[i] for i in indices.tolist()], dtype=np.float64),
-        )
+        loss = float(np.mean(losses)) if losses else float("nan")
+        if spec.pro:
+            upload: wire.Upload | wire.StepUpload = wire.StepUpload(
+                me, r, spec.k, len(schedule), loss, np.array(skipped, dtype=np.int64), np.array(grads)
+            )
+        else:
+            sums: dict[int, float] = {}
+            for index, g in zip(schedule.tolist(), grads):
+                sums[index] = sums.get(index, 0.0) + g
+            indices = np.array(sorted(sums), dtype=np.int64)
+            upload = wire.Upload(
+                me, r, spec.k, len(schedule), loss, indices, np.array([sums[i] for i in indices.tolist()])
+            )
+        if attack is not None:
+            upload = corrupt(upload, attack, spec.seed)
+        if isinstance(upload, wire.StepUpload):
+            return wire.encode_step_upload(upload, spec.precision)
         return wire.encode_upload(upload, spec.precision, implied=np.unique(schedule))

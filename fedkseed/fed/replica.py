@@ -9,7 +9,7 @@ Floating point makes "the same coefficients applied in another grouping" differ 
 bits, so the server, every client and ``fedkseed apply`` all build the model this way from the
 same table, and hold bit-identical weights. Leaving out zero entries changes no bit: the stream
 contract sums a*z into an accumulator that starts at +0, and adding a zero product to it is
-exact.
+exact (docs/stream-spec.md#accumulation).
 """
 
 from __future__ import annotations

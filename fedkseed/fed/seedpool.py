@@ -1,8 +1,9 @@
 """The K candidate seeds, FedKSeed-Pro's seed probabilities, and every random draw of a run.
 
 All draws (the pool, which clients take part in a round, each client's seeds and batches) are
-BLAKE2b derivations of the run's seed and the draw's coordinates (``history.derive_seed``), so
-they are the same on every machine and independent of torch's and numpy's global RNGs.
+BLAKE2b derivations of the run's seed and the draw's coordinates (``seeds.derive_seed``, domains
+in docs/seed-derivation.md#domains), so they are the same on every machine and independent of torch's
+and numpy's global RNGs.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..history import derive_seed
+from ..seeds import U64, derive_seed, draw_indices, to_int64
+from .wire import MAX_K
 
 # FedKSeed-Pro clips each recorded scalar gradient to this before averaging |g| (official code).
 PRO_CLIP = 1000.0
-_U64 = 1 << 64
 
 
 class SeedPool:
@@ -27,15 +28,14 @@ class SeedPool:
     """
 
     def __init__(self, pool_seed: int, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1 << 24:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise ValueError(f"k must be an int in [1, 2^24], got {k!r}")
-        if isinstance(pool_seed, bool) or not isinstance(pool_seed, int) or not 0 <= pool_seed < _U64:
+        if isinstance(pool_seed, bool) or not isinstance(pool_seed, int) or not 0 <= pool_seed < U64:
             raise ValueError(f"pool_seed must be an int in [0, 2^64), got {pool_seed!r}")
         self.pool_seed = pool_seed
         self.k = k
-        self.seeds = [derive_seed(b"fks-pool", pool_seed, k, i) for i in range(k)]
-        signed = [s - _U64 if s >= 1 << 63 else s for s in self.seeds]
-        self.seed_tensor = torch.tensor(signed, dtype=torch.int64)
+        self.seeds = [derive_seed("pool", pool_seed, k, i) for i in range(k)]
+        self.seed_tensor = torch.tensor([to_int64(s) for s in self.seeds], dtype=torch.int64)
         self.abs_sum = np.zeros(k, dtype=np.float64)  # the initial 0.0 adds nothing ...
         self.count = np.ones(k, dtype=np.int64)  # ... but counts once
 
@@ -68,7 +68,7 @@ class SeedPool:
 
 def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
     """The ``per_round`` clients taking part in ``round_`` (sorted ids), without replacement."""
-    keys = [derive_seed(b"fks-clients", seed, round_, c) for c in range(num_clients)]
+    keys = [derive_seed("clients", seed, round_, c) for c in range(num_clients)]
     return sorted(sorted(range(num_clients), key=keys.__getitem__)[:per_round])
 
 
@@ -77,14 +77,15 @@ def draw_schedule(
 ) -> np.ndarray:
     """The seed index of each local step of ``client_id`` in ``round_`` (int64, length ``steps``):
     uniform over K, or by inverse CDF over ``probabilities`` (FedKSeed-Pro)."""
-    words = np.array([derive_seed(b"fks-schedule", seed, round_, client_id, t) for t in range(steps)], dtype=np.uint64)
+    words = np.array([derive_seed("schedule", seed, round_, client_id, t) for t in range(steps)], dtype=np.uint64)
     if probabilities is None:
         return (words % np.uint64(k)).astype(np.int64)
-    cumulative = np.cumsum(np.asarray(probabilities, dtype=np.float64))
-    u = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53 * cumulative[-1]
-    return np.minimum(np.searchsorted(cumulative, u, side="right"), k - 1).astype(np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (k,):
+        raise ValueError(f"probabilities must hold K = {k} values, got shape {probabilities.shape}")
+    return draw_indices(words, np.cumsum(probabilities))
 
 
 def draw_rows(seed: int, round_: int, client_id: int, step: int, batch_size: int, n: int) -> list[int]:
     """The rows (of ``n`` examples) forming the batch of one local step."""
-    return [derive_seed(b"fks-batch", seed, round_, client_id, step, j) % n for j in range(batch_size)]
+    return [derive_seed("batch", seed, round_, client_id, step, j) % n for j in range(batch_size)]

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import wire
+from . import robust, wire
 from .seedpool import SeedPool, draw_schedule, sample_clients
 from .spec import FedSpec
 
 log = logging.getLogger("fedkseed.fed")
+
+
+def _steps_taken(upload: wire.Upload | wire.StepUpload) -> int:
+    """The local steps an upload's values come from (a per-step upload's skipped ones excluded)."""
+    if isinstance(upload, wire.StepUpload):
+        return upload.steps - len(upload.skipped)
+    return upload.steps
 
 
 @dataclass
@@ -29,6 +36,9 @@ class RoundSummary:
     bytes_down: dict[int, int] = field(default_factory=dict)
     train_loss: float = float("nan")  # data-weighted mean of the accepted clients' losses
     weights: dict[int, float] = field(default_factory=dict)  # aggregation weight per client
+    rms: dict[int, float] = field(default_factory=dict)  # per-step RMS of each accepted upload
+    bound: float = float("inf")  # the round's bound on it (inf: none); norm <= bound * sqrt(steps)
+    clipped: dict[int, float] = field(default_factory=dict)  # client -> scale factor (< 1) applied
 
 
 class Server:
@@ -40,11 +50,15 @@ class Server:
         summary = server.end_round()
 
     The exact per-seed sums live in ``accumulated`` (float64: pool[s] += g_c[s] * w_c, clients
-    in id order, w_c = the client's share of the data of the clients whose uploads were
-    accepted). ``table`` is what everyone replays: ``accumulated`` rounded to the run's
-    precision (fp16: one power-of-two scale ``exponent`` for the table, which only grows), so
-    rounding never accumulates. ``changed[k]`` is the round in which entry k last changed, and
-    ``synced[c]`` the table state client c holds: its download is the entries changed since.
+    in id order, w_c = the client's share of the weight units (``FedSpec.weighting``) of the
+    clients whose uploads were accepted), after each upload's norm bound and with the per-seed
+    rule of ``spec.aggregate`` (``robust``). ``table`` is what everyone replays: ``accumulated``
+    clamped to its finite range and rounded to the run's precision (fp16: one power-of-two
+    scale ``exponent`` for the table, which only grows), so rounding never accumulates.
+    Under FedKSeed-Pro clients upload every step's g in schedule order (``wire.StepUpload``):
+    each (bounded) g enters its seed's history, and the per-seed sums come from the schedule.
+    ``changed[k]`` is the round in which entry k last changed, and ``synced[c]`` the table
+    state client c holds: its download is the entries changed since.
     """
 
     def __init__(self, spec: FedSpec, client_sizes: Sequence[int]) -> None:
@@ -55,16 +69,18 @@ class Server:
         self.spec = spec
         self.pool = SeedPool(spec.seed, spec.k)
         self.sizes = [int(n) for n in client_sizes]
+        self.units = [spec.weight_units(n) for n in self.sizes]
         self.round = 0
         self.accumulated = np.zeros(spec.k, dtype=np.float64)
         self.table = np.zeros(spec.k, dtype=np.float32)
         self.exponent = wire.MIN_EXPONENT
         self.changed = np.zeros(spec.k, dtype=np.int64)
         self.synced = np.zeros(spec.num_clients, dtype=np.int64)
+        self.rms_history = np.zeros(0, dtype=np.float64)  # bounded per-step RMS of past uploads
         self._sampled: list[int] | None = None
         self._probabilities: np.ndarray | None = None
         self._schedules: dict[int, np.ndarray] = {}
-        self._uploads: dict[int, wire.Upload] = {}
+        self._uploads: dict[int, wire.Upload | wire.StepUpload] = {}
         self._summary: RoundSummary | None = None
 
     # ----------------------------------------------------------------------------- a round
@@ -121,7 +137,7 @@ class Server:
         """Check an upload and keep it for aggregation; a bad one is logged and dropped."""
         summary = self._open()
         try:
-            upload = wire.decode_upload(data, self._schedules)
+            upload = wire.decode_upload(data, self.spec.k, self._schedules)
         except wire.WireError as error:
             return self._reject(-1, str(error))
         reason = self._check(upload, summary.round)
@@ -132,28 +148,62 @@ class Server:
         return True
 
     def end_round(self) -> RoundSummary:
-        """Aggregate the accepted uploads (clients that failed are simply absent), publish the
-        new table and close the round."""
+        """Aggregate the accepted uploads (clients that failed are simply absent): bound each
+        upload's norm, record Pro histories, apply the per-seed rule, publish the new table
+        and close the round."""
         summary = self._open()
         accepted = sorted(self._uploads)
-        total = sum(self.sizes[c] for c in accepted)
-        losses = []
+        total = sum(self.units[c] for c in accepted)
+        steps = {c: _steps_taken(self._uploads[c]) for c in accepted}
+        summary.rms = {c: robust.per_step_rms(self._uploads[c].values, steps[c]) for c in accepted}
+        summary.bound = robust.rms_bound(list(summary.rms.values()), self.rms_history.tolist(), self.spec.clip)
+        parts, losses = [], []
         for c in accepted:
             upload = self._uploads[c]
-            weight = self.sizes[c] / total
-            self.accumulated[upload.indices] += weight * upload.values.astype(np.float64)
-            self.pool.record(upload.indices, upload.values)
+            weight = self.units[c] / total
+            values, factor = robust.bounded(upload.values, summary.bound * np.sqrt(max(steps[c], 1)))
+            if factor < 1.0:
+                summary.clipped[c] = factor
+                log.warning(
+                    "round %d: client %d's upload scaled by %.3g to the per-step RMS bound %.6g",
+                    summary.round,
+                    c,
+                    factor,
+                    summary.bound,
+                )
+            parts.append((*self._per_seed(upload, values), weight))
             self.synced[c] = summary.round - 1
             summary.weights[c] = weight
             if np.isfinite(upload.loss):
                 losses.append((weight, upload.loss))
+        robust.accumulate(self.accumulated, parts, self.spec.aggregate)
+        bounded_rms = [min(summary.rms[c], summary.bound) for c in accepted]
+        self.rms_history = np.concatenate([self.rms_history, np.array(bounded_rms, dtype=np.float64)])
+        if robust.clamp_table(self.accumulated, self.spec.lr32):
+            log.warning(
+                "round %d: seed-table entries clamped to +-%.3g", summary.round, robust.table_limit(self.spec.lr32)
+            )
         if losses:
-            summary.train_loss = sum(w * l for w, l in losses) / sum(w for w, _ in losses)
+            summary.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         summary.accepted = accepted
         self._publish(summary.round)
         self.round = summary.round
         self._sampled, self._probabilities, self._schedules, self._uploads, self._summary = None, None, {}, {}, None
         return summary
+
+    def _per_seed(self, upload: wire.Upload | wire.StepUpload, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct seed indices, float64 per-seed values) of a bounded upload. A per-step
+        upload also feeds FedKSeed-Pro's histories: one entry per step that was not skipped."""
+        if isinstance(upload, wire.Upload):
+            return upload.indices, values
+        schedule = self._schedules[upload.client_id][: upload.steps]
+        taken = np.ones(upload.steps, dtype=bool)
+        taken[upload.skipped] = False
+        self.pool.record(schedule[taken], values[taken])
+        indices, position = np.unique(schedule[taken], return_inverse=True)
+        sums = np.zeros(indices.size, dtype=np.float64)
+        np.add.at(sums, position, values[taken])  # in step order
+        return indices, sums
 
     # ------------------------------------------------------------------------------ helpers
     def _open(self) -> RoundSummary:
@@ -179,7 +229,10 @@ class Server:
             return f"upload has K = {u.k}, the run has K = {self.spec.k}"
         if u.steps > self.spec.local_steps:
             return f"upload claims {u.steps} steps, local_steps is {self.spec.local_steps}"
-        if not np.isin(u.indices, self._schedules[u.client_id]).all():
+        if self.spec.pro != isinstance(u, wire.StepUpload):
+            wanted = "per-step (FedKSeed-Pro)" if self.spec.pro else "per-seed"
+            return f"the run takes {wanted} uploads, this one is not"
+        if isinstance(u, wire.Upload) and not np.isin(u.indices, self._schedules[u.client_id]).all():
             return "upload names seeds outside the client's schedule for this round"
         return None
 
@@ -197,8 +250,14 @@ class Server:
         """The delta file: the published table (non-zero entries) and what it applies to."""
         indices = np.flatnonzero(self.table)
         table = wire.Table(
-            self.spec.k, self.spec.seed, self.spec.lr32, self.spec.dist, self.round, fingerprint,
-            indices, self.table[indices],
+            self.spec.k,
+            self.spec.seed,
+            self.spec.lr32,
+            self.spec.dist,
+            self.round,
+            fingerprint,
+            indices,
+            self.table[indices],
         )
         return wire.encode_table(table, self.spec.precision, self.exponent)
 
@@ -215,18 +274,25 @@ class Server:
             "changed": self.changed.copy(),
             "synced": self.synced.copy(),
             "pool": self.pool.state_dict(),
+            "rms_history": self.rms_history.copy(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["spec"] != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
+        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
             raise ValueError("the saved server state belongs to a run with other settings or data")
         k, n = self.spec.k, self.spec.num_clients
         arrays = {
-            "accumulated": (np.float64, k), "table": (np.float32, k), "changed": (np.int64, k), "synced": (np.int64, n)
+            "accumulated": (np.float64, k),
+            "table": (np.float32, k),
+            "changed": (np.int64, k),
+            "synced": (np.int64, n),
+            "rms_history": (np.float64, None),
         }
         loaded = {}
         for name, (dtype, size) in arrays.items():
             value = np.asarray(state[name], dtype=dtype)
+            if size is None:
+                size = value.size  # any length, one dimension
             if value.shape != (size,):
                 raise ValueError(f"saved {name} has shape {value.shape}, expected ({size},)")
             loaded[name] = value.copy()

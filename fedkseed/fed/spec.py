@@ -6,8 +6,12 @@ import math
 from dataclasses import asdict, dataclass
 
 from .. import stream as S
-from ..history import float32
-from .wire import PRECISIONS
+from ..seeds import U64
+from ..zo.passes import float32
+from .robust import AGGREGATES, parse_clip
+from .wire import MAX_K, PRECISIONS
+
+WEIGHTINGS = ("examples", "batches")
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,12 @@ class FedSpec:
     sampling, the seed schedules and the batches. ``precision`` is how seed-table entries and
     uploaded sums travel, and therefore the values every party replays: "fp16" (float16 codes
     with a shared power-of-two scale: 2 bytes per entry) or "fp32".
+
+    Robustness (``fed/robust.py``): ``clip`` bounds each upload's L2 norm ("auto": 3 times the
+    round's lower-median norm; a number: that bound; "off": none), ``aggregate`` is the
+    per-seed rule over the clients that used a seed ("mean": FedKSeed's weighted sum).
+    ``weighting``: a client's aggregation weight counts its "examples" or, as the official
+    code does, its "batches" (ceil(examples / batch_size); the same at batch size 1).
     """
 
     num_clients: int
@@ -32,6 +42,9 @@ class FedSpec:
     pro: bool = False
     precision: str = "fp16"
     seed: int = 0
+    aggregate: str = "mean"
+    clip: str | float = "auto"
+    weighting: str = "examples"
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "clients_per_round", "k", "local_steps", "batch_size"):
@@ -39,11 +52,9 @@ class FedSpec:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.clients_per_round > self.num_clients:
-            raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
-            )
-        if self.k > 1 << 24:
-            raise ValueError(f"k must be <= 2^24, got {self.k}")
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
+        if self.k > MAX_K:
+            raise ValueError(f"k must be <= 2^24 (the wire format's limit), got {self.k}")
         for name in ("lr", "eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -53,12 +64,21 @@ class FedSpec:
         S.dist_tag(self.dist)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < U64:
             raise ValueError(f"seed must be an int in [0, 2^64), got {self.seed!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        object.__setattr__(self, "clip", parse_clip(self.clip))  # "1e3" -> 1000.0
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
     @property
     def lr32(self) -> float:
         return float32(self.lr)
+
+    def weight_units(self, examples: int) -> int:
+        """What a client with ``examples`` examples counts for in the aggregation weights."""
+        return examples if self.weighting == "examples" else -(-examples // self.batch_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

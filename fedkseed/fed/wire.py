@@ -1,17 +1,22 @@
-"""The FedKSeed wire format: uploads, downloads and the delta file, as compact checked bytes.
+"""The FedKSeed wire format: uploads, downloads and the delta file, as compact checked bytes
+(normative description: docs/formats.md#wire).
 
 Every message is framed the same way (little-endian throughout)::
 
-    "FKS" | kind (1 B: "U" upload, "D" download, "T" seed table / delta file) | u8 version
-    | body | u32 CRC-32 of everything before it
+    "FKS" | kind (1 B: "U" upload, "P" per-step upload, "D" download, "T" seed table / delta
+    file) | u8 version | body | u32 CRC-32 of everything before it
 
 and the decoder checks magic, kind, version, CRC and that the body ends exactly where the CRC
 begins, so a truncated, padded or corrupted message is rejected (``WireError``) before any of
-it is used. Integers in bodies are unsigned LEB128 varints.
+it is used. Integers in bodies are unsigned LEB128 varints. Decoders take the K the reader
+expects and refuse another before reading further, and allocate only in proportion to the
+message's length: no field can make them reserve memory the bytes do not back.
 
 Bodies (``index set`` and ``values`` are defined below):
 
     upload    client id | round | K | steps | f32 mean train loss | index set | values
+    per-step  client id | round | K | steps | f32 mean train loss | skipped steps (index set
+    upload      over [0, steps)) | values (one per step, in schedule order; 0 when skipped)
     download  round | since | K | index set | values | n | n schedule indices (bit-packed)
     table     K | u64 pool seed | f32 lr | u8 dist tag | round | 32 B base fingerprint
               | index set | values
@@ -41,10 +46,11 @@ from .. import stream as S
 
 MAGIC = b"FKS"
 VERSION = 1
-KIND_UPLOAD, KIND_DOWNLOAD, KIND_TABLE = b"U", b"D", b"T"
+KIND_UPLOAD, KIND_STEPS, KIND_DOWNLOAD, KIND_TABLE = b"U", b"P", b"D", b"T"
 PRECISIONS = ("fp16", "fp32")
 FP16_LIMIT = 32768.0  # largest |value| * 2^-e a float16 code may carry (headroom below 65504)
-MAX_K = 1 << 24
+MAX_K = 1 << 24  # the most candidate seeds a run may have (FedSpec and SeedPool check it too)
+MAX_SCHEDULE = 1 << 24  # the longest seed schedule a download may carry (a bound against garbage)
 MIN_EXPONENT = -126
 _VALUES_F32, _VALUES_F16 = 0, 1
 _SET_LIST, _SET_BITMAP, _SET_ALL, _SET_SCHEDULE = 0, 1, 2, 3
@@ -103,7 +109,7 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes, kind: bytes, what: str) -> None:
+    def __init__(self, data: bytes, kinds: bytes, what: str) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
         data = bytes(data)
@@ -112,8 +118,9 @@ class _Reader:
             raise WireError(f"{what}: {len(data)} bytes is shorter than any message")
         if data[:3] != MAGIC:
             raise WireError(f"{what}: bad magic {data[:3]!r}")
-        if data[3:4] != kind:
-            raise WireError(f"{what}: message kind {data[3:4]!r}, expected {kind!r}")
+        if len(data[3:4]) != 1 or data[3:4] not in [kinds[i : i + 1] for i in range(len(kinds))]:
+            raise WireError(f"{what}: message kind {data[3:4]!r}, expected one of {kinds!r}")
+        self.kind = data[3:4]
         if data[4] != VERSION:
             raise WireError(f"{what}: unsupported version {data[4]} (this build reads {VERSION})")
         (crc,) = struct.unpack("<I", data[-4:])
@@ -121,6 +128,14 @@ class _Reader:
             raise WireError(f"{what}: CRC mismatch (truncated or corrupted)")
         self.data = data[:-4]
         self.pos = 5
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def need(self, n: int) -> None:
+        """Refuse, before allocating for them, ``n`` bytes that the message does not hold."""
+        if n > self.remaining():
+            raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -152,9 +167,17 @@ class _Reader:
 
 
 # ------------------------------------------------------------------------- index sets, values
-def _check_k(k: int, what: str) -> int:
+def _check_k(k: int, what: str, expected: int | None = None) -> int:
+    if expected is not None and k != expected:
+        raise WireError(f"{what}: K = {k}, the run has K = {expected}")
     if not 1 <= k <= MAX_K:
         raise WireError(f"{what}: K = {k} is outside [1, {MAX_K}]")
+    return k
+
+
+def _expected_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(f"expected K must be an int in [1, {MAX_K}], got {k!r}")
     return k
 
 
@@ -191,6 +214,7 @@ def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.n
             raise WireError(f"{r.what}: refers to a seed schedule the reader does not know")
         return np.asarray(implied, dtype=np.int64)
     if form == _SET_ALL:
+        r.need(k)  # every index is followed by at least one byte of its value
         return np.arange(k, dtype=np.int64)
     if form == _SET_BITMAP:
         bits = np.unpackbits(np.frombuffer(r.take((k + 7) // 8), dtype=np.uint8), bitorder="little")
@@ -202,6 +226,7 @@ def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.n
     count = r.varint()
     if count > k:
         raise WireError(f"{r.what}: {count} indices for K = {k}")
+    r.need(count)  # one gap byte at least per index
     out = np.empty(count, dtype=np.int64)
     previous = -1
     for n in range(count):
@@ -236,7 +261,8 @@ def _read_values(r: _Reader, count: int) -> np.ndarray:
         if exponent < MIN_EXPONENT:
             raise WireError(f"{r.what}: exponent {exponent} < {MIN_EXPONENT}")
         codes = np.frombuffer(r.take(2 * count), dtype="<f2")
-        values = codes.astype(np.float32) * np.float32(2.0**exponent)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
+            values = codes.astype(np.float32) * np.float32(2.0**exponent)
     else:
         raise WireError(f"{r.what}: unknown value form {form}")
     if not np.isfinite(values).all():
@@ -257,7 +283,7 @@ def _write_packed(w: _Writer, indices: np.ndarray, k: int) -> None:
 def _read_packed(r: _Reader, k: int) -> np.ndarray:
     width = max(1, (k - 1).bit_length())
     count = r.varint()
-    if count > 1 << 24:
+    if count > MAX_SCHEDULE:
         raise WireError(f"{r.what}: schedule of {count} steps")
     raw = r.take((count * width + 7) // 8)
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: count * width]
@@ -279,6 +305,20 @@ class Upload:
     loss: float  # mean training loss over the steps (NaN when every step was skipped)
     indices: np.ndarray  # int64, strictly increasing, < k
     values: np.ndarray  # float32, finite, one per index
+
+
+@dataclass(frozen=True)
+class StepUpload:
+    """A FedKSeed-Pro client's round result: the projected gradient g of every local step, in
+    the order of the schedule the server drew (which names each step's seed)."""
+
+    client_id: int
+    round: int
+    k: int
+    steps: int
+    loss: float  # mean training loss over the steps (NaN when every step was skipped)
+    skipped: np.ndarray  # int64 step indices whose loss was not finite: they record nothing
+    values: np.ndarray  # float32[steps], finite; 0 at skipped steps
 
 
 @dataclass(frozen=True)
@@ -315,30 +355,71 @@ def encode_upload(u: Upload, precision: str = "fp16", implied: np.ndarray | None
     values = np.asarray(u.values, dtype=np.float64)
     if len(values) != len(u.indices):
         raise ValueError(f"{len(u.indices)} indices but {len(values)} values")
-    exponent = 0
-    if precision == "fp16":
-        exponent = fp16_exponent(float(np.abs(values).max()) if values.size else 0.0)
     w = _Writer(KIND_UPLOAD)
-    for value in (u.client_id, u.round, u.k, u.steps):
-        w.varint(value)
-    w.raw(struct.pack("<f", u.loss))
+    _write_header(w, u)
     _write_indices(w, u.indices, u.k, implied)
-    _write_values(w, quantize(values, precision, exponent), precision, exponent)
+    _write_quantized(w, values, precision)
     return w.finish()
 
 
-def decode_upload(data: bytes, schedules: Mapping[int, np.ndarray] | None = None) -> Upload:
-    """``schedules``: client id -> that client's seed schedule this round, for uploads that
-    refer to it (index-set form 3)."""
-    r = _Reader(data, KIND_UPLOAD, "upload")
-    client_id, round_, k, steps = (r.varint() for _ in range(4))
-    _check_k(k, "upload")
+def encode_step_upload(u: StepUpload, precision: str = "fp16") -> bytes:
+    """The per-step upload message (kind "P"): one value per step in schedule order."""
+    values = np.asarray(u.values, dtype=np.float64)
+    if len(values) != u.steps:
+        raise ValueError(f"{u.steps} steps but {len(values)} values")
+    skipped = np.asarray(u.skipped, dtype=np.int64)
+    if np.any(values[skipped] != 0):
+        raise ValueError("a skipped step must carry the value 0")
+    w = _Writer(KIND_STEPS)
+    _write_header(w, u)
+    _write_indices(w, skipped, u.steps)
+    _write_quantized(w, values, precision)
+    return w.finish()
+
+
+def _write_header(w: _Writer, u: Upload | StepUpload) -> None:
+    for value in (u.client_id, u.round, u.k, u.steps):
+        w.varint(value)
+    w.raw(struct.pack("<f", u.loss))
+
+
+def _write_quantized(w: _Writer, values: np.ndarray, precision: str) -> None:
+    exponent = 0
+    if precision == "fp16":
+        exponent = fp16_exponent(float(np.abs(values).max()) if values.size else 0.0)
+    _write_values(w, quantize(values, precision, exponent), precision, exponent)
+
+
+def decode_upload(data: bytes, k: int, schedules: Mapping[int, np.ndarray] | None = None) -> Upload | StepUpload:
+    """An upload of either kind ("U": per-seed sums, "P": per-step values) for a run with
+    ``k`` seeds. ``schedules``: client id -> that client's seed schedule this round, for "U"
+    uploads that refer to it (index-set form 3)."""
+    k = _expected_k(k)
+    r = _Reader(data, KIND_UPLOAD + KIND_STEPS, "upload")
+    client_id, round_, k_sent, steps = (r.varint() for _ in range(4))
+    _check_k(k_sent, "upload", k)
     (loss,) = r.unpack("f")
+    if r.kind == KIND_STEPS:
+        r.need(2 * steps)  # the values: 2 bytes per step at least
+        skipped = _read_indices(r, steps) if steps else _read_empty_set(r)
+        values = _read_values(r, steps)
+        r.done()
+        if np.any(values[skipped] != 0):
+            raise WireError("upload: a skipped step carries a non-zero value")
+        return StepUpload(client_id, round_, k, steps, loss, skipped, values)
     schedule = schedules.get(client_id) if schedules is not None else None
     indices = _read_indices(r, k, None if schedule is None else np.unique(schedule))
     values = _read_values(r, len(indices))
     r.done()
     return Upload(client_id, round_, k, steps, loss, indices, values)
+
+
+def _read_empty_set(r: _Reader) -> np.ndarray:
+    """The index set over zero steps (what a writer emits for an empty range: form 2, "all")."""
+    form = r.u8()
+    if form not in (_SET_ALL, _SET_LIST) or (form == _SET_LIST and r.varint() != 0):
+        raise WireError(f"{r.what}: a set over zero steps must be empty")
+    return np.zeros(0, dtype=np.int64)
 
 
 def encode_download(d: Download, precision: str, exponent: int) -> bytes:
@@ -352,10 +433,12 @@ def encode_download(d: Download, precision: str, exponent: int) -> bytes:
     return w.finish()
 
 
-def decode_download(data: bytes) -> Download:
+def decode_download(data: bytes, k: int) -> Download:
+    """A download for a run with ``k`` seeds."""
+    k = _expected_k(k)
     r = _Reader(data, KIND_DOWNLOAD, "download")
-    round_, since, k = (r.varint() for _ in range(3))
-    _check_k(k, "download")
+    round_, since, k_sent = (r.varint() for _ in range(3))
+    _check_k(k_sent, "download", k)
     if since >= round_:
         raise WireError(f"download: since = {since} must precede round = {round_}")
     indices = _read_indices(r, k)
@@ -376,10 +459,14 @@ def encode_table(t: Table, precision: str, exponent: int) -> bytes:
     return w.finish()
 
 
-def decode_table(data: bytes) -> Table:
+def decode_table(data: bytes, k: int | None = None) -> Table:
+    """The seed table / delta file; ``k``: the K the reader expects (None: any valid K, the
+    allocation still bounded by the message's length)."""
     r = _Reader(data, KIND_TABLE, "delta")
-    k = _check_k(r.varint(), "delta")
+    k = _check_k(r.varint(), "delta", None if k is None else _expected_k(k))
     pool_seed, lr = r.unpack("Qf")
+    if not (math.isfinite(lr) and lr > 0):
+        raise WireError(f"delta: lr = {lr!r} must be finite and > 0")
     tag = r.u8()
     if tag not in _DIST_NAMES:
         raise WireError(f"delta: unknown distribution tag {tag}")

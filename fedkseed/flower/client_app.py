@@ -6,7 +6,7 @@ out). What the client must remember between rounds, its copy of the seed table a
 it holds, lives in the node's Flower ``Context.state``, because the process that runs the
 ClientApp may change from one message to the next (a Ray actor in simulation, a fresh
 ``flwr-clientapp`` process per message in deployment). Model and data are rebuilt per process
-by ``fedkseed.simulate.prepare``, the same preparation as the local engine's, and cached.
+by ``fedkseed.experiment.prepare``, the same preparation as the local engine's, and cached.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from . import protocol as P
 
 if TYPE_CHECKING:
-    from ..simulate import Setup
+    from ..experiment.prepare import Setup
 
 app = ClientApp()
 _cache: dict[str, Setup] = {}  # SimConfig JSON -> Setup; one run per process at a time
@@ -29,7 +29,7 @@ _cache: dict[str, Setup] = {}  # SimConfig JSON -> Setup; one run per process at
 
 def _setup(config_json: str) -> Setup:
     if config_json not in _cache:
-        from ..simulate import prepare
+        from ..experiment.prepare import prepare
 
         _cache.clear()
         _cache[config_json] = prepare(P.config_from_json(config_json))
@@ -45,12 +45,14 @@ def enroll(msg: Message, context: Context) -> Message:
     client_id = int(context.node_config[P.PARTITION_ID])
     if not 0 <= client_id < config["clients"]:
         raise ValueError(f"{P.PARTITION_ID} {client_id} is not a client of this run (0..{config['clients'] - 1})")
-    context.state[P.NODE_STATE] = ConfigRecord({
-        P.SIM_CONFIG: config_json,
-        P.CLIENT_ID: client_id,
-        "table": np.zeros(config["k"], dtype=np.float32).tobytes(),
-        "synced": 0,
-    })
+    context.state[P.NODE_STATE] = ConfigRecord(
+        {
+            P.SIM_CONFIG: config_json,
+            P.CLIENT_ID: client_id,
+            "table": np.zeros(config["k"], dtype=np.float32).tobytes(),
+            "synced": 0,
+        }
+    )
     reply = ConfigRecord({P.CLIENT_ID: client_id})
     return Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: reply}), reply_to=msg)
 
@@ -67,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     client.synced = int(state["synced"])
     download = msg.content[P.CONFIG][P.DOWNLOAD]
     client.catch_up(download)
-    digest = P.weights_digest(setup.replica.params)
+    digest = setup.replica.params.fingerprint(values=True)
     upload = client.train(download)  # merges the same download again: a no-op rebuild
     state["table"], state["synced"] = client.table.tobytes(), client.synced
     reply = ConfigRecord({P.UPLOAD: upload, P.MODEL_DIGEST: digest})

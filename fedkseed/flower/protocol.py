@@ -8,10 +8,13 @@ format's bytes and a few scalars in a ``ConfigRecord``):
     train  server -> node   {"download": bytes (wire.Download)}
            node -> server   {"upload": bytes (wire.Upload), "model-digest": str}
 
-A node is the client whose id is its ``partition-id`` node-config value (Flower's convention:
-the simulation engine sets it; a deployed SuperNode gets ``--node-config partition-id=N``).
-``model-digest`` is the sha256 of the weights the client trained from, which must be the
-server's global model bit for bit.
+A node claims the client whose id is its ``partition-id`` node-config value (Flower's
+convention: the simulation engine sets it; a deployed SuperNode gets ``--node-config
+partition-id=N``). In deployment with ``node-keys`` the claim must match the id the node's
+public key is bound to (``identity.NodeKeys``).
+
+``model-digest`` is ``ParamSet.fingerprint(values=True)`` of the weights the client trained
+from (layout and bytes), which must be the server's global model bit for bit.
 
 A deployed SuperNode starts a fresh process for every message, so this module (imported by the
 ClientApp) defers the heavy imports to the functions that need them.
@@ -20,14 +23,16 @@ ClientApp) defers the heavy imports to the functions that need them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
+
 if TYPE_CHECKING:
-    from ..paramset import ParamSet
-    from ..simulate import SimConfig
+    from ..experiment.config import SimConfig
 
 CONFIG, ARRAYS = "config", "arrays"
 SIM_CONFIG, CLIENT_ID = "sim-config", "client-id"
@@ -35,20 +40,11 @@ DOWNLOAD, UPLOAD, MODEL_DIGEST = "download", "upload", "model-digest"
 PARTITION_ID = "partition-id"
 NODE_STATE = "fedkseed"  # the node's record in its Flower Context.state
 
-# Run-config keys that configure the Flower engine itself rather than the experiment.
-MIN_NODES, ROUND_TIMEOUT = "min-nodes", "round-timeout"
-ENGINE_OPTIONS: dict[str, Any] = {MIN_NODES: 1, ROUND_TIMEOUT: 600.0}
-
-
-def weights_digest(params: ParamSet) -> str:
-    """sha256 of the raw bytes of every tensor, in the ParamSet's canonical order."""
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for t in params.tensors:
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+# Run-config keys that configure the Flower engine itself rather than the experiment:
+# nodes to wait for before round 1, seconds to wait for replies, and the absolute path of the
+# node key list on the SuperLink's machine ("": no list, ids are the nodes' partition-id).
+MIN_NODES, ROUND_TIMEOUT, NODE_KEYS = "min-nodes", "round-timeout", "node-keys"
+ENGINE_OPTIONS: dict[str, Any] = {MIN_NODES: 1, ROUND_TIMEOUT: 600.0, NODE_KEYS: ""}
 
 
 def config_to_json(config: SimConfig) -> str:
@@ -56,18 +52,19 @@ def config_to_json(config: SimConfig) -> str:
 
 
 def config_from_json(text: str) -> SimConfig:
-    from ..simulate import SimConfig
+    from ..experiment.config import SimConfig
 
     return SimConfig(**json.loads(text))
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[SimConfig, dict[str, Any]]:
     """(SimConfig, engine options) from a Flower run config: the keys are SimConfig's field
-    names with hyphens (as on the command line) plus ``ENGINE_OPTIONS``; TOML integers given
-    for float settings are accepted."""
-    from ..simulate import SimConfig, UsageError
+    names with hyphens (as on the command line) plus ``ENGINE_OPTIONS``; "" for a setting whose
+    default depends on the protocol means the protocol's value (TOML has no null); TOML
+    integers given for float settings are accepted."""
+    from ..experiment.config import SimConfig
 
-    fields = {f.name: f for f in dataclasses.fields(SimConfig)}
+    types = typing.get_type_hints(SimConfig)
     options = dict(ENGINE_OPTIONS)
     kwargs: dict[str, Any] = {"engine": "flower"}
     for key, value in run_config.items():
@@ -75,11 +72,26 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[SimConfig, di
             options[key] = type(ENGINE_OPTIONS[key])(value)
             continue
         name = key.replace("-", "_")
-        if name not in fields:
+        if name not in types or name == "engine":
             raise UsageError(f"run config: unknown key {key!r}")
-        if isinstance(fields[name].default, float) and isinstance(value, int) and not isinstance(value, bool):
+        allowed = typing.get_args(types[name]) or (types[name],)  # float, or float | None
+        if value == "" and type(None) in allowed:
+            value = None
+        elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         kwargs[name] = value
     if options[MIN_NODES] < 1 or options[ROUND_TIMEOUT] <= 0:
         raise UsageError(f"run config: {MIN_NODES} must be >= 1 and {ROUND_TIMEOUT} > 0, got {options}")
-    return SimConfig(**kwargs), options
+    if options[NODE_KEYS] and not os.path.isabs(options[NODE_KEYS]):
+        # The ServerApp runs in a process the SuperLink starts: a relative path has no fixed base.
+        raise UsageError(f"run config: {NODE_KEYS} must be an absolute path, got {options[NODE_KEYS]!r}")
+    config = SimConfig(**kwargs)
+    check_supported(config)
+    return config, options
+
+
+def check_supported(config: SimConfig) -> None:
+    """Refuse what the Flower engine does not do: attack simulation is the local engine's (a
+    Flower node runs whatever client code its operator installed; none is told to attack)."""
+    if config.byzantine:
+        raise UsageError(f"--byzantine is simulated by the local engine only (--engine local), got {config.byzantine}")

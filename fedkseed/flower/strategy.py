@@ -6,6 +6,12 @@ sends each sampled client that has a node its download; ``aggregate_train`` hand
 to ``Server.receive`` and closes the round with ``Server.end_round``. Clients without a node
 (not joined yet, or departed) and nodes that fail or time out are simply absent: the server
 aggregates the others, exactly as the local engine does for a client that fails.
+
+Identity: a node is bound to one client id at enrolment. With a key list (``NodeKeys``, the
+deployment's ``node-keys``), the id is the one its authenticated public key maps to (a node
+whose key is not listed gets none, a node claiming another id is refused); without one
+(simulation), it is the ``partition-id`` the node declares. An upload counts only for the id
+its node is bound to: one that names another client is rejected and blamed on the sender.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from ..fed import RoundSummary, Server
+from ..fed import RoundSummary, Server, draw_schedule, wire
 from . import protocol as P
+from .identity import NodeKeys
 
 
 @dataclass
@@ -35,6 +43,7 @@ class RoundLog:
     absent: list[int] = field(default_factory=list)  # sampled clients with no node
     failed: dict[int, str] = field(default_factory=dict)  # client id -> error reply / timeout
     rejected: dict[int, str] = field(default_factory=dict)  # client id (-1: unknown) -> reason
+    refused: dict[int, str] = field(default_factory=dict)  # node id -> why it got no client id
     global_digest: str = ""  # the model the clients had to train from
     client_digests: dict[int, str] = field(default_factory=dict)  # what they reported
 
@@ -48,7 +57,8 @@ def replies_by_node(sent: list[Message], replies: Iterable[Message]) -> dict[int
 
 class FedKSeedStrategy(Strategy):
     """``on_round(summary, log, started)`` runs after each round; it rebuilds the global model
-    and returns its digest, which the next round's clients must report."""
+    and returns its digest, which the next round's clients must report. ``keys``: the
+    deployment's key list (None: ids are the nodes' own ``partition-id``)."""
 
     def __init__(
         self,
@@ -57,19 +67,28 @@ class FedKSeedStrategy(Strategy):
         global_digest: str,
         on_round: Callable[[RoundSummary, RoundLog, float], str],
         timeout: float,
+        keys: NodeKeys | None = None,
     ) -> None:
         self.server, self.config_json, self.global_digest = server, config_json, global_digest
-        self.on_round, self.timeout = on_round, timeout
-        self.client_of: dict[int, int] = {}  # node id -> client id
-        self.refused: set[int] = set()  # nodes that claimed an impossible client id
+        self.on_round, self.timeout, self.keys = on_round, timeout, keys
+        self.client_of: dict[int, int] = {}  # node id -> the client id it is bound to
+        self.refused: set[int] = set()  # nodes refused a client id, for the rest of the run
         self.log: RoundLog | None = None
         self._started = 0.0
         self._sent: list[Message] = []  # this round's train messages (Flower sets their ids)
+        self._schedules: dict[int, np.ndarray] = {}  # this round's seed schedule of each sampled client
 
     def summary(self) -> None:
         spec = self.server.spec
-        log(INFO, "\t├── FedKSeed: K = %d, %d of %d clients per round, %d local steps, %s",
-            spec.k, spec.clients_per_round, spec.num_clients, spec.local_steps, spec.precision)
+        log(
+            INFO,
+            "\t├── FedKSeed: K = %d, %d of %d clients per round, %d local steps, %s",
+            spec.k,
+            spec.clients_per_round,
+            spec.num_clients,
+            spec.local_steps,
+            spec.precision,
+        )
         log(INFO, "\t└── payloads: wire-format bytes in a ConfigRecord (no arrays)")
 
     # --------------------------------------------------------------------------- enrolment
@@ -82,10 +101,17 @@ class FedKSeedStrategy(Strategy):
         new = sorted(online - set(self.client_of) - self.refused)
         if not new:
             return
+        bound = self._bound_clients(grid, new, round_log)
+        if self.keys is not None:
+            new = sorted(bound)  # the others were refused without a message
         query = ConfigRecord({P.SIM_CONFIG: self.config_json})
         messages = [
-            Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: query}), node, MessageType.QUERY,
-                    group_id=str(round_log.round))
+            Message(
+                RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: query}),
+                node,
+                MessageType.QUERY,
+                group_id=str(round_log.round),
+            )
             for node in new
         ]
         for node, reply in replies_by_node(messages, grid.send_and_receive(messages, timeout=self.timeout)).items():
@@ -97,10 +123,9 @@ class FedKSeedStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as error:
                 log(WARNING, "round %d: node %d sent a malformed enrolment: %r", round_log.round, node, error)
                 continue
-            reason = self._enrolment_problem(client)
+            reason = self._enrolment_problem(client, bound.get(node))
             if reason:
-                self.refused.add(node)
-                log(WARNING, "round %d: node %d refused: %s", round_log.round, node, reason)
+                self._refuse(round_log, node, reason)
                 continue
             self.client_of[node] = client
             # A node that (re)joins holds no table: its first download is a full catch-up.
@@ -108,12 +133,34 @@ class FedKSeedStrategy(Strategy):
             round_log.enrolled.append(client)
             log(INFO, "round %d: node %d enrolled as client %d", round_log.round, node, client)
 
-    def _enrolment_problem(self, client: int) -> str | None:
+    def _bound_clients(self, grid: Grid, nodes: list[int], round_log: RoundLog) -> dict[int, int]:
+        """Node id -> the client its authenticated public key is bound to; nodes whose key is
+        not in the list are refused. Empty without a key list."""
+        if self.keys is None:
+            return {}
+        keys = {info.node_id: info.public_key for info in grid.get_nodes()}
+        bound = {}
+        for node in nodes:
+            client = self.keys.client_of(keys.get(node, b""))
+            if client is None:
+                self._refuse(round_log, node, "its public key is not in node-keys")
+            else:
+                bound[node] = client
+        return bound
+
+    def _enrolment_problem(self, client: int, bound: int | None) -> str | None:
+        if self.keys is not None and client != bound:
+            return f"it claims client {client}, its public key is bound to client {bound}"
         if not 0 <= client < self.server.spec.num_clients:
             return f"client id {client} is outside [0, {self.server.spec.num_clients})"
         if client in self.client_of.values():
             return f"client {client} is already served by another node"
         return None
+
+    def _refuse(self, round_log: RoundLog, node: int, reason: str) -> None:
+        self.refused.add(node)
+        round_log.refused[node] = reason
+        log(WARNING, "round %d: node %d refused: %s", round_log.round, node, reason)
 
     # ----------------------------------------------------------------------------- training
     def configure_train(
@@ -125,17 +172,32 @@ class FedKSeedStrategy(Strategy):
         node_of = {client: node for node, client in self.client_of.items()}
         round_log.nodes = dict(sorted(node_of.items()))
         self._sent = []
-        for client in self.server.begin_round():
+        for client in self._begin_round():
             node = node_of.get(client)
             if node is None:
                 round_log.absent.append(client)
                 continue
             payload = ConfigRecord({P.DOWNLOAD: self.server.download(client)})
-            self._sent.append(Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: payload}), node,
-                                      MessageType.TRAIN, group_id=str(round_log.round)))
+            self._sent.append(
+                Message(
+                    RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: payload}),
+                    node,
+                    MessageType.TRAIN,
+                    group_id=str(round_log.round),
+                )
+            )
         if round_log.absent:
             log(WARNING, "round %d: sampled clients without a node: %s", round_log.round, round_log.absent)
         return self._sent
+
+    def _begin_round(self) -> list[int]:
+        """Open the Server's round; keep each sampled client's seed schedule, which uploads
+        may refer to instead of listing their seeds."""
+        sampled = self.server.begin_round()
+        spec, r = self.server.spec, self.server.round + 1
+        probabilities = self.server.probabilities() if spec.pro else None
+        self._schedules = {c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, probabilities) for c in sampled}
+        return sampled
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -153,12 +215,22 @@ class FedKSeedStrategy(Strategy):
                 continue
             if reply.has_error():
                 round_log.failed[client] = str(reply.error.reason)
-                log(WARNING, "round %d: client %d (node %d) failed: %s", round_log.round, client, node,
-                    reply.error.reason)
+                log(
+                    WARNING,
+                    "round %d: client %d (node %d) failed: %s",
+                    round_log.round,
+                    client,
+                    node,
+                    reply.error.reason,
+                )
                 continue
             upload, digest = self._payload(reply)
             if upload is None:
                 self._reject(round_log, client, node, "reply carries no upload bytes")
+                continue
+            reason = self._sender_problem(upload, client)
+            if reason:
+                self._reject(round_log, client, node, reason)
                 continue
             round_log.client_digests[client] = digest
             if digest != self.global_digest:
@@ -171,12 +243,26 @@ class FedKSeedStrategy(Strategy):
                 reason = summary.rejected.get(client, summary.rejected.get(-1, "rejected"))
                 self._reject(round_log, client, None, reason)
         self.global_digest = self.on_round(summary, round_log, self._started)
-        metrics = MetricRecord({
-            "train-loss": float(summary.train_loss),
-            "accepted": len(summary.accepted),
-            "rejected": len(round_log.rejected),
-        })
+        metrics = MetricRecord(
+            {
+                "train-loss": float(summary.train_loss),
+                "accepted": len(summary.accepted),
+                "rejected": len(round_log.rejected),
+            }
+        )
         return None, metrics
+
+    def _sender_problem(self, upload: bytes, client: int) -> str | None:
+        """Why ``upload`` cannot count as client ``client``'s (the client its node is bound
+        to), or None: it must be readable and name that client, so a node cannot take another
+        client's place (the Server then checks it as that client's, schedule included)."""
+        try:
+            named = wire.decode_upload(upload, self.server.spec.k, self._schedules).client_id
+        except wire.WireError as error:
+            return str(error)
+        if named != client:
+            return f"the node of client {client} sent an upload for client {named}"
+        return None
 
     @staticmethod
     def _payload(reply: Message) -> tuple[bytes | None, str]:
@@ -190,8 +276,14 @@ class FedKSeedStrategy(Strategy):
     @staticmethod
     def _reject(round_log: RoundLog, client: int, node: int | None, reason: str) -> None:
         round_log.rejected[client] = reason
-        log(WARNING, "round %d: rejected upload of client %d%s: %s", round_log.round, client,
-            "" if node is None else f" (node {node})", reason)
+        log(
+            WARNING,
+            "round %d: rejected upload of client %d%s: %s",
+            round_log.round,
+            client,
+            "" if node is None else f" (node {node})",
+            reason,
+        )
 
     # ---------------------------------------------------------- no federated evaluation
     def configure_evaluate(

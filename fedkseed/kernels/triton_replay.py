@@ -21,20 +21,37 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import stream as S
 from ..paramset import ParamSet
 from . import triton_stream as ts
 
 TILE = 1024  # elements per program: a multiple of 128 (one Rademacher block per row)
 _U64 = 1 << 64
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The dtype table (fedkseed/stream.py, mirroring csrc/include/fedkseed/dtypes.h).
+_DTYPE_CODES = {getattr(torch, name): code for name, code in S.DTYPE_CODES.items()}
+_BF16 = tl.constexpr(S.DTYPE_BFLOAT16)
+_FP16 = tl.constexpr(S.DTYPE_FLOAT16)
 
 
 @triton.jit
 def _replay_kernel(
-    ptrs, numels, offsets, decays, tile_tensor, tile_start,
-    seeds, alphas, K, rounding_seed,
-    DTYPE: tl.constexpr, TAG: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr,
-    HAS_DECAY: tl.constexpr, ROUND: tl.constexpr, NOISE: tl.constexpr,
+    ptrs,
+    numels,
+    offsets,
+    decays,
+    tile_tensor,
+    tile_start,
+    seeds,
+    alphas,
+    K,
+    rounding_seed,
+    DTYPE: tl.constexpr,
+    TAG: tl.constexpr,
+    LANES: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    ROUND: tl.constexpr,
+    NOISE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
@@ -58,30 +75,28 @@ def _replay_kernel(
             seed = tl.load(seeds + k).to(tl.uint64, bitcast=True)
             alpha = tl.load(alphas + k)
             acc = acc + alpha * ts.noise_tile(seed, first, rows, cols, TAG)
-        if DTYPE == 1:
-            x_ptr = address.to(tl.pointer_type(tl.uint16)) + local
-            y = ts.bf16_bits_to_float(tl.load(x_ptr, mask=valid))
-        elif DTYPE == 2:
-            x_ptr = address.to(tl.pointer_type(tl.float16)) + local
-            y = tl.load(x_ptr, mask=valid).to(tl.float32)
+        if DTYPE == _BF16:
+            x = ts.bf16_bits_to_float(tl.load(address.to(tl.pointer_type(tl.uint16)) + local, mask=valid))
+        elif DTYPE == _FP16:
+            x = ts.fp16_bits_to_float(tl.load(address.to(tl.pointer_type(tl.uint16)) + local, mask=valid))
         else:
-            x_ptr = address.to(tl.pointer_type(tl.float32)) + local
-            y = tl.load(x_ptr, mask=valid)
+            x = tl.load(address.to(tl.pointer_type(tl.float32)) + local, mask=valid)
+        y = x
         if HAS_DECAY:
             d = tl.load(decays + t)
             y = tl.where(d != 1.0, y * d, y)
-        y = y + acc
+        y = ts.settle_nan(y + acc, x)
         if ROUND:
             word = ts.rounding_word(tl.load(rounding_seed).to(tl.uint64, bitcast=True), index)
-            if DTYPE == 1:
+            if DTYPE == _BF16:
                 y = ts.stochastic_round_bf16(y, word)
             else:
                 y = ts.stochastic_round_fp16(y, word)
 
-    if DTYPE == 1:
+    if DTYPE == _BF16:
         tl.store(address.to(tl.pointer_type(tl.uint16)) + local, ts.float_to_bf16_bits(y), mask=valid)
-    elif DTYPE == 2:
-        tl.store(address.to(tl.pointer_type(tl.float16)) + local, y.to(tl.float16), mask=valid)
+    elif DTYPE == _FP16:
+        tl.store(address.to(tl.pointer_type(tl.uint16)) + local, ts.float_to_fp16_bits(y), mask=valid)
     else:
         tl.store(address.to(tl.pointer_type(tl.float32)) + local, y, mask=valid)
 
@@ -169,12 +184,20 @@ def _launch(group: _Group, seeds, alphas, k: int, tag: int, decays, rounding_see
     lanes = 4 if tag == 0 else 128
     tiles = group.tile_tensor.numel()
     _replay_kernel[(tiles,)](
-        group.ptrs, group.numels, group.offsets,
+        group.ptrs,
+        group.numels,
+        group.offsets,
         decays if decays is not None else group.numels,  # unused when HAS_DECAY is False
-        group.tile_tensor, group.tile_start,
-        seeds, alphas, k,
+        group.tile_tensor,
+        group.tile_start,
+        seeds,
+        alphas,
+        k,
         rounding_seed if rounding_seed is not None else seeds,  # unused when ROUND is False
-        DTYPE=_DTYPE_CODES[group.dtype], TAG=tag, LANES=lanes, ROWS=TILE // lanes,
+        DTYPE=_DTYPE_CODES[group.dtype],
+        TAG=tag,
+        LANES=lanes,
+        ROWS=TILE // lanes,
         HAS_DECAY=decays is not None,
         ROUND=rounding_seed is not None and group.dtype != torch.float32,
         NOISE=noise,

@@ -47,6 +47,10 @@ _SIN_P2 = tl.constexpr(S.SIN_POLY[2])
 _COS_P0 = tl.constexpr(S.COS_POLY[0])
 _COS_P1 = tl.constexpr(S.COS_POLY[1])
 _COS_P2 = tl.constexpr(S.COS_POLY[2])
+_F32_QUIET_BIT = tl.constexpr(S.F32_QUIET_BIT)
+_F32_DEFAULT_NAN = tl.constexpr(S.F32_DEFAULT_NAN)
+_FP16_OVERFLOW_BITS = tl.constexpr(S.FP16_OVERFLOW_BITS)
+_TWO_M24 = tl.constexpr(float.fromhex("0x1p-24"))
 
 
 @triton.jit
@@ -199,6 +203,22 @@ def stochastic_round_fp16(y, word):
     return tl.where(is_finite_bits(bits), r, y)
 
 
+# ------------------------------------------------------------------------------- conversion
+# docs/stream-spec.md#conversion on bit patterns (csrc/include/fedkseed/dtypes.h): neither the
+# interpreter's numpy casts nor the GPU's conversion instructions give the rule's NaN bits.
+@triton.jit
+def is_nan_bits(bits):
+    return (bits & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def settle_nan(y, x):
+    """A NaN update result becomes x quieted where x is NaN, else the default NaN."""
+    xb = x.to(tl.uint32, bitcast=True)
+    nan = tl.where(is_nan_bits(xb), xb | _F32_QUIET_BIT, _F32_DEFAULT_NAN)
+    return tl.where(is_nan_bits(y.to(tl.uint32, bitcast=True)), nan.to(tl.float32, bitcast=True), y)
+
+
 @triton.jit
 def bf16_bits_to_float(h):
     return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
@@ -206,9 +226,42 @@ def bf16_bits_to_float(h):
 
 @triton.jit
 def float_to_bf16_bits(y):
-    """Round to nearest even into bfloat16 bits (uint16), NaN -> 0x7FC0 as torch does. Done on
-    the bits because the interpreter's own float32 -> bfloat16 cast truncates."""
+    """Round to nearest even into bfloat16 bits (uint16); a NaN keeps sign and top payload bits,
+    quieted."""
     bits = y.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16)
+    return tl.where(is_nan_bits(bits), (bits >> 16) | 0x0040, rounded).to(tl.uint16)
+
+
+@triton.jit
+def fp16_bits_to_float(h):
+    """Exact float16 -> float32 on the bits (NaN payloads kept)."""
+    h32 = h.to(tl.uint32)
+    sign = (h32 & 0x8000) << 16
+    exp = (h32 >> 10) & 0x1F
+    man = h32 & 0x3FF
+    wide = tl.where(exp == 0x1F, 0x7F800000 | (man << 13), ((exp + 112) << 23) | (man << 13))
+    tiny = (man.to(tl.float32) * _TWO_M24).to(tl.uint32, bitcast=True)  # exact
+    return (sign | tl.where(exp == 0, tiny, wide)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def float_to_fp16_bits(y):
+    """Round to nearest even into float16 bits (uint16) with gradual underflow; |y| >= 65520 to
+    +-inf; a NaN keeps sign and top 10 payload bits, quieted."""
+    x = y.to(tl.uint32, bitcast=True)
+    sign = (x >> 16) & 0x8000
+    a = x & 0x7FFFFFFF
+    normal = (a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13
+    e = (a >> 23).to(tl.int32)
+    shift = tl.minimum(tl.maximum(126 - e, 14), 24).to(tl.uint32)
+    m = (a & 0x7FFFFF) | 0x800000
+    q = m >> shift
+    rem = m & ((q * 0 + 1) << shift) - 1
+    half = (q * 0 + 1) << (shift - 1)
+    up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    sub = tl.where(e < 102, 0, q + up.to(tl.uint32))
+    out = tl.where(a >= 0x38800000, normal, sub)
+    out = tl.where(a >= _FP16_OVERFLOW_BITS, 0x7C00, out)
+    out = tl.where(a > 0x7F800000, 0x7E00 | ((a >> 13) & 0x3FF), out)
+    return (sign | out).to(tl.uint16)

@@ -1,6 +1,6 @@
 // Perturbation stream v1: the header-only core every C++ and CUDA kernel of fedkseed includes.
 //
-// The contract is shared/perturbation-stream.md; fedkseed/reference.py is the normative
+// The contract is docs/stream-spec.md; fedkseed/reference.py is the normative
 // implementation and fedkseed/stream.py holds the same constants for Python (a test checks they
 // agree). Every function here is a fixed sequence of separately rounded float32 operations
 // (add/sub/mul, correctly rounded sqrt, exact bit manipulation), so host and device code give the
@@ -178,35 +178,48 @@ FKS_HD float log_uniform(float u) {
   return fks_add(r, fks_mul(ef, kLogLn2Hi));
 }
 
-// cos(2*pi*n*2^-24) (odd == 0) or sin(2*pi*n*2^-24) (odd == 1) for the odd 24-bit integer n.
-// Quadrant q and reduced argument x = (n - q*2^22) * pi*2^-23 are exact integer work; since
-// sin(t) = cos(t + 3pi/2), both reduce to the quadrant qq = (q + 3*odd) mod 4.
-FKS_HD float cos_sin_2pi(uint32_t n, uint32_t odd) {
+// (cos, sin) of 2*pi*n*2^-24 for the odd 24-bit integer n (docs/stream-spec.md#sincos), both
+// from one evaluation of the two polynomials. Quadrant q and reduced argument
+// x = (n - q*2^22) * pi*2^-23 are exact integer work; cos takes quadrant q mod 4 and, since
+// sin(t) = cos(t + 3pi/2), sin takes (q + 3) mod 4: an odd quadrant uses the sine polynomial
+// and quadrants 1 and 2 negate.
+struct CosSin {
+  float c, s;
+};
+
+FKS_HD CosSin cos_sin_2pi(uint32_t n) {
   const uint32_t q = (n + (1u << 21)) >> 22;
   const int32_t m = static_cast<int32_t>(n) - static_cast<int32_t>(q << 22);
   const float x = fks_mul(static_cast<float>(m), kSincosScale);
   const float z = fks_mul(x, x);
-  const uint32_t qq = (q + 3u * odd) & 3u;
-  float v;
-  if (qq & 1u) {
-    float s = fks_add(fks_mul(kSinP0, z), kSinP1);
-    s = fks_add(fks_mul(s, z), kSinP2);
-    s = fks_mul(fks_mul(s, z), x);
-    v = fks_add(s, x);
-  } else {
-    float c = fks_add(fks_mul(kCosP0, z), kCosP1);
-    c = fks_add(fks_mul(c, z), kCosP2);
-    c = fks_mul(fks_mul(c, z), z);
-    c = fks_sub(c, fks_mul(0.5f, z));
-    v = fks_add(c, 1.0f);
-  }
-  return (qq == 1u || qq == 2u) ? -v : v;
+  float s = fks_add(fks_mul(kSinP0, z), kSinP1);
+  s = fks_add(fks_mul(s, z), kSinP2);
+  s = fks_mul(fks_mul(s, z), x);
+  s = fks_add(s, x);
+  float c = fks_add(fks_mul(kCosP0, z), kCosP1);
+  c = fks_add(fks_mul(c, z), kCosP2);
+  c = fks_mul(fks_mul(c, z), z);
+  c = fks_sub(c, fks_mul(0.5f, z));
+  c = fks_add(c, 1.0f);
+  const uint32_t qc = q & 3u, qs = (q + 3u) & 3u;
+  const float vc = (qc & 1u) ? s : c, vs = (qs & 1u) ? s : c;
+  return CosSin{(qc == 1u || qc == 2u) ? -vc : vc, (qs == 1u || qs == 2u) ? -vs : vs};
 }
 
-// Box-Muller on the word pair (wa, wb): r*cos(t) for the even lane, r*sin(t) for the odd one.
-FKS_HD float gaussian_from_words(uint32_t wa, uint32_t wb, uint32_t odd) {
+// Box-Muller on the word pair (wa, wb): (r*cos(t), r*sin(t)), the pair's even and odd lanes.
+struct Pair {
+  float even, odd;
+};
+
+FKS_HD Pair gaussian_pair_from_words(uint32_t wa, uint32_t wb) {
   const float r = fks_sqrt(fks_mul(-2.0f, log_uniform(uniform(wa))));
-  return fks_mul(r, cos_sin_2pi(uniform_numerator(wb), odd));
+  const CosSin t = cos_sin_2pi(uniform_numerator(wb));
+  return Pair{fks_mul(r, t.c), fks_mul(r, t.s)};
+}
+
+FKS_HD float gaussian_from_words(uint32_t wa, uint32_t wb, uint32_t odd) {
+  const Pair p = gaussian_pair_from_words(wa, wb);
+  return odd ? p.odd : p.even;
 }
 
 FKS_HD float gaussian(uint64_t seed, uint64_t index) {
@@ -230,7 +243,7 @@ FKS_HD float perturbation(uint64_t seed, uint64_t index, uint32_t tag) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stochastic rounding (tag 2, docs/stream-extensions.md). Each returns a float32 that the
+// Stochastic rounding (tag 2, docs/stream-spec.md#stochastic-rounding). Each returns a float32 that the
 // target dtype represents exactly (or +-inf past its range), so the ordinary round-to-nearest
 // cast that follows changes nothing; non-finite inputs pass through unchanged.
 FKS_HD uint32_t rounding_word(uint64_t seed, uint64_t index) {

@@ -1,8 +1,10 @@
 """Print the nvcc flags the CUDA extension is built with, for ``make cuda-check``.
 
-The device flags come from setup.py's ``NVCC_FLAGS`` (read, not copied, so the check compiles
-exactly what the build compiles), plus the defines and include paths torch's CUDAExtension adds.
-Usage: ``python -m fedkseed.kernels.nvcc_flags [STUB_DIR]``.
+Build tooling, not part of the installed package: it reads the source tree. The device flags come
+from setup.py's ``NVCC_FLAGS`` (read, not copied, so the check compiles exactly what the build
+compiles), plus the defines and include paths torch's CUDAExtension adds, plus one ``-gencode``
+per architecture in pyproject.toml's ``[tool.fedkseed] cuda-archs`` (the list setup.py uses too).
+Usage: ``python tools/nvcc_flags.py [STUB_DIR]``.
 
 A CPU-only torch wheel ships the c10/cuda headers but not the one CMake generates
 (``c10/cuda/impl/cuda_cmake_macros.h``); given STUB_DIR, a stand-in with the content CMake writes
@@ -14,11 +16,13 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import tomllib
 
 import torch
 from torch.utils import cpp_extension
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
 
 
 def setup_nvcc_flags(setup_py: str = os.path.join(ROOT, "setup.py")) -> list[str]:
@@ -31,7 +35,21 @@ def setup_nvcc_flags(setup_py: str = os.path.join(ROOT, "setup.py")) -> list[str
     raise RuntimeError(f"no NVCC_FLAGS list in {setup_py}")
 
 
-CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
+def cuda_archs(pyproject: str = os.path.join(ROOT, "pyproject.toml")) -> list[str]:
+    """pyproject.toml's ``[tool.fedkseed] cuda-archs``, e.g. ``["8.0", "9.0"]``."""
+    with open(pyproject, "rb") as f:
+        return list(tomllib.load(f)["tool"]["fedkseed"]["cuda-archs"])
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """``-gencode arch=compute_80,code=sm_80`` for ``"8.0"``: real code for each architecture."""
+    flags = []
+    for arch in archs:
+        sm = arch.replace(".", "")
+        if not sm.isdigit():
+            raise ValueError(f"cuda-archs entry {arch!r} is not of the form MAJOR.MINOR")
+        flags += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
+    return flags
 
 
 def stub_generated_headers(stub_dir: str) -> list[str]:
@@ -59,6 +77,7 @@ def nvcc_flags(stub_dir: str | None = None) -> list[str]:
         "-Xcompiler",
         "-fPIC",
         *setup_nvcc_flags(),
+        *gencode_flags(cuda_archs()),
     ]
 
 

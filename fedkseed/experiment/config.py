@@ -1,0 +1,246 @@
+"""What an experiment is configured by: ``SimConfig`` (``fedkseed simulate``) and ``ApplyConfig``
+(``fedkseed apply``), with their validation.
+
+Each field carries its command-line help (``metadata["help"]``) and, where the value is one of a
+set, the set's owner (``metadata["choices"]``: a function returning the allowed values, so they
+are read from the module that defines them, at the time they are needed). ``fedkseed.cli``
+generates its arguments from these definitions; nothing here knows about argparse.
+
+Fields whose default is ``None`` take their value from the run's protocol (``PROTOCOLS``): an
+explicit value always wins, and a constructed config holds the resolved values, so
+``metrics.json``, the checkpoint and the Flower run config see the settings that actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import data as D
+from .. import stream as S
+from ..errors import UsageError
+from ..fed import FedSpec
+from ..fed.attacks import ATTACKS
+from ..fed.robust import AGGREGATES, parse_clip
+from ..fed.wire import PRECISIONS
+from ..models import DTYPES
+from ..ops import BACKENDS
+from . import engines
+
+# The protocols: the settings --protocol fills in where the command line leaves them unset.
+# "demo": a visible improvement of SmolLM2-135M in a few minutes on a 2-core CPU (measured: 300
+# ZO steps at batch 2 x 64 tokens, ~2.5 min at load 2, eval loss -1.9%; Rademacher replays K
+# seeds ~20x cheaper than Gaussian). Sequential steps (rounds x local steps) drive progress;
+# lr 1e-4 diverges, lr 1e-5 barely moves, eps 1e-2 beats 1e-3.
+# "paper": FedKSeed's official settings (Qin et al. 2024 and its FederatedScope code): K = 4096,
+# tau = 200, lr 3e-7, eps 5e-4, batch 1, Gaussian directions, Rouge-L on every held-out example
+# with 128 new tokens; plus the protocol choices below (PAPER_RULES).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "demo": dict(
+        k=1024, local_steps=30, lr=3e-5, eps=1e-2, dist="rademacher", batch_size=2, max_new_tokens=64, rouge_examples="8"
+    ),
+    "paper": dict(
+        k=4096, local_steps=200, lr=3e-7, eps=5e-4, dist="gaussian", batch_size=1, max_new_tokens=128, rouge_examples="all"
+    ),
+}
+# What --protocol paper changes beyond defaults (no option overrides these): aggregation weights
+# count batches, local batches walk shuffled epochs without replacement, and the Dirichlet split
+# is the official balanced one with at least data.MIN_CLIENT_SIZE examples per client.
+PAPER_RULES = "batch-count weights, shuffled epochs without replacement, balanced Dirichlet split"
+ALL = "all"
+
+
+def option(
+    default: Any = dataclasses.MISSING, help: str = "", choices: Callable[[], Sequence[str]] | None = None
+) -> Any:
+    """A config field with its command-line help and, optionally, the owner of its choices."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The allowed values of a config field, or None when any value of its type is allowed."""
+    owner = f.metadata.get("choices")
+    return None if owner is None else tuple(owner())
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field name (``clients_per_round`` -> ``--clients-per-round``)."""
+    return "--" + name.replace("_", "-")
+
+
+def protocol_defaults(name: str) -> dict[str, Any] | None:
+    """Per protocol, the value a protocol-dependent field takes when unset; None for other fields."""
+    if name not in PROTOCOLS["demo"]:
+        return None
+    return {protocol: values[name] for protocol, values in PROTOCOLS.items()}
+
+
+def _validate_choices(config: Any) -> None:
+    for f in dataclasses.fields(config):
+        allowed = choices_of(f)
+        value = getattr(config, f.name)
+        if allowed is not None and value not in allowed:
+            raise UsageError(f"{flag(f.name)} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _count_or_all(name: str, value: Any, *, zero: bool) -> str:
+    """``value`` as "all" or a decimal count (>= 0 when ``zero``, else >= 1)."""
+    text = str(value).strip().lower() if not isinstance(value, bool) else ""
+    if text == ALL:
+        return ALL
+    if text.isdigit() and int(text) >= (0 if zero else 1):
+        return str(int(text))
+    raise UsageError(f"{flag(name)} must be 'all' or an integer >= {0 if zero else 1}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A FedKSeed run simulated on one machine."""
+
+    protocol: str = option("demo", f"settings left unset come from: demo, or paper ({PAPER_RULES})", lambda: tuple(PROTOCOLS))
+    model: str = option("smollm2-135m", "smollm2-135m, tiny or a local HF model folder")
+    data: str = option("faq", "faq, faq-sv or a JSON / JSON Lines file of Alpaca or Dolly records (see below)")
+    dtype: str = option("fp32", "model weights' dtype; bf16/fp16 train with stochastic rounding", lambda: tuple(DTYPES))
+    clients: int = option(20, "number of clients")
+    clients_per_round: int = option(2, "clients sampled per round")
+    rounds: int = option(5, "federated rounds")
+    local_steps: int | None = option(None, "ZO steps per client and round")
+    k: int | None = option(None, "candidate seeds")
+    pro: bool = option(False, "FedKSeed-Pro seed probabilities")
+    dist: str | None = option(None, "perturbation distribution", lambda: tuple(S.DISTRIBUTIONS))
+    lr: float | None = option(None, "learning rate")
+    eps: float | None = option(None, "perturbation scale")
+    weight_decay: float = option(0.0, "decoupled weight decay of the local ZO steps")
+    aggregate: str = option("mean", "per-seed aggregate of the round's uploads", lambda: AGGREGATES)
+    clip: str = option("auto", "bound on each upload's norm: auto (3x the round's median), a number, or off (also: none, inf)")
+    byzantine: int = option(0, "clients of each round's sample that send adversarial uploads (simulation)")
+    attack: str = option("scale", "what the --byzantine clients send", lambda: ATTACKS)
+    alpha: float = option(0.5, "Dirichlet concentration over categories")
+    holdout: str = option("1", "held-out categories for new-task Rouge-L: a count, or comma-separated names")
+    seed: int = option(0, "seed of every draw of the run")
+    engine: str = option("local", "what runs the rounds", engines.names)
+    output: str = option("runs/fedkseed", "output folder (refused when it holds files, unless --resume or --overwrite)")
+    resume: bool = option(False, "continue the run whose checkpoint is in --output (same settings, --rounds may grow)")
+    overwrite: bool = option(False, "replace the run in --output")
+    batch_size: int | None = option(None, "examples per ZO step")
+    max_length: int = option(64, "tokens per example (examples whose prompt fills it are dropped and counted)")
+    eval_examples: int = option(8, "examples held back from the clients for the eval loss")
+    rouge_examples: str | None = option(None, "held-out examples scored by Rouge-L: a count, 0 (none) or all")
+    max_new_tokens: int | None = option(None, "Rouge-L generation length")
+    precision: str = option("fp16", "how seed-table entries travel and are replayed", lambda: PRECISIONS)
+    backend: str = option("auto", "perturbation kernels", lambda: BACKENDS)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:  # first: the defaults below come from it
+            raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        for name, value in PROTOCOLS[self.protocol].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "holdout", self._holdout())
+        object.__setattr__(self, "rouge_examples", _count_or_all("rouge_examples", self.rouge_examples, zero=True))
+        object.__setattr__(self, "clip", self._clip())
+        positive = (
+            "clients",
+            "clients_per_round",
+            "rounds",
+            "local_steps",
+            "k",
+            "batch_size",
+            "eval_examples",
+            "max_new_tokens",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+        if self.max_length < 8:
+            raise UsageError(f"--max-length must be >= 8, got {self.max_length}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UsageError(f"--alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int) or self.byzantine < 0:
+            raise UsageError(f"--byzantine must be an integer >= 0, got {self.byzantine!r}")
+        if self.byzantine >= self.clients_per_round:
+            raise UsageError(
+                f"--byzantine {self.byzantine} must be below --clients-per-round {self.clients_per_round} "
+                "(a round needs at least one honest client)"
+            )
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        _validate_choices(self)
+        try:
+            self.spec()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def _holdout(self) -> str:
+        """--holdout as given on the command line: a count ("2") or names ("a,b")."""
+        try:
+            parsed = D.parse_holdout(self.holdout)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        return str(parsed) if isinstance(parsed, int) else ",".join(parsed)
+
+    def _clip(self) -> str:
+        """--clip as "auto", "off" or a positive number's text ("none" and "inf" mean "off")."""
+        text = str(self.clip).strip().lower()
+        try:
+            parsed = parse_clip("off" if text in ("none", "inf") else text)
+        except ValueError as error:
+            raise UsageError(f"--{error}") from None
+        return parsed if isinstance(parsed, str) else repr(parsed)
+
+    @property
+    def paper(self) -> bool:
+        return self.protocol == "paper"
+
+    def rouge_limit(self) -> int | None:
+        """How many held-out examples Rouge-L scores: None for all of them."""
+        return None if self.rouge_examples == ALL else int(self.rouge_examples)
+
+    def spec(self) -> FedSpec:
+        return FedSpec(
+            num_clients=self.clients,
+            clients_per_round=self.clients_per_round,
+            k=self.k,
+            local_steps=self.local_steps,
+            lr=self.lr,
+            eps=self.eps,
+            dist=self.dist,
+            batch_size=self.batch_size,
+            pro=self.pro,
+            precision=self.precision,
+            seed=self.seed,
+            aggregate=self.aggregate,
+            clip=self.clip,
+            weighting="batches" if self.paper else "examples",
+        )
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the saved one (rounds may grow)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_FREE}
+
+
+# Settings that do not change what a run computes: a resumed run may give them other values.
+RUN_FREE = frozenset({"rounds", "resume", "overwrite", "output", "backend", "engine"})
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """Rebuild a fine-tuned model from a base model and a delta file."""
+
+    base: str = option(help="smollm2-135m, tiny or a local HF model folder")
+    delta: str = option(help="a delta.fks file written by simulate")
+    output: str = option(help="folder for the rebuilt model (not the base folder, nor inside it)")
+    dtype: str = option("fp32", "dtype the base is loaded in: the run's --dtype", lambda: tuple(DTYPES))
+    overwrite: bool = option(False, "replace --output when it holds files")
+
+    def __post_init__(self) -> None:
+        _validate_choices(self)

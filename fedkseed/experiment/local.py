@@ -1,0 +1,45 @@
+"""The local engine: the whole federation in this process (registered as "local")."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..fed import byzantine_clients
+from .config import SimConfig
+from .outputs import Results
+from .prepare import prepare
+from .runbook import RunBook
+
+log = logging.getLogger("fedkseed.experiment")
+
+
+def run_local(config: SimConfig, *, progress: bool = True) -> Results:
+    """The local engine: every client in this process, one shared Replica (each client still
+    merges its own catch-up table; the replica rebuilds only when the table changes).
+
+    With ``--byzantine N``, N of each round's sampled clients (drawn from the run's seed) train
+    and then send ``--attack``'s adversarial upload, through the real encoder to the real
+    server path: the server treats them like any other upload."""
+    setup = prepare(config)
+    book = RunBook(setup, progress=progress)
+    server = setup.server
+    if book.resumed:
+        for client in setup.clients:  # the current table agrees with the table a client
+            client.table = server.table.copy()  # holds on every entry its catch-up leaves out
+            client.synced = int(server.synced[client.client_id])
+    while server.round < config.rounds:
+        started = time.perf_counter()
+        sampled = server.begin_round()
+        bad = set(byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine)) if config.byzantine else set()
+        for c in sampled:
+            download = server.download(c)
+            try:
+                upload = setup.clients[c].train(download, attack=config.attack if c in bad else None)
+            except Exception as error:  # a failed client loses nothing: it is simply absent
+                log.warning("round %d: client %d failed: %s", server.round + 1, c, error)
+            else:
+                server.receive(upload)
+            book.bar.update(config.local_steps)
+        book.record(server.end_round(), started)
+    return book.finish()

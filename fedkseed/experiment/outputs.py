@@ -1,0 +1,83 @@
+"""What a finished run writes to its output folder (delta.fks: docs/formats.md#delta), in this
+order:
+
+    delta.fks         the seed table: what ``fedkseed apply`` rebuilds the model from
+    model/            the final model (safetensors in the run's dtype, config, tokenizer)
+    losses.png        train and eval loss per round
+    metrics.json      config, one entry per round, the final block (before/after metrics);
+                      written last, it is the "run complete" marker
+
+(and, written after every round by the RunBook, state.npz: the checkpoint, see ``checkpoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..atomic import save_atomically
+from .config import SimConfig
+
+METRICS_FILE, DELTA_FILE, MODEL_DIR, PLOT_FILE = "metrics.json", "delta.fks", "model", "losses.png"
+# What the per-round "train loss" is (printed above the table, in the plot and metrics.json).
+TRAIN_LOSS_MEANING = (
+    "mean of (L+ + L-)/2 over each sampled client's local ZO steps (the losses at the perturbed "
+    "weights w +/- eps*z as its local training moves them), weighted across clients like their "
+    "uploads; eval loss is the global model's"
+)
+
+
+@dataclass
+class Results:
+    config: SimConfig
+    rounds: list[dict[str, Any]]
+    final: dict[str, Any]
+    delta: bytes
+    model: Any
+    tokenizer: Any
+
+
+def write_outputs(results: Results) -> None:
+    """Every output file, metrics.json last: a folder with metrics.json holds a finished run."""
+    from ..models import save_model  # transformers: loaded only when a run writes its model
+
+    output = pathlib.Path(results.config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    unmark_complete(output)
+    save_atomically(output / DELTA_FILE, lambda p: p.write_bytes(results.delta))
+    save_model(results.model, results.tokenizer, output / MODEL_DIR)
+    plot_losses(results.rounds, results.final, output / PLOT_FILE)
+    metrics = {"config": dataclasses.asdict(results.config), "rounds": results.rounds, "final": results.final}
+    save_atomically(output / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+
+
+def unmark_complete(output: pathlib.Path) -> None:
+    """Remove metrics.json before a run changes the folder: until the run writes its own, the
+    folder must not look like a finished run (a resumed one's old marker would describe fewer
+    rounds than its checkpoint and model)."""
+    (output / METRICS_FILE).unlink(missing_ok=True)
+
+
+def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [r["round"] for r in rounds]
+    ax.plot(
+        [0, *xs], [final["eval_loss_before"]] + [r["eval_loss"] for r in rounds], "o-", label="eval loss (global model)"
+    )
+    ax.plot(xs, [r["train_loss"] for r in rounds], "s--", label="train loss: mean (L+ + L-)/2 of local ZO steps")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_title("FedKSeed")
+    ax.legend(fontsize="small")
+    fig.text(0.01, 0.01, "train loss is measured at perturbed weights during local training", fontsize="x-small")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_atomically(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""RunBook: the bookkeeping every engine shares around its rounds."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from ..fed import RoundSummary
+from .checkpoint import STATE_FILE, load_state, save_state
+from .evaluate import eval_losses, rouge
+from .outputs import TRAIN_LOSS_MEANING, Results, unmark_complete
+from .prepare import Setup
+
+
+class RunBook:
+    """The bookkeeping every engine shares around its rounds: resume from the checkpoint or
+    measure the "before" metrics, one record per round (evaluated, checkpointed, printed), and
+    the final block. Engines only move the bytes between ``Server`` and clients."""
+
+    def __init__(self, setup: Setup, *, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.setup = setup
+        config, server = setup.config, setup.server
+        self.output = pathlib.Path(config.output)
+        state = load_state(self.output, config) if config.resume else None
+        self.resumed = state is not None
+        if state is not None:
+            try:
+                server.load_state_dict(state["server"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise UsageError(
+                    f"--resume: {self.output / STATE_FILE} does not fit this run's server ({type(error).__name__}: {error})"
+                ) from None
+        setup.replica.build(server.table)
+        if state is not None:
+            self.rounds, self.before = state["rounds"], state["before"]
+        else:
+            loss, per_example = eval_losses(setup.model, setup.eval_data)
+            self.rounds = []
+            self.before = {"eval_loss": loss, "eval_loss_per_example": per_example, "rouge_l": rouge(setup)}
+        self.steps_per_round = config.clients_per_round * config.local_steps
+        self.bar = tqdm(
+            total=max(0, config.rounds - server.round) * self.steps_per_round,
+            file=sys.stderr,
+            disable=not progress,
+            unit="step",
+            desc="fedkseed",
+        )
+        self.bar.write(f"train loss: {TRAIN_LOSS_MEANING}", file=sys.stdout)
+        _row(self.bar, None)
+        _row(
+            self.bar,
+            {
+                "round": 0,
+                "train_loss": math.nan,
+                "eval_loss": self.before["eval_loss"],
+                "bytes_up_per_client": 0,
+                "bytes_down_per_client": 0,
+                "seconds": 0.0,
+            },
+        )
+
+    def record(self, summary: RoundSummary, started: float) -> dict[str, Any]:
+        """Evaluate the new global model, checkpoint the run and print the round's row."""
+        setup = self.setup
+        setup.replica.build(setup.server.table)
+        record = {
+            "round": summary.round,
+            "train_loss": summary.train_loss,
+            "eval_loss": eval_losses(setup.model, setup.eval_data)[0],
+            "bytes_up_per_client": _mean(summary.bytes_up.values()),
+            "bytes_down_per_client": _mean(summary.bytes_down.values()),
+            "clients": summary.accepted,
+            "weights": {str(c): w for c, w in summary.weights.items()},
+            "norm_bound": summary.bound,
+            "clipped": {str(c): f for c, f in summary.clipped.items()},
+            "rejected": {str(c): reason for c, reason in summary.rejected.items()},
+            "seconds": time.perf_counter() - started,
+        }
+        self.rounds.append(record)
+        unmark_complete(self.output)
+        save_state(
+            self.output,
+            {
+                "identity": setup.config.run_identity(),
+                "server": setup.server.state_dict(),
+                "rounds": self.rounds,
+                "before": self.before,
+            },
+        )
+        _row(self.bar, record)
+        return record
+
+    def finish(self) -> Results:
+        """The final block (before/after metrics, each with its n) and the run's results."""
+        self.bar.close()
+        setup, config = self.setup, self.setup.config
+        setup.replica.build(setup.server.table)
+        loss, per_example = eval_losses(setup.model, setup.eval_data)
+        rouge_after = rouge(setup)
+        final = {
+            "eval_loss_before": self.before["eval_loss"],
+            "eval_loss_after": loss,
+            "eval_examples": len(per_example),
+            "eval_loss_before_per_example": self.before["eval_loss_per_example"],
+            "eval_loss_after_per_example": per_example,
+            "rouge_l_before": self.before["rouge_l"],
+            "rouge_l_after": rouge_after,
+            "heldout_examples": 0 if rouge_after is None else next(iter(rouge_after.values()))["n"],
+            "train_loss_meaning": TRAIN_LOSS_MEANING,
+            "data": setup.data,
+            "fingerprint": setup.fingerprint,
+        }
+        return Results(config, self.rounds, final, setup.server.delta(setup.fingerprint), setup.model, setup.tokenizer)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else 0.0
+
+
+def _row(bar: Any, record: dict[str, Any] | None) -> None:
+    if record is None:
+        line = f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'up B':>7}  {'down B':>7}  {'seconds':>7}"
+    else:
+        line = (
+            f"{record['round']:>5}  {record['train_loss']:>10.4f}  {record['eval_loss']:>9.4f}  "
+            f"{record['bytes_up_per_client']:>7.0f}  {record['bytes_down_per_client']:>7.0f}  {record['seconds']:>7.1f}"
+        )
+    bar.write(line, file=sys.stdout)

@@ -1,0 +1,61 @@
+"""Attack simulation: turn an honest upload into a Byzantine one, reproducibly.
+
+An engine picks ``byzantine_clients`` among each round's sampled clients and has them train
+with ``Client.train(download, attack=kind)``: the client computes its honest upload, this
+module rewrites its values, and the result goes through the real encoder and the real server
+path. Everything derives from (run seed, round, client id) (``seeds.derive_seed``, domain
+``attack``), so a run with attackers is as reproducible as one without.
+
+    scale      every value times SCALE (1e6): the classic "boost" of model replacement
+    sign-flip  every value negated: an ascent step of honest size, invisible to any bound
+    random     values drawn afresh, uniform in (-1, 1) times SCALE times the upload's largest
+               |value| (1 when all are 0): noise of huge magnitude
+
+Values are capped at +-FLOAT32_CAP so the attacked upload stays encodable: an attacker is
+limited by the format, not by its own arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from ..seeds import derive_seed, unit_interval
+from .wire import StepUpload, Upload
+
+ATTACKS = ("scale", "sign-flip", "random")
+SCALE = 1e6
+FLOAT32_CAP = 2.0**127  # the largest power of two below float32's maximum
+
+U = TypeVar("U", Upload, StepUpload)
+
+
+def byzantine_clients(seed: int, round_: int, sampled: Sequence[int], n: int) -> list[int]:
+    """The ``n`` clients among ``sampled`` that attack in ``round_`` (sorted ids; all of them
+    when ``n`` >= len(sampled))."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"the number of Byzantine clients must be an int >= 0, got {n!r}")
+    ranked = sorted(sampled, key=lambda c: derive_seed("attack", seed, round_, c, 0))
+    return sorted(ranked[:n])
+
+
+def attack(upload: U, kind: str, seed: int) -> U:
+    """``upload`` with its values replaced as ``kind`` says (indices, steps and loss kept)."""
+    values = np.asarray(upload.values, dtype=np.float64)
+    if kind == "scale":
+        attacked = values * SCALE
+    elif kind == "sign-flip":
+        attacked = -values
+    elif kind == "random":
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        words = [derive_seed("attack", seed, upload.round, upload.client_id, 1, j) for j in range(values.size)]
+        uniform = np.array([2.0 * unit_interval(w) - 1.0 for w in words], dtype=np.float64)
+        attacked = uniform * SCALE * (peak or 1.0)
+    else:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {kind!r}")
+    if isinstance(upload, StepUpload):
+        attacked[upload.skipped] = 0.0  # the format's rule: a skipped step carries 0
+    return dataclasses.replace(upload, values=np.clip(attacked, -FLOAT32_CAP, FLOAT32_CAP))

@@ -1,0 +1,67 @@
+"""Applying a :class:`~fedkseed.zo.passes.Pass` to parameters whose tensors fall into
+coefficient classes: one op call per distinct (coefficients, decay) on disjoint tensor subsets.
+
+Each subset keeps its tensors' global offsets (docs/stream-spec.md#element-index), so every
+element gets exactly the stream values and arithmetic it would get in one call over the whole
+set, and the pass is still one pass over memory. When every class has the same coefficients
+(no weight decay, one lr: the usual case) the pass is a single call on the whole set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..ops import replay_
+from ..paramset import ParamSet
+from .passes import Pass
+
+_CACHE_KEY = "zo-subsets"  # ParamSet.cache entry: the subsets built so far, by (indices, decayed)
+
+
+class Runner:
+    """Applies passes to ``pset``; ``classes[i]`` is tensor i's coefficient class (2g + decayed)."""
+
+    def __init__(self, pset: ParamSet, classes: Sequence[int], dist: str, backend: str) -> None:
+        if len(classes) != len(pset):
+            raise ValueError(f"{len(classes)} coefficient classes for {len(pset)} tensors")
+        self.pset = pset
+        self.classes = list(classes)
+        self.dist = dist
+        self.backend = backend
+
+    def apply(self, p: Pass, rounding_seed: int | None = None) -> None:
+        if len(p.coefficients) == 1:
+            by_coefficients = {p.coefficients[0]: list(range(len(self.pset)))}
+        else:
+            by_coefficients: dict[tuple[tuple[float, ...], float], list[int]] = {}
+            for i, c in enumerate(self.classes):
+                by_coefficients.setdefault(p.coefficients[c], []).append(i)
+        for (alphas, decay), indices in by_coefficients.items():
+            target = self._subset(tuple(indices), decay != 1.0)
+            replay_(
+                target,
+                list(p.seeds),
+                list(alphas),
+                self.dist,
+                decay if decay != 1.0 else None,
+                rounding_seed=rounding_seed,
+                backend=self.backend,
+            )
+
+    def _subset(self, indices: tuple[int, ...], decayed: bool) -> ParamSet:
+        """The tensors ``indices`` as a ParamSet with their global offsets; ``decayed``: every
+        one takes the decay factor (the class decides, not the name rule)."""
+        if not decayed and len(indices) == len(self.pset):
+            return self.pset
+        cache = self.pset.cache.setdefault(_CACHE_KEY, {})
+        key = (indices, decayed)
+        if key not in cache:
+            pset = self.pset
+            sub = ParamSet(
+                [(pset.names[i], pset.tensors[i]) for i in indices],
+                decays=lambda name, tensor: decayed,
+                trainable_only=False,
+            )
+            sub.offsets = [pset.offsets[i] for i in indices]  # global: the stream index stays
+            cache[key] = sub
+        return cache[key]

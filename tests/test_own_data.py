@@ -1,0 +1,392 @@
+"""A user's own model and data: folders without a chat template or a tokenizer, dtypes kept on
+save, Alpaca and Dolly files (JSON array and JSON Lines), the random hold-out for data without
+categories, --max-length drops, hold-out by name, the balanced split, the epoch walk, and
+Rouge-L both ways with bootstrap intervals. Uses the "tiny" model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedkseed import data as D
+from fedkseed import metrics, models
+from fedkseed.seeds import derive_seed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def faq():
+    return D.load_examples("faq")
+
+
+def _params(model):
+    return [p.detach() for p in model.parameters()]
+
+
+# --- model folders ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_template_folder(tiny, tmp_path_factory):
+    """A tiny Llama folder whose tokenizer has no chat template."""
+    folder = tmp_path_factory.mktemp("no-template")
+    model = tiny[0]
+    plain = models.smollm2_tokenizer()
+    plain.chat_template = None
+    model.save_pretrained(folder)
+    plain.save_pretrained(folder)
+    return folder
+
+
+def test_no_chat_template_falls_back_to_alpaca_and_says_so(no_template_folder, tiny, faq, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedkseed.models"):
+        model, tokenizer = models.load_model(str(no_template_folder))
+    assert tokenizer.chat_template is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the tokenizer in {no_template_folder} has no chat template: prompts use FedKSeed's Alpaca template"
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(tiny[0])))
+    with_input = D.Example("Translate to Swedish", "a house", "ett hus", "default")
+    # The official code's prompt, character for character (FederatedScope FedKSeed, llm_dataset.py).
+    assert D.alpaca_prompt(with_input) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response for the task request.\n\n### Instruction:\nTranslate to Swedish\n\n### Input:\na house"
+        "\n\n### Response:"
+    )
+    assert D.alpaca_prompt(faq[0]) == (
+        "Below is an instruction that describes a task. Write a response for the task request.\n\n"
+        f"### Instruction:\n{faq[0].instruction}\n\n### Response:"
+    )
+    batch = D.encode(tokenizer, [faq[0], with_input])
+    for row, example in enumerate([faq[0], with_input]):
+        prompt = D.prompt_ids(tokenizer, example)
+        assert tokenizer.decode(prompt) == D.alpaca_prompt(example)
+        length = int(batch["attention_mask"][row].sum())
+        labels = batch["labels"][row]
+        assert (labels[: len(prompt)] == -100).all()
+        assert tokenizer.decode(labels[len(prompt) : length]) == example.output + tokenizer.eos_token
+    assert torch.isfinite(D.lm_loss(model, batch))
+    assert len(D.generate(model, tokenizer, [with_input], max_new_tokens=4)) == 1
+
+
+def test_template_tokenizer_logs_nothing(tiny, tmp_path, caplog):
+    model, tokenizer = tiny
+    models.save_model(model, tokenizer, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedkseed.models"):
+        models.load_model(str(tmp_path))
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    "keep, problem",
+    [
+        (("config.json", "model.safetensors"), "no tokenizer (tokenizer.json, tokenizer.model, vocab.json)"),
+        (
+            ("config.json", "tokenizer.json", "tokenizer_config.json"),
+            "no weights (model.safetensors or pytorch_model.bin)",
+        ),
+        (("model.safetensors", "tokenizer.json"), "no config.json"),
+    ],
+)
+def test_incomplete_folder_is_one_line_naming_it(no_template_folder, tmp_path, keep, problem):
+    for name in keep:
+        (tmp_path / name).write_bytes((no_template_folder / name).read_bytes())
+    with pytest.raises(models.ModelLoadError) as error:
+        models.load_model(str(tmp_path))
+    assert str(error.value).startswith(f"model folder {tmp_path}: ")
+    assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("broken, what", [("model.safetensors", "the model"), ("tokenizer.json", "the tokenizer")])
+def test_unreadable_folder_is_one_line(no_template_folder, tmp_path, broken, what):
+    for source in no_template_folder.iterdir():
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / broken).write_bytes(b"not what it claims to be")
+    with pytest.raises(models.ModelLoadError) as error:
+        models.load_model(str(tmp_path))
+    assert str(error.value).startswith(f"model folder {tmp_path}: cannot read {what} (")
+    assert "\n" not in str(error.value)
+
+
+def test_dtype_is_chosen_at_load_and_kept_on_save(tiny, tmp_path):
+    model, tokenizer = tiny
+    bf16, _ = models.load_model("tiny", seed=0, dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(_params(model), _params(bf16)))
+    models.save_model(bf16, tokenizer, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    # Half the bytes of float32: the weights were written as bfloat16, not upcast.
+    numel = sum(p.numel() for p in bf16.parameters())
+    assert (tmp_path / "model.safetensors").stat().st_size < 2 * numel + 100_000
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o044  # readable like any saved file
+    again, _ = models.load_model(str(tmp_path), dtype=None)  # the folder's own dtype
+    assert all(torch.equal(a, b) for a, b in zip(_params(bf16), _params(again)))
+    upcast, _ = models.load_model(str(tmp_path))  # the default asks for float32
+    assert all(p.dtype == torch.float32 for p in upcast.parameters())
+    with pytest.raises(models.ModelLoadError, match="dtype must be one of fp32, bf16, fp16"):
+        models.load_model("tiny", dtype="int8")
+
+
+def test_importing_models_changes_no_environment_variable(monkeypatch):
+    import importlib.util
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # what the module used to set at import
+    before = dict(os.environ)
+    # A fresh copy of the module, run beside the imported one (which the other tests keep using).
+    spec = importlib.util.spec_from_file_location("fedkseed._models_copy", models.__file__)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert dict(os.environ) == before
+
+
+# --- data files ------------------------------------------------------------------------------
+
+
+ALPACA = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, sleep, move."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+
+
+def test_alpaca_json_array_loads(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(ALPACA, indent=4), encoding="utf-8")  # as alpaca_data.json ships
+    assert D.load_examples(str(path)) == [
+        D.Example(r["instruction"], r["input"], r["output"], D.DEFAULT_CATEGORY) for r in ALPACA
+    ]
+
+
+def test_dolly_jsonl_loads(tmp_path):
+    rows = [
+        {
+            "instruction": "When was it built?",
+            "context": "The bridge opened in 1932.",
+            "response": "1932",
+            "category": "closed_qa",
+        },
+        {"instruction": "Name a colour.", "context": "", "response": "Blue", "category": "brainstorming"},
+    ]
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert D.load_examples(str(path)) == [
+        D.Example("When was it built?", "The bridge opened in 1932.", "1932", "closed_qa"),
+        D.Example("Name a colour.", "", "Blue", "brainstorming"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[{"instruction": "a", "output": "b"}, {"instruction": "x"}]',
+            "alpaca.json item 1: missing field 'output' or 'response'; expected JSON Lines or a JSON array",
+        ),
+        ('[{"instruction": "a", "output": "b"},\n "just text"]', "alpaca.json item 1: got a JSON str; expected"),
+        ('[{"instruction": "a",\n "output": }]', "alpaca.json:2: invalid JSON"),
+        (
+            '{"instruction": "a",\n "output": "b"}',
+            "alpaca.json:1: invalid JSON .*; expected JSON Lines or a JSON array",
+        ),
+    ],
+)
+def test_array_errors_name_the_item_or_line_and_the_format(tmp_path, text, message):
+    path = tmp_path / "alpaca.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        D.load_examples(str(path))
+
+
+def test_formats_help_names_every_accepted_field():
+    for names, _ in D.FIELDS.values():
+        for name in names:
+            assert name in D.DATA_FORMATS_HELP
+    assert "JSON Lines" in D.DATA_FORMATS_HELP and "JSON array" in D.DATA_FORMATS_HELP
+
+
+# --- hold-out and split ----------------------------------------------------------------------
+
+
+def test_data_without_categories_holds_out_random_examples(faq):
+    plain = [D.Example(e.instruction, e.input, e.output, D.DEFAULT_CATEGORY) for e in faq]
+    split = D.split_data(plain, 5, 0.5, seed=0, holdout=1)
+    assert split.note == "no categories: holding out a random 10% of examples (50 of 503) for evaluation"
+    assert len(split.heldout) == 50 and split.heldout_categories == ()
+    assigned = [e for c in split.clients for e in c]
+    assert sorted(map(plain.index, assigned + split.heldout)) == list(range(len(plain)))
+    # Random, not the first or last rows; deterministic from the seed, and the seed matters.
+    rows = [plain.index(e) for e in split.heldout]
+    assert rows != list(range(50)) and rows != list(range(453, 503))
+    assert D.split_data(plain, 5, 0.5, seed=0, holdout=1) == split
+    assert D.split_data(plain, 5, 0.5, seed=1, holdout=1).heldout != split.heldout
+    none = D.split_data(plain, 5, 0.5, seed=0, holdout=0)
+    assert none.heldout == [] and none.note is None
+    assert D.split_data(faq, 5, 0.5, seed=0, holdout=1).note is None  # categories: no note
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        (2, 2),
+        ("3", 3),
+        (" 0 ", 0),
+        ("bygglov", ("bygglov",)),
+        ("bygglov, vvs", ("bygglov", "vvs")),
+        (["bygglov", "vvs"], ("bygglov", "vvs")),
+    ],
+)
+def test_parse_holdout(value, parsed):
+    assert D.parse_holdout(value) == parsed
+
+
+@pytest.mark.parametrize("value", [-1, True, "", "bygglov,,vvs"])
+def test_parse_holdout_rejects(value):
+    with pytest.raises(ValueError, match="--holdout"):
+        D.parse_holdout(value)
+
+
+def test_holdout_by_names(faq):
+    split = D.split_data(faq, 5, 0.5, seed=0, holdout="bygglov,vvs")
+    assert split.heldout_categories == ("bygglov", "vvs")
+    assert split.heldout == [e for e in faq if e.category in ("bygglov", "vvs")] and len(split.heldout) == 35
+    with pytest.raises(ValueError, match=r"--holdout: unknown categories \['nope'\] \(the data has "):
+        D.split_data(faq, 5, 0.5, seed=0, holdout="bygglov,nope")
+
+
+def test_default_split_is_unchanged_for_the_demo(faq):
+    # Pinned from the split before the balanced option existed: the demo's bits must not move.
+    split = D.split_data(faq, 20, 0.5, seed=0, holdout=1)
+    assert split.heldout_categories == ("tomtgrans-servitut",)
+    assert " ".join(str(len(c)) for c in split.clients) == "14 12 25 23 22 18 21 39 28 20 15 24 25 15 40 38 12 22 27 56"
+    index = {e: i for i, e in enumerate(faq)}
+    rows = repr([[index[e] for e in c] for c in split.clients]).encode()
+    assert hashlib.sha256(rows).hexdigest()[:16] == "035a0ebafbc76035"
+
+
+@pytest.mark.parametrize("num_clients, alpha", [(20, 0.5), (25, 0.1), (10, 5.0)])
+def test_balanced_split_gives_every_client_the_minimum(faq, num_clients, alpha):
+    split = D.split_data(faq, num_clients, alpha, seed=2, holdout=1, balanced=True)
+    sizes = [len(c) for c in split.clients]
+    assert min(sizes) >= D.MIN_CLIENT_SIZE
+    assigned = [e for c in split.clients for e in c]
+    held = set(split.heldout_categories)
+    assert sorted(map(faq.index, assigned)) == [i for i, e in enumerate(faq) if e.category not in held]
+    assert D.split_data(faq, num_clients, alpha, seed=2, holdout=1, balanced=True) == split
+    # A client stops taking examples once it holds its fair share: no client exceeds it by more
+    # than the largest category it could have received in one piece.
+    largest = max(sum(e.category == c for e in faq) for c in {e.category for e in faq})
+    assert max(sizes) < len(assigned) / num_clients + largest
+    plain = [len(c) for c in D.split_data(faq, num_clients, alpha, seed=2, holdout=1).clients]
+    assert np.std(sizes) < np.std(plain)
+
+
+def test_balanced_split_refuses_what_it_cannot_do(faq, monkeypatch):
+    with pytest.raises(ValueError, match="cannot give every client 10"):
+        D.split_data(faq, 60, 0.5, seed=0, holdout=1, balanced=True)
+    monkeypatch.setattr(D, "BALANCED_ATTEMPTS", 20)  # the message, without 1000 hopeless draws
+    with pytest.raises(ValueError, match="no balanced split with 12 examples per client in 20 draws"):
+        D.split_data(faq, 40, 0.01, seed=0, holdout=1, balanced=True, min_size=12)
+
+
+# --- lengths and the epoch walk ----------------------------------------------------------------
+
+
+def test_max_length_drops_are_counted_and_capped(tiny):
+    _, tokenizer = tiny
+    short = [D.Example(f"Question {i}?", "", "Answer.", "qa") for i in range(8)]
+    long = [D.Example("Summarise.", "word " * 80, "Short.", "summary") for _ in range(2)]
+    lengths = [len(D.prompt_ids(tokenizer, e)) for e in short + long]
+    assert max(lengths[:8]) < 64 <= min(lengths[8:])  # the hand count: exactly the 2 long ones
+    kept, dropped = D.fit_length(tokenizer, [short[:4] + long[:1], short[4:] + long[1:]], 64)
+    assert dropped == 2 and kept == [short[:4], short[4:]]
+    assert D.fit_length(tokenizer, [short + long], 256) == ([short + long], 0)
+    with pytest.raises(ValueError, match=r"--max-length 64: 2 of 5 examples .* raise --max-length"):
+        D.fit_length(tokenizer, [short[:3] + long], 64)
+    with pytest.raises(ValueError, match="never all of a client's"):
+        D.fit_length(tokenizer, [short, long[:1]], 64, max_drop_share=0.5)
+
+
+def test_epoch_walk_covers_each_epoch_once(faq):
+    n, batch = 7, 3
+    batches = [D.epoch_rows(5, 2, b, batch, n) for b in range(9)]  # 3 epochs of 3, 3 and 1 rows
+    assert [len(b) for b in batches] == [3, 3, 1] * 3
+    epochs = [[row for b in batches[3 * e : 3 * e + 3] for row in b] for e in range(3)]
+    assert all(sorted(rows) == list(range(n)) for rows in epochs)
+    assert len({tuple(rows) for rows in epochs}) == 3  # reshuffled every epoch
+    # The permutation is the order of the BLAKE2b keys of (seed, client, epoch, row): by hand.
+    keys = [derive_seed("batch", 5, 2, 1, i) for i in range(n)]
+    assert epochs[1] == sorted(range(n), key=keys.__getitem__)
+    assert D.epoch_rows(5, 3, 0, batch, n) != batches[0] or D.epoch_rows(5, 3, 1, batch, n) != batches[1]
+    assert [D.epoch_rows(5, 2, b, 1, n)[0] for b in range(n)] == epochs[0]  # batch size 1: same walk
+    with pytest.raises(ValueError, match="epoch_rows"):
+        D.epoch_rows(5, 2, -1, batch, n)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_rouge_l_both_scorers_on_a_known_pair():
+    reference, answer = "Apply for a permit.", "You must apply for permits"
+    # rouge-score: lower-case, drop punctuation, Porter-stem: "appli for a permit" against
+    # "you must appli for permit"; LCS "appli for permit" = 3: P = 3/5, R = 3/4.
+    p, r = 3 / 5, 3 / 4
+    assert metrics.rouge_l_scores([reference], [answer], "rouge-score") == [pytest.approx(2 * p * r / (p + r))]
+    # rouge (FedKSeed's): words as written, "Apply" != "apply", "permit." != "permits"; LCS "for" = 1.
+    p, r = 1 / 5, 1 / 4
+    official = metrics.rouge_l_scores([reference], [answer], "rouge")
+    assert official == [pytest.approx(2 * p * r / (p + r + 1e-8))]
+    assert round(official[0], 3) == 0.222 and round(2 * 0.6 * 0.75 / 1.35, 3) == 0.667
+    assert metrics.rouge_l_scores(["a b"], [""], "rouge") == [0.0]  # empty answer: 0, as official
+    assert metrics.rouge_l_scores(["x y z"], ["x y z"], "rouge") == [pytest.approx(1.0)]
+    with pytest.raises(ValueError, match="scorer"):
+        metrics.rouge_l_scores(["a"], ["a"], "bleu")
+
+
+def test_bootstrap_interval_matches_the_binomial_and_is_deterministic():
+    values = [0.0] * 50 + [1.0] * 50
+    estimate = metrics.bootstrap_interval(values)
+    # A resample's mean is Binomial(100, 1/2) / 100, whose 2.5% and 97.5% quantiles are 0.40, 0.60.
+    assert estimate.mean == 0.5 and estimate.n == 100
+    assert estimate.low == pytest.approx(0.40, abs=0.011) and estimate.high == pytest.approx(0.60, abs=0.011)
+    assert metrics.bootstrap_interval(values) == estimate
+    constant = metrics.bootstrap_interval([0.3] * 7)
+    assert (constant.low, constant.mean, constant.high) == pytest.approx((0.3, 0.3, 0.3))
+    rng = np.random.default_rng(0)
+    skewed = rng.exponential(size=40)
+    e = metrics.bootstrap_interval(skewed)
+    assert e.low < e.mean < e.high and metrics.bootstrap_interval(skewed) == e
+    assert metrics.bootstrap_interval(skewed, seed=1) != e  # the seed is what fixes it
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.bootstrap_interval([])
+
+
+def test_rouge_l_report_holds_both_scorers_per_example(tiny, faq):
+    model, tokenizer = tiny
+    examples = faq[:3]
+    answers = D.generate(model, tokenizer, examples, max_new_tokens=8, batch_size=2)
+    answers[0] = examples[0].output  # one perfect answer
+    report = metrics.rouge_l_report([e.output for e in examples], answers)
+    assert set(report) == {"rouge-score", "rouge"}
+    for scorer, entry in report.items():
+        scores = [100 * s for s in metrics.rouge_l_scores([e.output for e in examples], answers, scorer)]
+        assert entry["per_example"] == scores and entry["n"] == 3
+        assert entry["per_example"][0] == pytest.approx(100.0)
+        assert entry["mean"] == pytest.approx(np.mean(scores)) and entry["low"] <= entry["mean"] <= entry["high"]
+
+
+def test_example_losses_are_each_rows_own_loss(tiny, faq):
+    model, tokenizer = tiny
+    examples = [faq[0], faq[7], faq[100]]
+    losses = D.example_losses(model, D.encode(tokenizer, examples))
+    assert losses.shape == (3,) and losses.dtype == torch.float32
+    alone = torch.stack([D.lm_loss(model, D.encode(tokenizer, [e])) for e in examples])
+    torch.testing.assert_close(losses, alone, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,79 @@
+"""`fedkseed simulate --protocol paper` end to end on the tiny model: the official defaults fill
+what the command line leaves unset, the split is the balanced one, aggregation weights count
+batches, and Rouge-L scores every held-out example both ways with n and an interval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedkseed import data as D
+from fedkseed.cli import main
+from fedkseed.experiment.config import PROTOCOLS, SimConfig
+from fedkseed.metrics import SCORERS, bootstrap_interval
+
+# Small where the test needs speed (rounds, steps, K); everything else left to the protocol.
+ARGV = [
+    "--protocol", "paper", "--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--rounds", "1",
+    "--local-steps", "3", "--k", "16", "--batch-size", "4", "--eval-examples", "2", "--holdout", "bygglov",
+    "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("paper") / "run"
+    assert main(["simulate", *ARGV, "--output", str(output)]) == 0
+    return json.loads((output / "metrics.json").read_text())
+
+
+def test_unset_settings_come_from_the_protocol_and_flags_win(paper_run):
+    config = paper_run["config"]
+    assert config["protocol"] == "paper"
+    assert (config["k"], config["local_steps"], config["batch_size"]) == (16, 3, 4)  # given
+    official = {name: PROTOCOLS["paper"][name] for name in ("lr", "eps", "dist", "max_new_tokens", "rouge_examples")}
+    assert official == {"lr": 3e-7, "eps": 5e-4, "dist": "gaussian", "max_new_tokens": 128, "rouge_examples": "all"}
+    assert {name: config[name] for name in official} == official
+    assert (PROTOCOLS["paper"]["k"], PROTOCOLS["paper"]["local_steps"], PROTOCOLS["paper"]["batch_size"]) == (4096, 200, 1)
+    # ... and the demo protocol is what `fedkseed simulate` runs without flags.
+    demo = SimConfig()
+    assert (demo.k, demo.local_steps, demo.lr, demo.eps, demo.batch_size) == (1024, 30, 3e-5, 1e-2, 2)
+
+
+def test_the_split_is_the_balanced_one(paper_run):
+    faq = D.load_examples("faq")
+    split = D.split_data(faq, 4, 0.5, 0, "bygglov", balanced=True)
+    expected = [len(c) for c in split.clients]
+    assert min(expected) >= D.MIN_CLIENT_SIZE
+    assert expected != [len(c) for c in D.split_data(faq, 4, 0.5, 0, "bygglov").clients]
+    recorded = paper_run["final"]["data"]["examples_per_client"]
+    # The 2 eval examples are carved from the clients afterwards, at most one per client here.
+    carved = [e - r for e, r in zip(expected, recorded)]
+    assert set(carved) <= {0, 1} and sum(carved) == 2
+
+
+def test_aggregation_weights_count_batches(paper_run):
+    sizes = paper_run["final"]["data"]["examples_per_client"]
+    (record,) = paper_run["rounds"]
+    weights = {int(c): w for c, w in record["weights"].items()}
+    batches = {c: math.ceil(sizes[c] / 4) for c in weights}
+    for c, w in weights.items():
+        assert w == pytest.approx(batches[c] / sum(batches.values()), rel=1e-12)
+
+
+def test_rouge_l_scores_every_heldout_example_both_ways(paper_run):
+    final = paper_run["final"]
+    heldout = [e for e in D.load_examples("faq") if e.category == "bygglov"]
+    assert final["heldout_examples"] == len(heldout) > 8  # all of them, not the demo's 8
+    for when in ("rouge_l_before", "rouge_l_after"):
+        report = final[when]
+        assert set(report) == set(SCORERS)
+        for scorer in SCORERS:
+            entry = report[scorer]
+            assert entry["n"] == len(entry["per_example"]) == len(heldout)
+            # The interval is the bootstrap over those examples (recomputed independently).
+            again = bootstrap_interval(entry["per_example"])
+            assert (entry["mean"], entry["low"], entry["high"]) == (again.mean, again.low, again.high)
+            assert entry["low"] <= entry["mean"] <= entry["high"]

@@ -1,0 +1,300 @@
+"""Files never lose a run (issue 11): the output folder's rules, checkpoints that cannot be read,
+`apply`'s output, stale temporary files, and metrics.json as the "run complete" marker. Every run
+is the tiny model through `fedkseed.cli.main`, in process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from fedkseed.cli import main
+
+TINY = [
+    "--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--local-steps", "2", "--k", "16",
+    "--eval-examples", "2", "--rouge-examples", "2", "--max-new-tokens", "2", "--batch-size", "2", "--lr", "1e-3",
+    "--quiet",
+]  # fmt: skip
+
+
+def simulate(output: pathlib.Path, rounds: int, *extra: str) -> int:
+    return main(["simulate", *TINY, "--rounds", str(rounds), "--output", str(output), *extra])
+
+
+def error_of(code: int, capsys: pytest.CaptureFixture) -> str:
+    """The one stderr line of a refused command (exit code 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory) -> pathlib.Path:
+    """A finished 2-round run; tests copy it before changing anything."""
+    output = tmp_path_factory.mktemp("two") / "run"
+    assert simulate(output, 2) == 0
+    return output
+
+
+@pytest.fixture
+def run_copy(two_rounds, tmp_path) -> pathlib.Path:
+    target = tmp_path / "run"
+    shutil.copytree(two_rounds, target)
+    return target
+
+
+# --------------------------------------------------------------------------- the output folder
+def test_a_used_output_folder_is_refused_and_left_as_it_was(run_copy, capsys):
+    before = snapshot(run_copy)
+    err = error_of(simulate(run_copy, 2), capsys)
+    assert "--output" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(run_copy) == before
+
+
+def test_a_folder_with_any_file_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    err = error_of(simulate(tmp_path, 1), capsys)
+    assert "notes.txt" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(run_copy, two_rounds, capsys):
+    (run_copy / "notes.txt").write_text("mine")
+    assert simulate(run_copy, 1, "--overwrite") == 0
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1]  # the new 1-round run, not the old one
+    assert (run_copy / "notes.txt").read_text() == "mine"
+    assert (run_copy / "delta.fks").read_bytes() != (two_rounds / "delta.fks").read_bytes()
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
+    err = error_of(simulate(tmp_path, 1, "--resume", "--overwrite"), capsys)
+    assert "--resume" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, where, capsys):
+    output = tmp_path / "typo"
+    if where == "empty":
+        output.mkdir()
+    err = error_of(simulate(output, 1, "--resume"), capsys)
+    assert "--resume" in err and "no checkpoint" in err
+    assert not (output / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "change, setting",
+    [
+        (["--lr", "2e-3"], "--lr"),
+        (["--k", "32"], "--k"),
+        (["--seed", "1"], "--seed"),
+        (["--pro"], "--pro"),
+        (["--aggregate", "median"], "--aggregate"),
+        (["--dtype", "bf16"], "--dtype"),
+    ],
+)
+def test_resume_with_other_settings_names_the_setting(run_copy, change, setting, capsys):
+    before = snapshot(run_copy)
+    argv = list(TINY)
+    if change[0] in argv:  # replace the value, do not add a second option
+        argv[argv.index(change[0]) + 1] = change[1]
+    else:
+        argv += change
+    code = main(["simulate", *argv, "--rounds", "3", "--output", str(run_copy), "--resume"])
+    err = error_of(code, capsys)
+    assert f"{setting} differs" in err, err
+    assert snapshot(run_copy) == before  # refused before anything changed, the marker included
+
+
+def test_rounds_below_the_checkpoint_are_refused(run_copy, capsys):
+    before = snapshot(run_copy)
+    err = error_of(simulate(run_copy, 1, "--resume"), capsys)
+    assert "--rounds 1" in err and "round 2" in err
+    assert snapshot(run_copy) == before
+
+
+def test_output_is_checked_writable_before_the_model_is_loaded(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # The model does not exist either: the error is about --output, so it came first.
+    code = main(["simulate", "--model", str(tmp_path / "no-model"), "--output", str(blocker / "run"), "--quiet"])
+    err = error_of(code, capsys)
+    assert "--output" in err and "not writable" in err
+    code = main(["simulate", "--model", str(tmp_path / "no-model"), "--output", str(blocker), "--quiet"])
+    assert "is a file" in error_of(code, capsys)
+
+
+# ---------------------------------------------------------------------------- the checkpoint
+def _rewrite_state(path: pathlib.Path, change) -> None:
+    """Rewrite a checkpoint's JSON document (and arrays) through ``change(document, arrays)``,
+    the way numpy.savez writes one: an independent writer, not the project's save_state."""
+    with np.load(path, allow_pickle=False) as loaded:
+        arrays = {k: loaded[k] for k in loaded.files}
+    document = json.loads(arrays["__json__"].tobytes())
+    change(document, arrays)
+    arrays["__json__"] = np.frombuffer(json.dumps(document).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _table_key(document):
+    return document["state"]["server"]["table"]["__array__"]
+
+
+CORRUPTIONS = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "empty": lambda p: p.write_bytes(b""),
+    "not a zip": lambda p: p.write_text("hello"),
+    "bit flip in the JSON": lambda p: _flip(p, p.read_bytes().index(b'{"format"') + 20),
+    "bit flip in an array": lambda p: _flip(p, p.read_bytes().index(b"\x93NUMPY", 200) + 140),
+    "bit flip in the directory": lambda p: _flip(p, p.read_bytes().rindex(b"__json__.npy") + 2),
+    "other format version": lambda p: _rewrite_state(p, lambda d, a: d.update(format=99)),
+    "missing keys": lambda p: _rewrite_state(p, lambda d, a: d["state"].pop("server")),
+    "not an object": lambda p: _rewrite_state(p, lambda d, a: d.update(state=[1, 2])),
+    "missing array": lambda p: _rewrite_state(p, lambda d, a: a.pop(_table_key(d))),
+    "rounds disagree": lambda p: _rewrite_state(p, lambda d, a: d["state"]["rounds"].pop()),
+    "wrong table size": lambda p: _rewrite_state(p, lambda d, a: a.update({_table_key(d): np.zeros(3, np.float32)})),
+    "server fields missing": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].pop("accumulated")),
+}
+
+
+def _flip(path: pathlib.Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_an_unreadable_or_inconsistent_checkpoint_is_one_line_and_exit_2(run_copy, corruption, capsys):
+    CORRUPTIONS[corruption](run_copy / "state.npz")
+    marker = (run_copy / "metrics.json").read_bytes()
+    err = error_of(simulate(run_copy, 3, "--resume"), capsys)
+    assert "state.npz" in err, err
+    assert (run_copy / "metrics.json").read_bytes() == marker  # a refused resume changes nothing
+
+
+# ----------------------------------------------------------- temporaries and the complete marker
+def test_stale_temporaries_are_cleaned_at_start(run_copy):
+    stale = [
+        run_copy / ".state.npz-x1y2z3",
+        run_copy / ".metrics.json-abc",
+        run_copy / ".delta.fks-q",
+        run_copy / "model" / ".model.safetensors-k9",
+    ]
+    for path in stale:
+        path.write_bytes(b"half")
+    (run_copy / ".model-scratch").mkdir()  # the model writer's scratch folder
+    (run_copy / "mine.txt").write_text("kept")
+    (run_copy / ".hidden-but-mine").write_text("kept")
+    assert simulate(run_copy, 2, "--resume") == 0  # nothing left to train: rewrites the outputs
+    assert not any(p.exists() for p in stale) and not (run_copy / ".model-scratch").exists()
+    assert (run_copy / "mine.txt").exists() and (run_copy / ".hidden-but-mine").exists()
+
+
+def test_metrics_json_is_written_last(two_rounds):
+    written = [p for p in two_rounds.rglob("*") if p.is_file() and p.name not in ("metrics.json", "state.npz")]
+    assert {p.name for p in written} >= {"delta.fks", "losses.png", "model.safetensors", "config.json"}
+    last = max(os.stat(p).st_mtime_ns for p in written)
+    assert os.stat(two_rounds / "metrics.json").st_mtime_ns >= last
+
+
+def test_a_run_that_dies_writing_its_model_does_not_look_complete(run_copy, tmp_path):
+    """write_outputs with a tokenizer that cannot be saved: the delta and the model's weights
+    are written, the run fails, and no metrics.json says it finished."""
+    from fedkseed.experiment import Results, write_outputs
+    from fedkseed.experiment.config import SimConfig
+    from fedkseed.models import load_model
+
+    model, _ = load_model("tiny")
+    output = tmp_path / "dying"
+    config = SimConfig(model="tiny", output=str(output))
+    results = Results(config, [], {"eval_loss_before": 1.0}, b"delta", model, tokenizer=None)
+    with pytest.raises(AttributeError):
+        write_outputs(results)
+    assert (output / "delta.fks").exists() and not (output / "metrics.json").exists()
+
+
+def test_resuming_a_finished_run_extends_it_and_its_marker(run_copy):
+    assert simulate(run_copy, 3, "--resume") == 0
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------- apply
+def _apply(base, delta, output, *extra) -> int:
+    return main(["apply", "--base", str(base), "--delta", str(delta), "--output", str(output), *extra])
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> pathlib.Path:
+    """The tiny model saved as a folder: a base that is a real directory."""
+    from fedkseed.models import load_model, save_model
+
+    folder = tmp_path_factory.mktemp("base") / "tiny-base"
+    save_model(*load_model("tiny"), folder)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+def test_apply_refuses_an_output_that_overlaps_the_base(two_rounds, base_folder, where, capsys):
+    before = snapshot(base_folder)
+    output = {"itself": base_folder, "inside": base_folder / "out", "parent": base_folder.parent}[where]
+    err = error_of(_apply(base_folder, two_rounds / "delta.fks", output, "--overwrite"), capsys)
+    assert "--output" in err and "--base" in err
+    assert snapshot(base_folder) == before
+
+
+def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(two_rounds, base_folder, tmp_path,
+                                                                                capsys):
+    output = tmp_path / "out"
+    assert _apply(base_folder, two_rounds / "delta.fks", output) == 0
+    fine_tuned = load_file(str(two_rounds / "model" / "model.safetensors"))
+    rebuilt = load_file(str(output / "model.safetensors"))
+    assert fine_tuned.keys() == rebuilt.keys() and all((fine_tuned[k] == rebuilt[k]).all() for k in rebuilt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch folder left
+    capsys.readouterr()
+    err = error_of(_apply(base_folder, two_rounds / "delta.fks", output), capsys)
+    assert "--overwrite" in err
+    (tmp_path / ".out-apply-stale").mkdir()  # an interrupted apply's scratch folder
+    (output / "model.safetensors").write_bytes(b"old")
+    assert _apply(base_folder, two_rounds / "delta.fks", output, "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert load_file(str(output / "model.safetensors")).keys() == rebuilt.keys()
+
+
+def test_apply_checks_its_output_before_loading_the_model(two_rounds, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = error_of(_apply(tmp_path / "no-model", two_rounds / "delta.fks", blocker / "out"), capsys)
+    assert "--output" in err
+
+
+def _with_lr(delta: bytes, old: float, new: float) -> bytes:
+    """The delta file with its float32 lr replaced and its CRC recomputed (an independent edit
+    of the documented layout: the lr is the float32 after the pool seed)."""
+    body = delta[:-4]
+    packed = struct.pack("<f", old)
+    assert body.count(packed) == 1
+    body = body.replace(packed, struct.pack("<f", new))
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3, 0.0])
+def test_apply_refuses_a_delta_whose_lr_cannot_build_a_model(two_rounds, tmp_path, lr, capsys):
+    delta = tmp_path / "bad.fks"
+    delta.write_bytes(_with_lr((two_rounds / "delta.fks").read_bytes(), float(np.float32(1e-3)), lr))
+    err = error_of(_apply("tiny", delta, tmp_path / "out"), capsys)
+    assert "--delta" in err and ("lr" in err or "learning rate" in err)
+    assert not (tmp_path / "out").exists()
