@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 import fedkseed
-from fedkseed import ParamSet, ZOSGD
+from fedkseed import ZOSGD, ParamSet
 
 CONFIGS = {
     "small": dict(
@@ -138,18 +138,18 @@ def setup(name: str, seq: int):
 
 
 def bench(name: str, seq: int, reps: int) -> list[dict]:
-    model, pset, closure = setup(name, seq)
+    _model, pset, closure = setup(name, seq)  # the closure holds the model
     params = pset.tensors
     fns: dict[str, Callable[[int], None]] = {"forward": lambda s: closure()}
     for label, (q, kwargs) in METHODS.items():
         if kwargs is None:
-            fns[label + "/passes"] = (lambda q: lambda s: mezo_step(params, scripted_losses(), 100 * s, q))(q)
-            fns[label + "/step"] = (lambda q: lambda s: mezo_step(params, closure, 100 * s, q))(q)
+            fns[label + "/passes"] = lambda s, q=q: mezo_step(params, scripted_losses(), 100 * s, q)
+            fns[label + "/step"] = lambda s, q=q: mezo_step(params, closure, 100 * s, q)
         else:
             warm = kwargs.get("window", 0)
             timing, training = zo_optimizer(pset, kwargs, warm), zo_optimizer(pset, kwargs, warm)
-            fns[label + "/passes"] = (lambda o: lambda s: o.step(scripted_losses()))(timing)
-            fns[label + "/step"] = (lambda o: lambda s: o.step(closure))(training)
+            fns[label + "/passes"] = lambda s, o=timing: o.step(scripted_losses())
+            fns[label + "/step"] = lambda s, o=training: o.step(closure)
     with torch.inference_mode():
         best = timed_interleaved(fns, reps)
     print(
@@ -188,7 +188,7 @@ def reset_peak() -> None:
 def measure_peak(name: str, seq: int, label: str) -> int:
     """Peak resident KiB while running two steps of ``label`` (or two forwards for
     "inference"), after one warm-up forward, in this (fresh) process."""
-    model, pset, closure = setup(name, seq)
+    _model, pset, closure = setup(name, seq)  # the closure holds the model
     with torch.inference_mode():
         closure()
         if label == "inference":

@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # (the random-weight "tiny" model already predicts uniformly, as a wrecked model may).
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-5)  # the demo's settings
     parser.add_argument("--eps", type=float, default=1e-2)
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     print("`" + f"python benchmarks/robustness.py {command}".strip() + "`")
-    print(f"({args.model}, {args.rounds} rounds x {args.local_steps} local steps, K = {args.k}; wall time {wall:.0f} s)")
+    shape = f"{args.rounds} rounds x {args.local_steps} local steps, K = {args.k}"
+    print(f"({args.model}, {shape}; wall time {wall:.0f} s)")
     print()
     print(table(rows))
     return 0

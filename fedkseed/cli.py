@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def final_line(final: dict[str, Any], output: str) -> str:
     """The run's last line: eval loss and Rouge-L before -> after, each with its n."""
-    parts = [f"eval loss {final['eval_loss_before']:.4f} -> {final['eval_loss_after']:.4f} (n={final['eval_examples']})"]
+    loss = f"eval loss {final['eval_loss_before']:.4f} -> {final['eval_loss_after']:.4f}"
+    parts = [f"{loss} (n={final['eval_examples']})"]
     before, after = final.get("rouge_l_before"), final.get("rouge_l_after")
     if before and after:
         scorer = next(iter(after))
@@ -122,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .experiment.apply import apply_delta
 
             target = config_from_args(ApplyConfig, args)
-            written = apply_delta(target.base, target.delta, target.output, dtype=target.dtype, overwrite=target.overwrite)
+            written = apply_delta(
+                target.base, target.delta, target.output, dtype=target.dtype, overwrite=target.overwrite
+            )
             print(f"model written to {written}")
     except UsageError as error:
         print(f"fedkseed {args.command}: error: {error}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Instruction data for ZO fine-tuning: loading, held-out evaluation, the federated split,
-length fitting, the epoch walk, encoding, loss and greedy generation.
+length fitting, encoding, loss and greedy generation.
 
 The built-in data set is the English Swedish Construction FAQ (PyPI ``zaragoza-construction-faq``,
 CC BY 4.0, Zaragoza AB): 503 question/answer pairs in 39 categories. A user's own file works too
@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .seeds import derive_seed
-
 FAQ_SOURCES = {"faq": "en", "faq-sv": "sv"}
 FAQ_PIP = "pip install --no-deps zaragoza-construction-faq==1.2.1"
 DEFAULT_CATEGORY = "default"
@@ -34,9 +32,6 @@ MAX_DROP_SHARE = 0.2
 MIN_CLIENT_SIZE = 10
 # Redraws of the balanced split before giving up on the minimum client size.
 BALANCED_ATTEMPTS = 1000
-# The epoch walk's permutation keys: domain "batch" with 4 words (seed, client, epoch, i), apart
-# from the with-replacement draws' 6 words (seed, round, client, step, j).
-EPOCH_DOMAIN = "batch"
 
 # Field names accepted per record: (names tried in order, required).
 FIELDS = {
@@ -340,26 +335,6 @@ def fit_length(
 
 
 @functools.lru_cache(maxsize=256)
-def _epoch_order(seed: int, client_id: int, epoch: int, n: int) -> tuple[int, ...]:
-    keys = [derive_seed(EPOCH_DOMAIN, seed, client_id, epoch, i) for i in range(n)]
-    return tuple(sorted(range(n), key=keys.__getitem__))
-
-
-def epoch_rows(seed: int, client_id: int, batch_index: int, batch_size: int, n: int) -> list[int]:
-    """The rows (of ``n`` examples) of a client's batch ``batch_index`` when batches walk shuffled
-    epochs without replacement, as the official client's DataLoader(shuffle=True) does: epoch e
-    is a permutation of the rows from (seed, client, e) cut into ceil(n / batch_size) batches, the
-    last one short. ``batch_index`` counts the client's batches over the whole run (the official
-    iterator carries on across rounds): earlier rounds' local steps plus this round's step."""
-    if n < 1 or batch_size < 1 or batch_index < 0:
-        raise ValueError(
-            f"epoch_rows: need n >= 1, batch_size >= 1, batch_index >= 0; got {n}, {batch_size}, {batch_index}"
-        )
-    per_epoch = -(-n // batch_size)
-    epoch, position = divmod(batch_index, per_epoch)
-    return list(_epoch_order(seed, client_id, epoch, n)[position * batch_size : (position + 1) * batch_size])
-
-
 # ---------------------------------------------------------------------------------- encoding
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> dict[str, torch.Tensor]:
     """Token batch for ``examples``: the prompt (:func:`prompt_ids`) then the answer and its end

@@ -168,10 +168,9 @@ class ZOTrainer(Trainer):
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The Trainer's save (checkpoints go through it too) of the settled weights, and the
-        History that rebuilds them beside them."""
-        if self.zo_optimizer is not None:
-            self.zo_optimizer.settle()  # the weights without the next step's +eps
+        """The Trainer's save (checkpoints go through it too), then the History that rebuilds the
+        saved weights beside them. The weights saved are the trained ones: ZOSGD takes back a
+        pending +eps before the module's state_dict() (and records that pass)."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and self.zo_optimizer is not None:
             folder = self.args.output_dir if output_dir is None else output_dir
@@ -181,7 +180,9 @@ class ZOTrainer(Trainer):
         """The Trainer's train(), ending on the trained weights (no pending +eps). A checkpoint
         without optimizer state (``save_only_model``) is refused: the ZO step count and History
         would restart, and with them the seeds."""
-        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        checkpoint = (
+            get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        )
         if isinstance(checkpoint, (str, os.PathLike)) and not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_FILE)):
             raise ValueError(
                 f"resume_from_checkpoint {os.fspath(checkpoint)!r}: no {OPTIMIZER_FILE} (saved with "

@@ -31,6 +31,8 @@ DOMAINS: dict[str, bytes] = {
     "clients": b"fks-clients",  # FedKSeed: client sampling keys from (seed, round, client)
     "schedule": b"fks-schedule",  # FedKSeed: seed index of a local step (seed, round, client, t)
     "batch": b"fks-batch",  # FedKSeed: row j of a local batch (seed, round, client, step, j)
+    "epoch": b"fks-epoch",  # FedKSeed: the row order of epoch e of a client (seed, client, e, row)
+    "attack": b"fks-attack",  # attack simulation: Byzantine picks and random values (seed, round, client, ...)
 }
 
 

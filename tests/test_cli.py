@@ -1,6 +1,7 @@
 """`fedkseed simulate` and `fedkseed apply` end to end on the tiny model and the real FAQ data."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -249,22 +250,23 @@ def _records(count, long_every=0):
     return records
 
 
-def test_own_json_array_without_categories_is_held_out_at_random_and_drops_are_counted(tmp_path, capsys):
+def test_own_json_array_without_categories_is_held_out_at_random_and_drops_are_counted(tmp_path, caplog):
     from fedkseed import data as D
 
     path = tmp_path / "alpaca_data.json"
     path.write_text(json.dumps(_records(80, long_every=10)))
     output = tmp_path / "run"
     argv = ["simulate", *TINY, "--data", str(path), "--rouge-examples", "all", "--rounds", "1", "--output", str(output)]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="fedkseed.experiment"):
+        assert main(argv) == 0
+    said = "\n".join(caplog.messages)
     final = json.loads((output / "metrics.json").read_text())["final"]
     examples = D.load_examples(str(path))
     split = D.split_data(examples, 4, 0.5, 0, 1)  # what the run did, recomputed
     long_kept = sum(1 for c in split.clients for e in c if "permit" in e.instruction)
-    assert split.note and split.note in err and final["data"]["heldout"] == split.note
+    assert split.note and split.note in said and final["data"]["heldout"] == split.note
     assert final["data"]["dropped_by_max_length"] == long_kept > 0
-    assert f"dropped {long_kept} examples" in err
+    assert f"dropped {long_kept} examples" in said
     assert final["rouge_l_after"]["rouge"]["n"] == len(split.heldout) == 8  # 10% of 80, every one scored
 
 
@@ -282,8 +284,8 @@ def test_low_precision_model_is_trained_and_saved_in_its_dtype(tmp_path):
     weights = _weights(output / "model")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     rebuilt = tmp_path / "rebuilt"
-    argv = ["apply", "--base", "tiny", "--dtype", "bf16", "--delta", str(output / "delta.fks"), "--output", str(rebuilt)]
-    assert main(argv) == 0
+    delta = str(output / "delta.fks")
+    assert main(["apply", "--base", "tiny", "--dtype", "bf16", "--delta", delta, "--output", str(rebuilt)]) == 0
     assert _same_weights(_weights(rebuilt), weights)
 
 

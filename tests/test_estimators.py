@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_zo_optim import NaiveZO
 
 from fedkseed import ParamSet, reference
 from fedkseed.zo import ZOSGD, Estimator, History
 from fedkseed.zo.passes import PASS_UPDATE
-from test_zo_optim import NaiveZO
 
 SHAPES = [(9, 7), (13,), (16, 3)]
 
@@ -115,6 +115,7 @@ def test_bad_estimator_settings_are_refused(kwargs, match):
 def test_q_directions_lower_the_variance_of_the_step():
     """n-SPSA's point: the mean of q projected gradients estimates the directional derivative
     with about 1/q of the variance. Measured over many seeds on a fixed quadratic."""
+
     def spread(q: int) -> float:
         moves = []
         for seed in range(16):

@@ -163,3 +163,30 @@ def test_client_refuses_a_download_it_cannot_apply():
     with pytest.raises(wire.WireError, match="relative to round 3"):
         client.catch_up(future)
     assert not client.table.any()
+
+
+def test_epoch_walk_covers_each_epoch_once():
+    from fedkseed.fed.seedpool import epoch_rows
+    from fedkseed.seeds import derive_seed
+
+    n, batch = 7, 3
+    batches = [epoch_rows(5, 2, b, batch, n) for b in range(9)]  # 3 epochs of 3, 3 and 1 rows
+    assert [len(b) for b in batches] == [3, 3, 1] * 3
+    epochs = [[row for b in batches[3 * e : 3 * e + 3] for row in b] for e in range(3)]
+    assert all(sorted(rows) == list(range(n)) for rows in epochs)
+    assert len({tuple(rows) for rows in epochs}) == 3  # reshuffled every epoch
+    # The permutation is the order of the BLAKE2b keys of (seed, client, epoch, row): by hand.
+    keys = [derive_seed("epoch", 5, 2, 1, i) for i in range(n)]
+    assert epochs[1] == sorted(range(n), key=keys.__getitem__)
+    assert [epoch_rows(5, 2, b, 1, n)[0] for b in range(n)] == epochs[0]  # batch size 1: same walk
+    with pytest.raises(ValueError, match="epoch_rows"):
+        epoch_rows(5, 2, -1, batch, n)
+
+
+def test_rounds_taken_counts_earlier_samplings():
+    from fedkseed.fed.seedpool import rounds_taken, sample_clients
+
+    for client in range(6):
+        by_hand = sum(client in sample_clients(3, r, 6, 2) for r in range(1, 9))
+        assert rounds_taken(3, 9, client, 6, 2) == by_hand
+    assert rounds_taken(3, 1, 0, 6, 2) == 0

@@ -219,3 +219,54 @@ def test_real_clients_attack_through_the_encoder_and_the_server_bounds_them():
 
 def _schedule(spec, c):
     return draw_schedule(spec.seed, 1, c, spec.local_steps, spec.k)
+
+
+def test_pro_attacker_is_bounded_before_its_steps_enter_the_histories():
+    spec = FedSpec(num_clients=4, clients_per_round=4, k=64, local_steps=30, pro=True, precision="fp32", seed=2)
+    server = Server(spec, [1, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    sent, schedules = {}, {}
+    for c in server.begin_round():
+        schedules[c] = wire.decode_download(server.download(c), spec.k).schedule
+        upload = wire.StepUpload(
+            c, 1, spec.k, 30, 1.0, np.array([4]), np.r_[rng.normal(0, 1, 4), 0, rng.normal(0, 1, 25)]
+        )
+        if c == 3:
+            upload = attack(upload, "scale", spec.seed)
+        message = wire.encode_step_upload(upload, spec.precision)
+        sent[c] = wire.decode_upload(message, spec.k).values.astype(np.float64)
+        assert server.receive(message)
+    summary = server.end_round()
+    assert list(summary.clipped) == [3]
+    expected_abs, expected_count = np.zeros(spec.k), np.ones(spec.k, dtype=np.int64)
+    for c in range(4):
+        values = sent[c] * summary.clipped.get(c, 1.0)
+        for t, s in enumerate(schedules[c].tolist()):
+            if t != 4:  # the skipped step records nothing
+                expected_abs[s] += min(abs(values[t]), 1000.0)
+                expected_count[s] += 1
+    np.testing.assert_allclose(server.pool.abs_sum, expected_abs, rtol=1e-12)
+    assert np.array_equal(server.pool.count, expected_count)
+    # the bounded attacker counts for at most four times the median honest client
+    assert np.linalg.norm(sent[3] * summary.clipped[3]) == pytest.approx(summary.bound * np.sqrt(29), rel=1e-12)
+
+
+def test_the_auto_bound_survives_a_resume():
+    spec = FedSpec(num_clients=3, clients_per_round=3, k=256, local_steps=10, precision="fp32", seed=8)
+    first, _, _ = _round(spec, [1, 1, 1], _honest)
+    resumed = Server(spec, [1, 1, 1])
+    resumed.load_state_dict(first.state_dict())
+    assert np.array_equal(resumed.rms_history, first.rms_history) and resumed.rms_history.size == 3
+    outcomes = []
+    for server in (first, resumed):
+        for c in server.begin_round():
+            d = wire.decode_download(server.download(c), spec.k)
+            used = np.unique(draw_schedule(spec.seed, d.round, c, spec.local_steps, spec.k))
+            values = np.full(used.size, 50.0) if c == 0 else _honest(c, used.size)
+            assert server.receive(wire.encode_upload(wire.Upload(c, d.round, spec.k, 10, 1.0, used, values), "fp32"))
+        outcomes.append(server.end_round())
+    history = first.rms_history[:3].tolist()  # round 1's, saved and restored
+    expected = CLIP_FACTOR * sorted(history + list(outcomes[0].rms.values()))[2]  # lower median of 6
+    assert outcomes[0].bound == outcomes[1].bound == pytest.approx(expected, rel=1e-12)
+    assert outcomes[0].clipped == outcomes[1].clipped and list(outcomes[0].clipped) == [0]
+    assert np.array_equal(first.table, resumed.table)

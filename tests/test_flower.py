@@ -472,15 +472,23 @@ def test_node_keys_bind_public_keys_to_client_ids(flwr, tmp_path):
         P.config_from_run_config({"node-keys": "keys.json"})
 
 
-def test_an_upload_counts_only_for_the_client_of_its_node(flwr):
-    """The strategy's sender check on real uploads: a client's own upload passes; the same
-    bytes from another client's node, a well-formed upload for another client, and corrupted
-    bytes are refused with the reason."""
+def test_a_node_acts_only_for_the_client_it_is_bound_to(flwr):
+    """The strategy's checks on real uploads: a client's own upload passes; the same bytes
+    from another client's node, a well-formed upload for another client, and corrupted bytes
+    are refused with the reason. At enrolment, with a key list, a node declaring an id other
+    than its key's is refused; without one, the declared id is taken if it is a client's."""
     from fedkseed.fed import wire
+    from fedkseed.flower.identity import NodeKeys
     from fedkseed.flower.strategy import FedKSeedStrategy
 
     setup = prepare(SimConfig(clients=3, clients_per_round=3, rounds=1, seed=5, **TINY))
     strategy = FedKSeedStrategy(setup.server, "{}", "", lambda *args: "", timeout=1.0)
+    keyed = FedKSeedStrategy(setup.server, "{}", "", lambda *args: "", timeout=1.0, keys=NodeKeys({}))
+    assert keyed._enrolment_problem(1, 2) == "it claims client 1, its public key is bound to client 2"
+    assert keyed._enrolment_problem(2, 2) is None
+    assert strategy._enrolment_problem(1, None) is None
+    assert strategy._enrolment_problem(3, None) == "client id 3 is outside [0, 3)"
+
     assert strategy._begin_round() == [0, 1, 2]
     spec = setup.server.spec
     uploads = {c: setup.clients[c].train(setup.server.download(c)) for c in (0, 2)}

@@ -172,7 +172,7 @@ def test_load_rejects_non_finite_coefficients_even_with_a_valid_checksum(bad, fi
     body = small_file()[:-4]
     value = struct.pack("<f", 0.5 if field == "alpha" else 0.96875)
     assert body.count(value) == 1
-    with pytest.raises(ValueError, match="entry 0: coefficient or decay .* not a finite float32"):
+    with pytest.raises(ValueError, match=r"entry 0: coefficient or decay .* not a finite float32"):
         History.from_bytes(with_crc(body.replace(value, struct.pack("<f", bad))))
 
 
@@ -185,7 +185,7 @@ def test_apply_validates_every_entry_before_touching_any_weight():
     with pytest.raises(ValueError, match="entry 4: coefficient"):
         opt.history.apply_(target)
     opt.history.entries[4] = good._replace(perturbed=False)  # breaks the fused chain
-    with pytest.raises(ValueError, match="entry 3 fused seed .* but entry 4 does not start perturbed"):
+    with pytest.raises(ValueError, match=r"entry 3 fused seed .* but entry 4 does not start perturbed"):
         opt.history.apply_(target)
     assert all(torch.equal(a, b) for a, b in zip(target.tensors, before))
 
@@ -257,7 +257,11 @@ def test_format_1_files_replay_as_they_were_trained():
 
 def test_format_1_example_of_the_docs_reads():
     example = bytes.fromhex(
-        "464b5348 0100 0100 00 03" + "cd" * 32 + "fca9f1d24d62503f" + "00" * 8 + "0100000000000000"
+        "464b5348 0100 0100 00 03"
+        + "cd" * 32
+        + "fca9f1d24d62503f"
+        + "00" * 8
+        + "0100000000000000"
         + "7b00000000000000 000000bf 0000803f"
     )
     h = History.from_bytes(example)

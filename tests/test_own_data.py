@@ -1,6 +1,6 @@
 """A user's own model and data: folders without a chat template or a tokenizer, dtypes kept on
 save, Alpaca and Dolly files (JSON array and JSON Lines), the random hold-out for data without
-categories, --max-length drops, hold-out by name, the balanced split, the epoch walk, and
+categories, --max-length drops, hold-out by name, the balanced split, and
 Rouge-L both ways with bootstrap intervals. Uses the "tiny" model."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from fedkseed import data as D
 from fedkseed import metrics, models
-from fedkseed.seeds import derive_seed
 
 
 @pytest.fixture(scope="module")
@@ -313,22 +312,6 @@ def test_max_length_drops_are_counted_and_capped(tiny):
         D.fit_length(tokenizer, [short[:3] + long], 64)
     with pytest.raises(ValueError, match="never all of a client's"):
         D.fit_length(tokenizer, [short, long[:1]], 64, max_drop_share=0.5)
-
-
-def test_epoch_walk_covers_each_epoch_once(faq):
-    n, batch = 7, 3
-    batches = [D.epoch_rows(5, 2, b, batch, n) for b in range(9)]  # 3 epochs of 3, 3 and 1 rows
-    assert [len(b) for b in batches] == [3, 3, 1] * 3
-    epochs = [[row for b in batches[3 * e : 3 * e + 3] for row in b] for e in range(3)]
-    assert all(sorted(rows) == list(range(n)) for rows in epochs)
-    assert len({tuple(rows) for rows in epochs}) == 3  # reshuffled every epoch
-    # The permutation is the order of the BLAKE2b keys of (seed, client, epoch, row): by hand.
-    keys = [derive_seed("batch", 5, 2, 1, i) for i in range(n)]
-    assert epochs[1] == sorted(range(n), key=keys.__getitem__)
-    assert D.epoch_rows(5, 3, 0, batch, n) != batches[0] or D.epoch_rows(5, 3, 1, batch, n) != batches[1]
-    assert [D.epoch_rows(5, 2, b, 1, n)[0] for b in range(n)] == epochs[0]  # batch size 1: same walk
-    with pytest.raises(ValueError, match="epoch_rows"):
-        D.epoch_rows(5, 2, -1, batch, n)
 
 
 # --- metrics ---------------------------------------------------------------------------------

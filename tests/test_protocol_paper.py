@@ -36,7 +36,8 @@ def test_unset_settings_come_from_the_protocol_and_flags_win(paper_run):
     official = {name: PROTOCOLS["paper"][name] for name in ("lr", "eps", "dist", "max_new_tokens", "rouge_examples")}
     assert official == {"lr": 3e-7, "eps": 5e-4, "dist": "gaussian", "max_new_tokens": 128, "rouge_examples": "all"}
     assert {name: config[name] for name in official} == official
-    assert (PROTOCOLS["paper"]["k"], PROTOCOLS["paper"]["local_steps"], PROTOCOLS["paper"]["batch_size"]) == (4096, 200, 1)
+    paper = PROTOCOLS["paper"]
+    assert (paper["k"], paper["local_steps"], paper["batch_size"]) == (4096, 200, 1)
     # ... and the demo protocol is what `fedkseed simulate` runs without flags.
     demo = SimConfig()
     assert (demo.k, demo.local_steps, demo.lr, demo.eps, demo.batch_size) == (1024, 30, 3e-5, 1e-2, 2)

@@ -167,6 +167,9 @@ CORRUPTIONS = {
     "rounds disagree": lambda p: _rewrite_state(p, lambda d, a: d["state"]["rounds"].pop()),
     "wrong table size": lambda p: _rewrite_state(p, lambda d, a: a.update({_table_key(d): np.zeros(3, np.float32)})),
     "server fields missing": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].pop("accumulated")),
+    "server pool not a dict": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].update(pool=[1])),
+    "before without eval loss": lambda p: _rewrite_state(p, lambda d, a: d["state"]["before"].pop("eval_loss")),
+    "round record not a dict": lambda p: _rewrite_state(p, lambda d, a: d["state"]["rounds"].__setitem__(0, 7)),
 }
 
 
@@ -256,8 +259,9 @@ def test_apply_refuses_an_output_that_overlaps_the_base(two_rounds, base_folder,
     assert snapshot(base_folder) == before
 
 
-def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(two_rounds, base_folder, tmp_path,
-                                                                                capsys):
+def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(
+    two_rounds, base_folder, tmp_path, capsys
+):
     output = tmp_path / "out"
     assert _apply(base_folder, two_rounds / "delta.fks", output) == 0
     fine_tuned = load_file(str(two_rounds / "model" / "model.safetensors"))

@@ -1,5 +1,6 @@
 """The FedKSeed wire format: exact round trips, every malformation rejected, real byte counts."""
 
+import dataclasses
 import struct
 import zlib
 
@@ -128,3 +129,13 @@ def _round_trip_bytes(pro: bool, rounds: int) -> tuple[int, float]:
 def test_round_trip_is_at_most_9_kb_at_k4096_tau200(pro):
     worst, mean = _round_trip_bytes(pro, rounds=12)
     assert worst <= 9000, (worst, mean)  # the paper: 16,384 B down + 1,600 B up
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -3e-7, 0.0])
+def test_delta_refuses_an_lr_that_is_not_finite_and_positive(lr):
+    t = wire.Table(8, 1, lr, "gaussian", 1, "00" * 32, np.array([2]), np.ones(1, np.float32))
+    with pytest.raises(wire.WireError, match=r"lr = .* must be finite and > 0"):
+        wire.decode_table(wire.encode_table(t, "fp32", 0))
+    assert wire.decode_table(wire.encode_table(dataclasses.replace(t, lr=1e-3), "fp32", 0), 8).k == 8
+    with pytest.raises(wire.WireError, match="K = 8, the run has K = 16"):
+        wire.decode_table(wire.encode_table(dataclasses.replace(t, lr=1e-3), "fp32", 0), 16)

@@ -257,7 +257,7 @@ def test_resume_with_a_pending_perturbation_over_tensors():
     """Tensors (no module, no hooks): the saved weights carry the pending +eps, the state says
     so, and the resumed run continues with its two-pass step, bit for bit."""
     w = [torch.randn(40, requires_grad=True), torch.randn(3, 7, requires_grad=True)]
-    loss = lambda ts: (lambda: sum(((t - 0.3) ** 2).sum() for t in ts))  # noqa: E731
+    loss = lambda ts: lambda: sum(((t - 0.3) ** 2).sum() for t in ts)  # noqa: E731
     opt = ZOSGD(w, lr=0.01, eps=1e-3, seed=4)
     for t in range(5):
         if t == 2:
@@ -296,7 +296,9 @@ def test_layout_mismatch_names_the_first_differing_tensor():
     other = net()
     other.norm = torch.nn.LayerNorm(7)
     before = weights(other)
-    with pytest.raises(ValueError, match=r"tensor 2 is 'norm.weight' \(5,\) float32 in the history but 'norm.weight' \(7,\) float32"):
+    with pytest.raises(
+        ValueError, match=r"tensor 2 is 'norm.weight' \(5,\) float32 in the history but 'norm.weight' \(7,\) float32"
+    ):
         opt.history.apply_(other)
     assert same(before, weights(other))
 

@@ -10,7 +10,7 @@ The machine's image already holds torch, triton and nvcc; nothing is installed. 
   4. benchmarks/bench_gpu.py on the SmolLM2-135M shape (perturb_ vs copy bandwidth, replay_
      normals/s at K = 16, 256, 4096, speed-ups over MeZO-style passes, a bf16 ZO step against two
      forward passes).
-Each step has its own time limit, and a failing step does not stop the others. Without a GPU
+Each step has its own time limit, all within BUDGET_S, and a failing step does not stop the others. Without a GPU
 (a dry run) the extension in place (CPU) is used, the CUDA kernels are compiled but not run
 (when nvcc is there), the tests run on the CPU backends and the GPU steps are reported as
 skipped. Writes OUT_DIR/report.json and OUT_DIR/report.md; exit status 1 when a step
@@ -32,12 +32,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_gpu.py", "tests/test_branches.py", "tests/test_special_values.py", "tests/test_triton_backend.py"]
 # On a CPU dry run the Triton interpreter is slow; its branch tests run in the CPU suite anyway.
 DRY_RUN_TEST_FILTER = "not triton"
+# The whole run must fit a GPU slot (~15 min with start-up): every step's limit is cut to what is
+# left of this budget, and the figures (bench) run before the longer test step.
+BUDGET_S = 450
+_DEADLINE = time.monotonic() + BUDGET_S
 
 
 def run_step(name: str, argv: list[str], timeout: int, env: dict | None = None) -> dict:
     """Run one step as a subprocess from the repository root; its output tail goes in the report."""
     print(f"gpu-check: {name}: {' '.join(argv)}", flush=True)
     start = time.monotonic()
+    timeout = max(1, min(timeout, int(_DEADLINE - start)))
     try:
         done = subprocess.run(
             argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {}))
@@ -147,14 +152,13 @@ def main(argv: list[str]) -> int:
     py = sys.executable
     steps = []
     if gpu and env["nvcc"] and torch.version.cuda:
-        steps.append(run_step("build (CUDA + CPU)", [py, "setup.py", "-q", "build_ext", "--inplace"], 420))
+        steps.append(run_step("build (CUDA + CPU)", [py, "setup.py", "-q", "build_ext", "--inplace"], 240))
     else:
         why = "no CUDA GPU here" if not gpu else "nvcc or a CUDA build of torch is missing"
         steps.append(skipped("build (CUDA + CPU)", f"{why}; the CPU extension in place is used"))
         if env["nvcc"]:
             steps.append(compile_check(py))
     if gpu:
-        steps.append(run_step("tests (GPU)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], 240))
         bench_json = os.path.join(out, "bench.json")
         steps.append(
             run_step(
@@ -172,15 +176,16 @@ def main(argv: list[str]) -> int:
                     "--json",
                     bench_json,
                 ],
-                240,
+                150,
             )
         )
+        steps.append(run_step("tests (GPU)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], BUDGET_S))
     else:
         steps.append(
             run_step(
                 "tests (CPU dry run)",
                 [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS, "-k", DRY_RUN_TEST_FILTER],
-                600,
+                BUDGET_S,
             )
         )
         steps.append(skipped("bench_gpu", "no CUDA GPU here: no GPU figures are measured"))

@@ -26,9 +26,10 @@ def apply_delta(
     base: str, delta: str | os.PathLike, output: str | os.PathLike, *, dtype: str = "fp32", overwrite: bool = False
 ) -> pathlib.Path:
     """Rebuild a fine-tuned model from a base model spec and a delta file, bit-identical to the
-    simulation's final model (``dtype``: the run's --dtype); refuses a base whose parameters (layout or values) differ, an
-    output that overlaps the base folder, and (without ``overwrite``) an output holding files.
-    Everything but the base's fingerprint is checked before the model is loaded."""
+    simulation's final model (``dtype``: the run's --dtype). Refuses a base whose parameters
+    (layout or values) differ, an output that overlaps the base folder, and (without
+    ``overwrite``) an output holding files. Everything but the base's fingerprint is checked
+    before the model is loaded."""
     from ..models import load_model, save_model  # transformers: loaded only when needed
 
     table = read_delta(pathlib.Path(delta))

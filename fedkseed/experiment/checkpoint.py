@@ -70,7 +70,8 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
                 raise ValueError("its JSON is not an object")
             if document.get("format") != STATE_FORMAT:
                 raise UsageError(
-                    f"--resume: {path} has checkpoint format {document.get('format')!r}; this version reads {STATE_FORMAT}"
+                    f"--resume: {path} has checkpoint format {document.get('format')!r}; "
+                    f"this version reads {STATE_FORMAT}"
                 )
             state = _join_arrays(document["state"], {k: arrays[k] for k in arrays.files})
     except UsageError:
@@ -82,9 +83,28 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
         raise UsageError(f"--resume: {path} is not a complete checkpoint (missing {', '.join(missing)})")
-    if not isinstance(state["identity"], dict) or not isinstance(state["rounds"], list):
-        raise UsageError(f"--resume: {path} is inconsistent (identity or rounds of the wrong type)")
+    if not _well_formed(state):
+        raise UsageError(f"--resume: {path} is inconsistent (identity, rounds or before of the wrong form)")
     return state
+
+
+def _well_formed(state: dict[str, Any]) -> bool:
+    """The parts the run reads back besides the server's own state (which checks itself)."""
+    number = (int, float)
+    records = state["rounds"]
+    before = state["before"]
+    return (
+        isinstance(state["identity"], dict)
+        and isinstance(records, list)
+        and all(
+            isinstance(r, dict) and all(isinstance(r.get(key), number) for key in ("round", "train_loss", "eval_loss"))
+            for r in records
+        )
+        and isinstance(before, dict)
+        and isinstance(before.get("eval_loss"), number)
+        and isinstance(before.get("eval_loss_per_example"), list)
+        and (before.get("rouge_l") is None or isinstance(before.get("rouge_l"), dict))
+    )
 
 
 def load_state(output: pathlib.Path, config: SimConfig) -> dict[str, Any]:

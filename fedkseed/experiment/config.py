@@ -40,10 +40,24 @@ from . import engines
 # with 128 new tokens; plus the protocol choices below (PAPER_RULES).
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        k=1024, local_steps=30, lr=3e-5, eps=1e-2, dist="rademacher", batch_size=2, max_new_tokens=64, rouge_examples="8"
+        k=1024,
+        local_steps=30,
+        lr=3e-5,
+        eps=1e-2,
+        dist="rademacher",
+        batch_size=2,
+        max_new_tokens=64,
+        rouge_examples="8",
     ),
     "paper": dict(
-        k=4096, local_steps=200, lr=3e-7, eps=5e-4, dist="gaussian", batch_size=1, max_new_tokens=128, rouge_examples="all"
+        k=4096,
+        local_steps=200,
+        lr=3e-7,
+        eps=5e-4,
+        dist="gaussian",
+        batch_size=1,
+        max_new_tokens=128,
+        rouge_examples="all",
     ),
 }
 # What --protocol paper changes beyond defaults (no option overrides these): aggregation weights
@@ -103,7 +117,7 @@ def _count_or_all(name: str, value: Any, *, zero: bool) -> str:
 class SimConfig:
     """A FedKSeed run simulated on one machine."""
 
-    protocol: str = option("demo", f"settings left unset come from: demo, or paper ({PAPER_RULES})", lambda: tuple(PROTOCOLS))
+    protocol: str = option("demo", f"where unset settings come from: demo, or paper ({PAPER_RULES})", PROTOCOLS.keys)
     model: str = option("smollm2-135m", "smollm2-135m, tiny or a local HF model folder")
     data: str = option("faq", "faq, faq-sv or a JSON / JSON Lines file of Alpaca or Dolly records (see below)")
     dtype: str = option("fp32", "model weights' dtype; bf16/fp16 train with stochastic rounding", lambda: tuple(DTYPES))
@@ -118,7 +132,7 @@ class SimConfig:
     eps: float | None = option(None, "perturbation scale")
     weight_decay: float = option(0.0, "decoupled weight decay of the local ZO steps")
     aggregate: str = option("mean", "per-seed aggregate of the round's uploads", lambda: AGGREGATES)
-    clip: str = option("auto", "bound on each upload's norm: auto (3x the round's median), a number, or off (also: none, inf)")
+    clip: str = option("auto", "bound on each upload's size: auto (derived each round), a number, or off (none, inf)")
     byzantine: int = option(0, "clients of each round's sample that send adversarial uploads (simulation)")
     attack: str = option("scale", "what the --byzantine clients send", lambda: ATTACKS)
     alpha: float = option(0.5, "Dirichlet concentration over categories")

@@ -31,7 +31,7 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
     while server.round < config.rounds:
         started = time.perf_counter()
         sampled = server.begin_round()
-        bad = set(byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine)) if config.byzantine else set()
+        bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if config.byzantine else []
         for c in sampled:
             download = server.download(c)
             try:

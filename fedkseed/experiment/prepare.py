@@ -43,9 +43,7 @@ def prepare(config: SimConfig) -> Setup:
     try:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
         examples = D.load_examples(config.data)
-        split = D.split_data(
-            examples, config.clients, config.alpha, config.seed, config.holdout, balanced=config.paper
-        )
+        split = D.split_data(examples, config.clients, config.alpha, config.seed, config.holdout, balanced=config.paper)
         per_client, dropped = D.fit_length(tokenizer, split.clients, config.max_length)
     except (ValueError, RuntimeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None

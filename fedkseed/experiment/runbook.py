@@ -35,9 +35,11 @@ class RunBook:
         if state is not None:
             try:
                 server.load_state_dict(state["server"])
-            except (KeyError, TypeError, ValueError) as error:
+            # The saved server state is outside input too: whatever is wrong with it, one line.
+            except Exception as error:
                 raise UsageError(
-                    f"--resume: {self.output / STATE_FILE} does not fit this run's server ({type(error).__name__}: {error})"
+                    f"--resume: {self.output / STATE_FILE} does not fit this run's server "
+                    f"({type(error).__name__}: {error})"
                 ) from None
         setup.replica.build(server.table)
         if state is not None:

@@ -46,12 +46,13 @@ from .replica import Replica, canonical_alphas
 from .robust import AGGREGATES, CLIP_FACTOR, TRIM_FRACTION, parse_clip
 from .seedpool import SeedPool, draw_schedule, sample_clients
 from .server import RoundSummary, Server
-from .spec import WEIGHTINGS, FedSpec
+from .spec import BATCHINGS, WEIGHTINGS, FedSpec
 from .wire import WireError
 
 __all__ = [
     "AGGREGATES",
     "ATTACKS",
+    "BATCHINGS",
     "CLIP_FACTOR",
     "TRIM_FRACTION",
     "WEIGHTINGS",

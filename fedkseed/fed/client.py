@@ -12,7 +12,7 @@ from ..zo import zo_step
 from . import wire
 from .attacks import attack as corrupt
 from .replica import Replica
-from .seedpool import draw_rows, draw_schedule
+from .seedpool import draw_rows, draw_schedule, epoch_rows, rounds_taken
 from .spec import FedSpec
 
 Batch = dict[str, torch.Tensor]
@@ -81,8 +81,18 @@ class Client:
         schedule = d.schedule if len(d.schedule) else draw_schedule(spec.seed, r, me, spec.local_steps, spec.k)
         seeds = self.replica.pool.seeds
         grads, skipped, losses = [], [], []
+        first_batch = 0
+        if spec.batching == "epochs":
+            first_batch = rounds_taken(spec.seed, r, me, spec.num_clients, spec.clients_per_round) * spec.local_steps
+        # bf16/fp16 weights: round-to-nearest would drop updates below half an ulp, so local steps
+        # round stochastically (seeds derived from each step's seed: the same bits on every run).
+        low_precision = any(t.dtype != torch.float32 for t in self.replica.params.tensors)
         for t, index in enumerate(schedule.tolist()):
-            batch = take_rows(self.data, draw_rows(spec.seed, r, me, t, spec.batch_size, self.num_examples))
+            if spec.batching == "epochs":
+                rows = epoch_rows(spec.seed, me, first_batch + t, spec.batch_size, self.num_examples)
+            else:
+                rows = draw_rows(spec.seed, r, me, t, spec.batch_size, self.num_examples)
+            batch = take_rows(self.data, rows)
             following = seeds[schedule[t + 1]] if t + 1 < len(schedule) else None
             result = zo_step(
                 self.replica.params,
@@ -90,7 +100,9 @@ class Client:
                 seeds[index],
                 eps=spec.eps,
                 lr=spec.lr,
+                weight_decay=spec.weight_decay,
                 dist=spec.dist,
+                rounding="stochastic" if low_precision else "nearest",
                 next_seed=following,
                 perturbed=t > 0,
                 backend=self.replica.backend,

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 AGGREGATES = ("mean", "median", "trimmed-mean")
-CLIP_MODES = ("auto", "off")  # or a positive number: a fixed norm bound
+CLIP_MODES = ("auto", "off")  # or a number > 0: a fixed bound on the per-step RMS
 CLIP_FACTOR = 4.0
 TRIM_FRACTION = 0.25  # trimmed mean: floor(n / 4) values dropped at each end
 TABLE_LIMIT = 2.0**64

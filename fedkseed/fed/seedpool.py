@@ -89,3 +89,26 @@ def draw_schedule(
 def draw_rows(seed: int, round_: int, client_id: int, step: int, batch_size: int, n: int) -> list[int]:
     """The rows (of ``n`` examples) forming the batch of one local step."""
     return [derive_seed("batch", seed, round_, client_id, step, j) % n for j in range(batch_size)]
+
+
+def epoch_rows(seed: int, client_id: int, batch_index: int, batch_size: int, n: int) -> list[int]:
+    """The rows (of ``n`` examples) of a client's batch ``batch_index`` when batches walk shuffled
+    epochs without replacement, as the official client's DataLoader(shuffle=True) does: epoch e
+    is the permutation of the rows sorted by derive_seed("epoch", seed, client, e, row), cut into
+    ceil(n / batch_size) batches, the last one short. ``batch_index`` counts the client's batches
+    over the whole run (the official iterator carries on across rounds)."""
+    if n < 1 or batch_size < 1 or batch_index < 0:
+        raise ValueError(
+            f"epoch_rows: need n >= 1, batch_size >= 1, batch_index >= 0; got {n}, {batch_size}, {batch_index}"
+        )
+    per_epoch = -(-n // batch_size)
+    epoch, position = divmod(batch_index, per_epoch)
+    keys = [derive_seed("epoch", seed, client_id, epoch, row) for row in range(n)]
+    order = sorted(range(n), key=keys.__getitem__)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def rounds_taken(seed: int, round_: int, client_id: int, num_clients: int, per_round: int) -> int:
+    """How many rounds before ``round_`` (rounds count from 1) sampled ``client_id``: a pure
+    function of the run, so a client needs no state to continue its epoch walk."""
+    return sum(client_id in sample_clients(seed, r, num_clients, per_round) for r in range(1, round_))

@@ -12,6 +12,7 @@ from .robust import AGGREGATES, parse_clip
 from .wire import MAX_K, PRECISIONS
 
 WEIGHTINGS = ("examples", "batches")
+BATCHINGS = ("draws", "epochs")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class FedSpec:
     per-seed rule over the clients that used a seed ("mean": FedKSeed's weighted sum).
     ``weighting``: a client's aggregation weight counts its "examples" or, as the official
     code does, its "batches" (ceil(examples / batch_size); the same at batch size 1).
+    ``batching``: each local step's batch is "draws" (rows drawn with replacement, per step) or
+    "epochs" (shuffled epochs without replacement, continued across the rounds a client takes
+    part in, as the official client does). ``weight_decay`` applies in the clients' local ZO
+    steps only: the global model is the base weights plus the seed table, as in FedKSeed, so
+    decay acts on the global model only through the scalars it changes.
     """
 
     num_clients: int
@@ -45,6 +51,8 @@ class FedSpec:
     aggregate: str = "mean"
     clip: str | float = "auto"
     weighting: str = "examples"
+    batching: str = "draws"
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "clients_per_round", "k", "local_steps", "batch_size"):
@@ -71,6 +79,11 @@ class FedSpec:
         object.__setattr__(self, "clip", parse_clip(self.clip))  # "1e3" -> 1000.0
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
 
     @property
     def lr32(self) -> float:

@@ -3,8 +3,9 @@
 Thin Flower shells over the transport-free ``fedkseed.fed.Server`` / ``Client``, exchanging
 only wire-format bytes (in a ConfigRecord; the ArrayRecord stays empty):
 
-    protocol.py     message keys, the run config, the model digest
+    protocol.py     message keys, the run config and the engine's own options
     strategy.py     FedKSeedStrategy (flwr.serverapp.strategy.Strategy) over Server
+    identity.py     NodeKeys: node public keys -> client ids (the deployment's node-keys list)
     server_app.py   serve() (the round loop) and the deployable ServerApp ``app``
     client_app.py   the ClientApp ``app`` over Client
     engine.py       run_flower(): ``fedkseed simulate --engine flower`` (simulation runtime, Ray)

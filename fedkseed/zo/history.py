@@ -322,8 +322,18 @@ class History:
         if self.layout is not None:
             for (name, shape, dtype), c in zip(self.layout, self.classes):
                 raw = name.encode()
-                parts.append(struct.pack(f"<H{len(raw)}sB{len(shape)}QBHB", len(raw), raw, len(shape), *shape,
-                                         _DTYPES.index(dtype), c // 2, c % 2))
+                parts.append(
+                    struct.pack(
+                        f"<H{len(raw)}sB{len(shape)}QBHB",
+                        len(raw),
+                        raw,
+                        len(shape),
+                        *shape,
+                        _DTYPES.index(dtype),
+                        c // 2,
+                        c % 2,
+                    )
+                )
         for e in self.entries:
             parts.append(_pack_entry(e))
         body = b"".join(parts)
@@ -378,13 +388,20 @@ def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
     if probes and eps is None:
         raise ValueError(f"{where} has probe seeds but the history has no eps")
     if len(alphas) != groups or len(decays) != groups:
-        raise ValueError(f"{where}: coefficients for {len(alphas)} groups and decays for {len(decays)}, expected {groups}")
+        raise ValueError(
+            f"{where}: coefficients for {len(alphas)} groups and decays for {len(decays)}, expected {groups}"
+        )
     alphas = tuple(tuple(alphas[g]) for g in range(groups))
     for g, (group_alphas, d) in enumerate(zip(alphas, decays)):
         if len(group_alphas) != len(seeds):
             raise ValueError(f"{where}: group {g} has {len(group_alphas)} coefficients for {len(seeds)} seeds")
         for value in (*group_alphas, d):
-            if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or float32(value) != value:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, float)
+                or not math.isfinite(value)
+                or float32(value) != value
+            ):
                 raise ValueError(f"{where}: coefficient or decay {value!r} of group {g} is not a finite float32 value")
     if not isinstance(perturbed, bool) or (perturbed and not probes):
         raise ValueError(f"{where}: perturbed must be a bool, and True only with probes")
