@@ -80,7 +80,7 @@ def main() -> None:
         train_dataset=train,
         eval_dataset=heldout,
         processing_class=tokenizer,  # saved with every checkpoint
-        data_collator=lambda rows: data.encode(tokenizer, rows, args.max_length),
+        data_collator=lambda rows: data.encode(tokenizer, tuple(rows), args.max_length),  # Examples -> tokens
     )
     opt = trainer.zo_optimizer
     print(f"{opt.params.numel:,} trainable parameters in {len(opt.params)} tensors")

@@ -206,6 +206,17 @@ def test_options_are_generated_from_the_config_and_its_owners():
     assert tuple(simulate["engine"].choices) == engines.names()
 
 
+def test_robustness_and_training_options_reach_the_spec():
+    from fedkseed.experiment.config import SimConfig
+
+    spec = SimConfig(aggregate="trimmed-mean", clip="2.5", weight_decay=0.1).spec()
+    assert (spec.aggregate, spec.clip, spec.weight_decay) == ("trimmed-mean", 2.5, 0.1)
+    assert SimConfig().spec().clip == "auto" and SimConfig().spec().aggregate == "mean"
+    for spelling in ("off", "none", "inf"):
+        assert SimConfig(clip=spelling).spec().clip == "off"
+    assert SimConfig(holdout=2).holdout == "2" and SimConfig(holdout="a, b").holdout == "a,b"
+
+
 def test_engine_registry_loads_builtin_and_installed_engines(tmp_path, monkeypatch):
     """Installed engines are entry points of the group fedkseed.engines: a distribution on
     sys.path declares two (one that loads, one whose module is missing) and tries to take the

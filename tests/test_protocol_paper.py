@@ -43,6 +43,15 @@ def test_unset_settings_come_from_the_protocol_and_flags_win(paper_run):
     assert (demo.k, demo.local_steps, demo.lr, demo.eps, demo.batch_size) == (1024, 30, 3e-5, 1e-2, 2)
 
 
+def test_the_protocol_rules_reach_every_party(paper_run):
+    """What no flag overrides: batches walk shuffled epochs and weights count batches, in the
+    FedSpec that the server and every client share (and the checkpoint records)."""
+    spec = SimConfig(**paper_run["config"]).spec()
+    assert (spec.batching, spec.weighting) == ("epochs", "batches")
+    demo = SimConfig(**{**paper_run["config"], "protocol": "demo"}).spec()
+    assert (demo.batching, demo.weighting) == ("draws", "examples")
+
+
 def test_the_split_is_the_balanced_one(paper_run):
     faq = D.load_examples("faq")
     split = D.split_data(faq, 4, 0.5, 0, "bygglov", balanced=True)

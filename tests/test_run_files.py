@@ -91,7 +91,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, where, capsys):
         output.mkdir()
     err = error_of(simulate(output, 1, "--resume"), capsys)
     assert "--resume" in err and "no checkpoint" in err
-    assert not (output / "metrics.json").exists()
+    assert output.exists() == (where == "empty") and not (output / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(

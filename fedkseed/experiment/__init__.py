@@ -1,16 +1,18 @@
 """The experiment layer (L5): a FedKSeed run on one machine, from options to output folder.
 
-config.py      SimConfig / ApplyConfig: fields, help, choices, validation (the CLI is
-               generated from them)
+config.py      SimConfig / ApplyConfig: fields, help, choices, protocols (demo, paper),
+               validation (the CLI is generated from them)
+folder.py      the output folder's rules: refuse a used folder, --resume/--overwrite,
+               writability, stale temporaries (checked before anything is loaded)
 prepare.py     model, data split, server, clients and evaluation batches of a run
-evaluate.py    eval loss and Rouge-L of the global model
+evaluate.py    eval loss and Rouge-L (both scorers, intervals) of the global model
 checkpoint.py  state.npz: what --resume continues from
 runbook.py     RunBook: the bookkeeping every engine shares (resume, per-round records,
                checkpoints, the final block)
 engines.py     the engine registry ("local" built in, others by entry point)
 local.py       the local engine
-outputs.py     Results and the output folder (metrics.json, delta.fks, model/, losses.png)
-run.py         simulate(config): engine + outputs
+outputs.py     Results and the output folder (delta.fks, model/, losses.png, metrics.json last)
+run.py         simulate(config): claim the folder, engine, outputs
 apply.py       apply_delta: delta file + base model -> fine-tuned model
 """
 

@@ -132,7 +132,7 @@ class SimConfig:
     eps: float | None = option(None, "perturbation scale")
     weight_decay: float = option(0.0, "decoupled weight decay of the local ZO steps")
     aggregate: str = option("mean", "per-seed aggregate of the round's uploads", lambda: AGGREGATES)
-    clip: str = option("auto", "bound on each upload's size: auto (derived each round), a number, or off (none, inf)")
+    clip: str = option("auto", "bound on an upload's per-step RMS: auto (4x the median so far), a number, or off")
     byzantine: int = option(0, "clients of each round's sample that send adversarial uploads (simulation)")
     attack: str = option("scale", "what the --byzantine clients send", lambda: ATTACKS)
     alpha: float = option(0.5, "Dirichlet concentration over categories")
@@ -235,6 +235,8 @@ class SimConfig:
             aggregate=self.aggregate,
             clip=self.clip,
             weighting="batches" if self.paper else "examples",
+            batching="epochs" if self.paper else "draws",
+            weight_decay=self.weight_decay,
         )
 
     def run_identity(self) -> dict[str, Any]:

@@ -31,12 +31,12 @@ def claim_output(config: SimConfig) -> None:
     output = pathlib.Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file, not a folder")
+    if config.resume and not (output / STATE_FILE).is_file():  # before creating a mistyped folder
+        raise UsageError(f"--resume: {output} holds no checkpoint ({STATE_FILE}); nothing to continue")
     ensure_writable(output, "--output")
     remove_stale_temporaries(output)
     entries = sorted(p.name for p in output.iterdir())
     if config.resume:
-        if not (output / STATE_FILE).is_file():
-            raise UsageError(f"--resume: {output} holds no checkpoint ({STATE_FILE}); nothing to continue")
         load_state(output, config)  # refuses an unreadable checkpoint or other settings, now
     elif entries and not config.overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")

@@ -82,7 +82,7 @@ class RunBook:
             "bytes_down_per_client": _mean(summary.bytes_down.values()),
             "clients": summary.accepted,
             "weights": {str(c): w for c, w in summary.weights.items()},
-            "norm_bound": summary.bound,
+            "rms_bound": None if math.isinf(summary.bound) else summary.bound,  # None: unbounded
             "clipped": {str(c): f for c, f in summary.clipped.items()},
             "rejected": {str(c): reason for c, reason in summary.rejected.items()},
             "seconds": time.perf_counter() - started,
