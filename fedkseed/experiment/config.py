@@ -103,14 +103,12 @@ def _validate_choices(config: Any) -> None:
             raise UsageError(f"{flag(f.name)} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _count_or_all(name: str, value: Any, *, zero: bool) -> str:
-    """``value`` as "all" or a decimal count (>= 0 when ``zero``, else >= 1)."""
-    text = str(value).strip().lower() if not isinstance(value, bool) else ""
-    if text == ALL:
-        return ALL
-    if text.isdigit() and int(text) >= (0 if zero else 1):
-        return str(int(text))
-    raise UsageError(f"{flag(name)} must be 'all' or an integer >= {0 if zero else 1}, got {value!r}")
+def _count_or_all(name: str, value: Any) -> str:
+    """``value`` as "all" or a decimal count >= 0 (an int or its text)."""
+    text = "" if isinstance(value, bool) else str(value).strip().lower()
+    if text == ALL or text.isdigit():
+        return text if text == ALL else str(int(text))
+    raise UsageError(f"{flag(name)} must be 'all' or an integer >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,7 @@ class SimConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "holdout", self._holdout())
-        object.__setattr__(self, "rouge_examples", _count_or_all("rouge_examples", self.rouge_examples, zero=True))
+        object.__setattr__(self, "rouge_examples", _count_or_all("rouge_examples", self.rouge_examples))
         object.__setattr__(self, "clip", self._clip())
         positive = (
             "clients",
