@@ -4,7 +4,7 @@ Everything else about the package (metadata, version, dependencies, entry points
 is declared in pyproject.toml; this file holds only what must be code. torch is a build
 requirement there, so importing it here works under a PEP 517 build, isolated or not.
 
-The arithmetic must stay exact (docs/stream-spec.md#conversion): no -ffast-math, contraction off
+The arithmetic must stay exact (docs/stream-spec.md#arithmetic): no -ffast-math, contraction off
 on the host and -fmad=false on the device. SIMD paths are selected at run time with per-function
 target attributes, so the build never assumes the build machine's CPU. tools/nvcc_flags.py reads
 NVCC_FLAGS from this file, so `make cuda-check` compiles exactly what the build compiles.

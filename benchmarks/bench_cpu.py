@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from smollm2_shape import llama_shapes, make_params, smollm2_135m_shapes  # noqa: E402
+from smollm2_shape import llama_shapes, make_params, smollm2_135m_shapes
 
-import fedkseed  # noqa: E402,F401
-from fedkseed import ops  # noqa: E402
-from fedkseed.paramset import ParamSet  # noqa: E402
+import fedkseed  # noqa: F401
+from fedkseed import ops
+from fedkseed.paramset import ParamSet
 
 EPS = 1e-3
 
@@ -77,8 +77,9 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__}, ISA {torch.ops.fedkseed.cpu_isa()}"
 
 
-def row(name: str, seconds: float, cpu: float, work: float, ratio: str, cpu_ratio: str, nbytes: float | None,
-        floor: float) -> str:
+def row(
+    name: str, seconds: float, cpu: float, work: float, ratio: str, cpu_ratio: str, nbytes: float | None, floor: float
+) -> str:
     bw = f"{nbytes / seconds / 1e9:6.1f}" if nbytes else "     -"
     return (
         f"| {name:<38} | {seconds * 1e3:9.1f} | {cpu * 1e3:9.1f} | {work / seconds / 1e6:8.0f} | {ratio:>7} |"
@@ -153,22 +154,35 @@ def main() -> None:
         print(row(f"fused perturb_ {dist}", s, sc, n, f"{mezo / s:.2f}x", f"{mezo_cpu / sc:.2f}x", nbytes, floor))
     for dist in ("gauss", "rade"):
         s, sc = t[f"replay16_{dist}"] / 16, c[f"replay16_{dist}"] / 16
-        print(row(f"fused replay_ K=16 {dist} (per seed)", s, sc, n, f"{mezo / s:.2f}x", f"{mezo_cpu / sc:.2f}x", None, floor))
+        ratios = f"{mezo / s:.2f}x", f"{mezo_cpu / sc:.2f}x"
+        print(row(f"fused replay_ K=16 {dist} (per seed)", s, sc, n, *ratios, None, floor))
     for dist in ("gauss", "rade"):
         s, sc = t_sub[f"replay256_{dist}"] / 256, c_sub[f"replay256_{dist}"] / 256
         scale = n / n_sub
         print(
-            row(f"fused replay_ K=256 {dist} (per seed)*", s * scale, sc * scale, n,
-                f"{t_sub['mezo_sub'] / s:.2f}x", f"{c_sub['mezo_sub'] / sc:.2f}x", None, floor)
+            row(
+                f"fused replay_ K=256 {dist} (per seed)*",
+                s * scale,
+                sc * scale,
+                n,
+                f"{t_sub['mezo_sub'] / s:.2f}x",
+                f"{c_sub['mezo_sub'] / sc:.2f}x",
+                None,
+                floor,
+            )
         )
     print()
     print(f"* K=256 runs on the first {subset_layers} decoder layer(s) ({n_sub:,} elements) and is scaled")
     print("  to the full set; its ratio is against MeZO passes over the same subset.")
-    print(f"  Full K=256 replay extrapolated: {t_sub['replay256_gauss'] * n / n_sub:.1f} s gaussian vs"
-          f" {256 * mezo:.1f} s for 256 MeZO passes; K=4096: {16 * t_sub['replay256_gauss'] * n / n_sub:.0f} s"
-          f" vs {4096 * mezo / 60:.0f} min.")
-    print(f"Bytes moved per pass: {nbytes / 1e9:.2f} GB (float32 read + write); load average"
-          f" {load_before:.2f} -> {load_after:.2f} (other processes share the CPU when above ~0).")
+    print(
+        f"  Full K=256 replay extrapolated: {t_sub['replay256_gauss'] * n / n_sub:.1f} s gaussian vs"
+        f" {256 * mezo:.1f} s for 256 MeZO passes; K=4096: {16 * t_sub['replay256_gauss'] * n / n_sub:.0f} s"
+        f" vs {4096 * mezo / 60:.0f} min."
+    )
+    print(
+        f"Bytes moved per pass: {nbytes / 1e9:.2f} GB (float32 read + write); load average"
+        f" {load_before:.2f} -> {load_after:.2f} (other processes share the CPU when above ~0)."
+    )
 
 
 if __name__ == "__main__":

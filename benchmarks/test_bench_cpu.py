@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_cpu import EPS, floor_pass, mezo_pass  # noqa: E402
-from smollm2_shape import llama_shapes, make_params  # noqa: E402
+from bench_cpu import EPS, floor_pass, mezo_pass
+from smollm2_shape import llama_shapes, make_params
 
-from fedkseed import ops  # noqa: E402
-from fedkseed.paramset import ParamSet  # noqa: E402
+from fedkseed import ops
+from fedkseed.paramset import ParamSet
 
 pytestmark = pytest.mark.skipif(not ops.has_kernel("CPU"), reason="fedkseed._C CPU kernels not built")
 

@@ -79,7 +79,8 @@ def _index(text: str) -> int:
 
 def test_conversion_table():
     section = _section(SPEC, "Narrowing conversion (float32", "Stochastic rounding: ")
-    pattern = r"^\| `([0-9a-f]{8})`(?: / `([0-9a-f]{8})`)? \| `([0-9a-f]{4})`(?: / `([0-9a-f]{4})`)? \| `([0-9a-f]{4})`(?: / `([0-9a-f]{4})`)? \|"
+    f32, f16 = r"`([0-9a-f]{8})`(?: / `([0-9a-f]{8})`)?", r"`([0-9a-f]{4})`(?: / `([0-9a-f]{4})`)?"
+    pattern = rf"^\| {f32} \| {f16} \| {f16} \|"
     rows = re.findall(pattern, section, re.M)
     assert len(rows) >= 10
     for x1, x2, b1, b2, h1, h2 in rows:
@@ -113,10 +114,11 @@ def _anchors(markdown: str) -> set[str]:
     return explicit | headings
 
 
+SOURCES = ("fedkseed/**/*.py", "csrc/**/*.*", "tests/*.py", "tools/*.py", "benchmarks/*.py", "*.md", "docs/*.md", "*.py")
 CITED = sorted(
     {
         (str(path.relative_to(ROOT)), doc, anchor)
-        for pattern in ("fedkseed/**/*.py", "csrc/**/*.*", "tests/*.py", "tools/*.py", "benchmarks/*.py", "*.md", "docs/*.md", "setup.py")
+        for pattern in SOURCES
         for path in ROOT.glob(pattern)
         if path.is_file()
         for doc, anchor in re.findall(r"docs/([a-z-]+\.md)#([A-Za-z0-9_-]+)", path.read_text(errors="replace"))
