@@ -114,7 +114,7 @@ def _anchors(markdown: str) -> set[str]:
     return explicit | headings
 
 
-SOURCES = ("fedkseed/**/*.py", "csrc/**/*.*", "tests/*.py", "tools/*.py", "benchmarks/*.py", "*.md", "docs/*.md", "*.py")
+SOURCES = ("*.py", "*.md", "fedkseed/**/*.py", "csrc/**/*.*", "tests/*.py", "tools/*.py", "benchmarks/*.py", "docs/*")
 CITED = sorted(
     {
         (str(path.relative_to(ROOT)), doc, anchor)
