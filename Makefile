@@ -48,7 +48,7 @@ bench: build
 	$(PY) benchmarks/bench_zo.py
 
 demo: build
-	$(VENV)/bin/fedkseed simulate --output runs/demo
+	$(VENV)/bin/fedkseed simulate --output runs/demo --overwrite
 
 # Compile (never link or run) every CUDA kernel for each architecture of pyproject.toml's
 # [tool.fedkseed] cuda-archs with setup.py's flags (both read by tools/nvcc_flags.py), so the CUDA

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -64,14 +66,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--min-heldout", type=int, default=MIN_HELDOUT)
     parser.add_argument("--output", default="runs/quality")
+    # On a shared 2-core machine two runs at OMP_NUM_THREADS=1 each beat one run on two threads.
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="no runs: the table from the runs already in --output"
+    )
     return parser.parse_args(argv)
+
+
+def _local(name: str) -> str:
+    """``name`` made absolute when it is a local file or folder (runs start in their output folder)."""
+    path = pathlib.Path(name)
+    return str(path.resolve()) if path.exists() else name
 
 
 def simulate_command(args: argparse.Namespace, method_flags: list[str], seed: int, output: pathlib.Path) -> list[str]:
     return [
         sys.executable, "-m", "fedkseed", "simulate", "--quiet",
         "--protocol", "paper",
-        "--model", args.model, "--data", args.data, "--holdout", args.holdout,
+        "--model", _local(args.model), "--data", _local(args.data), "--holdout", args.holdout,
         "--seed", str(seed), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
         "--clients", str(args.clients), "--clients-per-round", str(args.clients_per_round),
         "--k", str(args.k), "--dist", args.dist, "--lr", str(args.lr), "--eps", str(args.eps),
@@ -85,8 +98,10 @@ def simulate_command(args: argparse.Namespace, method_flags: list[str], seed: in
 def run(command: list[str], log: pathlib.Path) -> float:
     """Run one simulation, its output in ``log``; its wall time in seconds."""
     started = time.perf_counter()
+    # Started in the run's parent folder, not here: `python -m` puts the working directory first
+    # on sys.path, which would shadow a PYTHONPATH snapshot of the package with a checkout's.
     with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise SystemExit(f"quality: {shlex.join(command)} failed ({done.returncode}): {tail[0]}; see {log}")
@@ -168,24 +183,41 @@ def table(rows: list[list[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    root = pathlib.Path(args.output)
+    if args.jobs < 1:
+        raise SystemExit(f"quality: --jobs must be >= 1, got {args.jobs}")
+    root = pathlib.Path(args.output).resolve()
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    load_start = os.getloadavg()
+    # Seed-major order, so that with --jobs 2 each seed's two methods run side by side.
+    jobs = [(seed, method, flags) for seed in args.seeds for method, flags in METHODS.items()]
+
+    def one(job: tuple[int, str, list[str]]) -> float:
+        seed, method, flags = job
+        output = root / f"{method.lower()}-seed{seed}"
+        seconds = run(simulate_command(args, flags, seed, output), root / f"{output.name}.log")
+        print(f"{method} seed {seed}: {seconds:.0f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        return seconds
+
+    times: list[float] = []
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            times = list(pool.map(one, jobs))
     finals: dict[str, list[dict]] = {method: [] for method in METHODS}
-    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
-    for seed in args.seeds:
-        for method, flags in METHODS.items():
-            output = root / f"{method.lower()}-seed{seed}"
-            command = simulate_command(args, flags, seed, output)
-            seconds[method].append(run(command, root / f"{output.name}.log"))
-            finals[method].append(read_final(output))
-            print(f"{method} seed {seed}: {seconds[method][-1]:.0f} s", file=sys.stderr, flush=True)
+    for seed, method, _ in jobs:
+        finals[method].append(read_final(root / f"{method.lower()}-seed{seed}"))
     rows, notes = summarise(finals, args.min_heldout)
     wall = time.perf_counter() - started
+    load_end = os.getloadavg()
+    timing = (
+        "finished runs read back from --output (their times are in the log of the command that ran them)"
+        if args.report_only
+        else f"{args.jobs} run(s) at a time; wall time {wall / 60:.1f} min; per run {np.mean(times):.0f} s;"
+        f" load average at start {load_start[0]:.1f}, at end {load_end[0]:.1f} (15-min {load_end[2]:.1f})"
+    )
     report = "\n".join([
         f"`python benchmarks/quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
-        f" ({args.model}, {len(args.seeds)} seeds per method; wall time {wall / 60:.1f} min;"
-        f" per run {np.mean([t for times in seconds.values() for t in times]):.0f} s)",
+        f" ({args.model}, {len(args.seeds)} seeds per method; {timing})",
         "",
         "Mean [95% bootstrap interval over examples]; Δ is paired with zero-shot per example.",
         "",

@@ -58,34 +58,42 @@ def base_config(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def final_eval_loss(config) -> float:
+def eval_losses(config) -> tuple[float, float]:
+    """(final eval loss, worst eval loss of any round) of a run."""
     from fedkseed.experiment import simulate
 
-    return float(simulate(config, progress=False).final["eval_loss_after"])
+    results = simulate(config, progress=False)
+    return float(results.final["eval_loss_after"]), max(float(r["eval_loss"]) for r in results.rounds)
+
+
+def fmt(loss: float) -> str:
+    return f"{loss:.4f}" if abs(loss) < 1e4 else f"{loss:.3g}"
 
 
 def measure(args: argparse.Namespace) -> list[list[str]]:
-    """One row per (aggregation, attack): final eval loss, change from the clean run, verdict."""
+    """One row per (aggregation, attack): final and worst-round eval loss, the final one's change
+    from the clean run, verdict."""
     base, root = base_config(args), pathlib.Path(args.output)
     rows = []
     for label, settings in AGGREGATIONS.items():
         name = settings["clip"]
         clean_config = dataclasses.replace(base, **settings, output=str(root / f"{name}-clean"))
-        clean = final_eval_loss(clean_config)
-        rows.append([label, "none", f"{clean:.4f}", "", ""])
+        clean, worst = eval_losses(clean_config)
+        rows.append([label, "none", fmt(clean), fmt(worst), "", ""])
         for attack in args.attacks:
             attacked = dataclasses.replace(
                 clean_config, byzantine=1, attack=attack, output=str(root / f"{name}-{attack}")
             )
-            loss = final_eval_loss(attacked)
+            loss, worst = eval_losses(attacked)
             change = (loss - clean) / clean
             holds = math.isfinite(loss) and abs(change) <= TOLERANCE
-            rows.append([label, f"1 of 4: {attack}", f"{loss:.4g}", f"{change:+.2%}", "holds" if holds else "FAILS"])
+            verdict = "holds" if holds else "FAILS"
+            rows.append([label, f"1 of 4: {attack}", fmt(loss), fmt(worst), f"{change:+.2%}", verdict])
     return rows
 
 
 def table(rows: list[list[str]]) -> str:
-    header = ["aggregation", "attackers", "final eval loss", "vs clean", f"within {TOLERANCE:.0%}"]
+    header = ["aggregation", "attackers", "final eval loss", "worst round", "vs clean", f"within {TOLERANCE:.0%}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

@@ -10,7 +10,6 @@ the official code's balanced variant with a minimum client size. Scoring lives i
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -334,7 +333,6 @@ def fit_length(
     return kept, dropped
 
 
-@functools.lru_cache(maxsize=256)
 # ---------------------------------------------------------------------------------- encoding
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> dict[str, torch.Tensor]:
     """Token batch for ``examples``: the prompt (:func:`prompt_ids`) then the answer and its end

@@ -397,7 +397,9 @@ class Federation:
     def wait_run(self) -> None:
         process = self.processes["run"]
         process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
-        assert process.returncode == 0, self.log("run")[-3000:]
+        log = self.log("run")
+        # `flwr run --stream` exits 0 even when the ServerApp raised: its log says so.
+        assert process.returncode == 0 and "ServerApp raised an exception" not in log, log[-3000:]
 
     def wait_for(self, name: str, pattern: str, timeout: float | None = None) -> None:
         deadline = self.deadline if timeout is None else time.monotonic() + timeout
