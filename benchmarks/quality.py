@@ -1,7 +1,12 @@
 """Does FedKSeed improve on zero-shot, and does Pro improve on uniform seeds? One markdown table.
 
-    python benchmarks/quality.py                        # SmolLM2-135M-Instruct, FAQ, ~60 min on 2 cores
+    python benchmarks/quality.py                        # SmolLM2-135M-Instruct, FAQ (~60 min on 2 idle cores: an estimate)
     python benchmarks/quality.py --model tiny --rounds 1 --local-steps 2 --seeds 0 --output runs/quality-smoke
+    python benchmarks/quality.py --seeds 0 1 --report-only    # the table from runs already made
+
+On a shared machine, run two at a time on one thread each (``OMP_NUM_THREADS=1 ... --jobs 2``);
+to pin the code under test, copy the package elsewhere and point PYTHONPATH at the copy (runs
+start in their output folder, so a checkout in the working directory does not shadow it).
 
 Every run goes through the ``fedkseed simulate`` command line in a subprocess (the stable
 interface) and is read back from its metrics.json. For each seed, FedKSeed (uniform seeds) and
@@ -52,6 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # ~3 min of loading and before/after evaluation (greedy 128 tokens on 55 examples, twice):
     # the official protocol (balanced split, shuffled epochs, batch 1, every held-out example,
     # 128 new tokens) with the rounds, steps, K, lr and eps that move SmolLM2-135M in that time.
+    # Measured at load 5-7 (shared machine, OMP_NUM_THREADS=1, --jobs 2): one before or after
+    # evaluation ~6 min and ~2.5 s per ZO step in each run; the RESULTS table ran 5 rounds of 30
+    # steps, K 256, on 2 seeds, since zero-shot is re-measured in every run (no option skips it).
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--clients", type=int, default=20)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from ..atomic import save_atomically
+from ..experiment.folder import claim_output
 from ..experiment.outputs import Results, write_outputs
 from ..experiment.prepare import Setup, prepare
 from ..experiment.runbook import RunBook
@@ -82,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment: the SimConfig comes from the run config; outputs go to its ``output``."""
     config, options = P.config_from_run_config(context.run_config)
     log(INFO, "fedkseed: %s", config)
+    claim_output(config)  # refuse a used folder (unless resume/overwrite) before any work
     keys = None
     if options[P.NODE_KEYS]:
         keys = NodeKeys.load(options[P.NODE_KEYS], config.clients)
