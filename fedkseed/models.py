@@ -218,7 +218,13 @@ def _load_tokenizer(folder: pathlib.Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as error:  # as above: one line naming the folder
-        raise ModelLoadError(f"model folder {folder}: cannot read the tokenizer ({_first_line(error)})") from None
+        found = ", ".join(name for name in TOKENIZER_FILES if (folder / name).is_file())
+        # transformers' own text here ("Couldn't instantiate the backend tokenizer from one of:")
+        # names no file: say which files were there and what usually makes them unreadable.
+        raise ModelLoadError(
+            f"model folder {folder}: cannot read the tokenizer from {found} (a damaged file, or a "
+            f"tokenizer.model without the sentencepiece package; {_first_line(error)})"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

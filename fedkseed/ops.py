@@ -7,6 +7,7 @@ Validation happens before anything is written: a call either updates every tenso
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,9 +16,10 @@ import torch
 from . import reference
 from . import stream as S
 from .paramset import ParamSet
+from .seeds import U64 as _U64
+from .seeds import check_seed, to_int64, to_uint64
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-_U64 = 1 << 64
 
 ParamsLike = ParamSet | torch.nn.Module | Iterable[Any]
 SeedsLike = int | Sequence[int] | torch.Tensor
@@ -76,27 +78,36 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------------- validation
-def _to_unsigned(seed: int) -> int:
-    return seed & (_U64 - 1)
+def _is_scalar(value: Any) -> bool:
+    """A Python/NumPy scalar or a 0-d array or tensor: one seed or alpha, not a sequence."""
+    return getattr(value, "ndim", None) == 0 or isinstance(value, (numbers.Number, str, bytes))
 
 
 def _seed_tensor(seeds: SeedsLike, device: torch.device) -> tuple[torch.Tensor, list[int] | None]:
     """int64 seeds on ``device`` (two's complement of uint64) and, for host seeds, their values."""
-    if isinstance(seeds, torch.Tensor):
-        if seeds.dtype != torch.int64:
-            raise TypeError(f"seeds tensor must be int64 (two's complement of uint64), got {seeds.dtype}")
+    if isinstance(seeds, torch.Tensor) and seeds.dtype == torch.int64:
         flat = seeds.reshape(-1)
-        values = None if flat.device.type != "cpu" else [_to_unsigned(int(s)) for s in flat.tolist()]
+        values = None if flat.device.type != "cpu" else [to_uint64(int(s)) for s in flat.tolist()]
         return flat.to(device), values
-    values = [seeds] if isinstance(seeds, (int, float)) else list(seeds)  # a float reaches check_seed
-    for s in values:
-        reference.check_seed(s)
-    signed = [s - _U64 if s >= 1 << 63 else s for s in values]
-    return torch.tensor(signed, dtype=torch.int64, device=device), values
+    if isinstance(seeds, torch.Tensor) and (seeds.ndim > 0 or seeds.device.type != "cpu"):
+        raise TypeError(f"seeds tensor must be int64 (two's complement of uint64), got {seeds.dtype}")
+    values = [check_seed(s) for s in ([seeds] if _is_scalar(seeds) else list(seeds))]
+    return torch.tensor([to_int64(s) for s in values], dtype=torch.int64, device=device), values
+
+
+def _alpha_value(a: Any) -> float:
+    if isinstance(a, torch.Tensor) and a.ndim == 0:
+        a = a.item()
+    if isinstance(a, bool) or not isinstance(a, numbers.Real):
+        raise TypeError(f"alphas must be real numbers, got {type(a).__name__}")
+    value = float(a)
+    if not math.isfinite(value):
+        raise ValueError(f"alphas contain a non-finite value: {value}")
+    return value
 
 
 def _alpha_tensor(alphas: AlphasLike, device: torch.device) -> torch.Tensor:
-    if isinstance(alphas, torch.Tensor):
+    if isinstance(alphas, torch.Tensor) and (alphas.ndim > 0 or alphas.device.type != "cpu"):
         flat = alphas.reshape(-1)
         if not flat.dtype.is_floating_point:
             raise TypeError(f"alphas tensor must be floating point, got {flat.dtype}")
@@ -106,12 +117,7 @@ def _alpha_tensor(alphas: AlphasLike, device: torch.device) -> torch.Tensor:
         if flat.device.type == "cpu" and not bool(torch.isfinite(flat).all()):
             raise ValueError("alphas contain NaN or infinite values")
         return flat.to(device=device, dtype=torch.float32)
-    values = [alphas] if isinstance(alphas, (int, float)) else list(alphas)
-    for a in values:
-        if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise TypeError(f"alphas must be floats, got {type(a).__name__}")
-        if not math.isfinite(a):
-            raise ValueError(f"alphas contain a non-finite value: {a}")
+    values = [_alpha_value(a) for a in ([alphas] if _is_scalar(alphas) else list(alphas))]
     flat = torch.tensor(values, dtype=torch.float32)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("alphas overflow float32")
@@ -169,16 +175,16 @@ def replay_(
         return pset
     if which == "reference":
         if seed_values is None:
-            seed_values = [_to_unsigned(int(s)) for s in seed_t.cpu().tolist()]
+            seed_values = [to_uint64(int(s)) for s in seed_t.cpu().tolist()]
         if round_t is not None and round_value is None:
-            round_value = _to_unsigned(int(round_t.item()))
+            round_value = to_uint64(int(round_t.item()))
         reference.replay_(pset.tensors, pset.offsets, seed_values, alpha_t.cpu(), dist, factors, round_value)
     elif which == "triton":
         from .kernels import replay_ as triton_replay_
 
         triton_replay_(pset, seed_t, alpha_t, tag, factors, round_t)
     else:
-        offsets = [o - _U64 if o >= 1 << 63 else o for o in pset.offsets]
+        offsets = [to_int64(o) for o in pset.offsets]
         torch.ops.fedkseed.replay_(pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t)
     return pset
 
@@ -218,7 +224,7 @@ def noise(
     if seed_t.numel() != 1:
         raise ValueError(f"noise takes one seed, got {seed_t.numel()}")
     if which == "reference":
-        value = seed_values[0] if seed_values else _to_unsigned(int(seed_t.item()))
+        value = seed_values[0] if seed_values else to_uint64(int(seed_t.item()))
         return reference.noise(value, count, offset, dist).to(device)
     out = torch.empty(count, dtype=torch.float32, device=device)
     if count == 0:
@@ -228,7 +234,7 @@ def noise(
 
         triton_noise_(out, seed_t, offset, tag)
     else:
-        torch.ops.fedkseed.noise_(out, seed_t, offset - _U64 if offset >= 1 << 63 else offset, tag)
+        torch.ops.fedkseed.noise_(out, seed_t, to_int64(offset), tag)
     return out
 
 

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from . import stream as S
+from .seeds import U64 as _U64
+from .seeds import check_seed
 
 _MASK32 = 0xFFFFFFFF
-_U64 = 1 << 64
 
 
 def _mulhilo(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,14 +268,6 @@ def from_float32(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = f32_to_bf16_bits(y) if dtype == torch.bfloat16 else f32_to_f16_bits(y)
     signed = torch.where(bits >= 1 << 15, bits - (1 << 16), bits)
     return signed.to(torch.int16).view(dtype)
-
-
-def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int in [0, 2^64), got {type(seed).__name__}")
-    if not 0 <= seed < _U64:
-        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    return seed
 
 
 @torch.no_grad()

@@ -318,3 +318,17 @@ def test_one_attacker_of_four_moves_the_default_run_less_than_2_percent(tmp_path
     unbounded_clean = _final_eval_loss(tmp_path, "off-clean", "--clip", "off")
     unbounded = _final_eval_loss(tmp_path, "off-scale", "--clip", "off", "--byzantine", "1", "--attack", "scale")
     assert not abs(unbounded - unbounded_clean) <= 0.02 * unbounded_clean, (unbounded, unbounded_clean)
+
+
+def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch):
+    """One failing client is a fault to ride out; all of them failing is a bug, and must not end in
+    a run that exits 0 with empty rounds (fault injected in the real Client.train)."""
+    from fedkseed.fed import Client
+
+    def broken(self, download, attack=None):
+        raise TypeError("client code bug")
+
+    monkeypatch.setattr(Client, "train", broken)
+    with pytest.raises(RuntimeError, match=r"every sampled client failed.*client code bug"):
+        main(["simulate", *TINY, "--rounds", "1", "--output", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "metrics.json").exists()

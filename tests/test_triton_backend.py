@@ -75,8 +75,16 @@ def run_both(named, seeds, alphas, dist, decay=None, rounding_seed=None):
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize(
     "offset, count",
-    [(0, 1), (0, 1000), (3, 129), (2**31 - 5, 300), (2**32 - 7, 300), (2**63 - 2, 260),
-     (2**64 - 300, 300), (2**64 - 1, 1)],
+    [
+        (0, 1),
+        (0, 1000),
+        (3, 129),
+        (2**31 - 5, 300),
+        (2**32 - 7, 300),
+        (2**63 - 2, 260),
+        (2**64 - 300, 300),
+        (2**64 - 1, 1),
+    ],
 )
 def test_noise_matches_reference(dist, offset, count):
     seed = 0xDEADBEEF12345678
@@ -117,7 +125,11 @@ def test_replay_with_decay_matches_reference(dtype, dist):
 def test_stochastic_rounding_matches_reference(dtype, dist, k):
     # Small alphas, so most updates fall below half an ulp and only stochastic rounding moves them.
     got, want = run_both(
-        make_params([dtype], seed=2), list(range(5, 5 + k)), [1e-3] * k, dist, decay=0.999,
+        make_params([dtype], seed=2),
+        list(range(5, 5 + k)),
+        [1e-3] * k,
+        dist,
+        decay=0.999,
         rounding_seed=U64 - 99,
     )
     assert_same_bits(got, want)
@@ -182,10 +194,14 @@ def test_empty_and_zero_size_tensors():
 def test_gpu_backends_agree_bit_for_bit(trial):
     """cuda vs triton vs reference vs cpu, on random shapes, dtypes, K and options."""
     gen = torch.Generator().manual_seed(100 + trial)
-    shapes = [tuple(torch.randint(1, 70, (int(torch.randint(0, 3, (1,), generator=gen)),), generator=gen).tolist())
-              for _ in range(6)]
-    named = [(f"p{i}.weight", torch.randn(s, generator=gen).to(DTYPES[int(torch.randint(0, 3, (1,), generator=gen))]))
-             for i, s in enumerate(shapes)]
+    shapes = [
+        tuple(torch.randint(1, 70, (int(torch.randint(0, 3, (1,), generator=gen)),), generator=gen).tolist())
+        for _ in range(6)
+    ]
+    named = [
+        (f"p{i}.weight", torch.randn(s, generator=gen).to(DTYPES[int(torch.randint(0, 3, (1,), generator=gen))]))
+        for i, s in enumerate(shapes)
+    ]
     k = int(torch.randint(1, 6, (1,), generator=gen))
     seeds = torch.randint(-(2**62), 2**62, (k,), generator=gen).tolist()
     seeds = [s % U64 for s in seeds]

@@ -32,14 +32,22 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
         started = time.perf_counter()
         sampled = server.begin_round()
         bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if config.byzantine else []
+        failures: list[Exception] = []
         for c in sampled:
             download = server.download(c)
             try:
                 upload = setup.clients[c].train(download, attack=config.attack if c in bad else None)
             except Exception as error:  # a failed client loses nothing: it is simply absent
                 log.warning("round %d: client %d failed: %s", server.round + 1, c, error)
+                failures.append(error)
             else:
                 server.receive(upload)
             book.bar.update(config.local_steps)
+        if len(failures) == len(sampled):
+            # Every client failing is a bug or a broken setup, not a fault to ride out: stop
+            # before the checkpoint records an empty round (the last round's files stay).
+            raise RuntimeError(f"round {server.round + 1}: every sampled client failed; first: {failures[0]!r}") from (
+                failures[0]
+            )
         book.record(server.end_round(), started)
     return book.finish()

@@ -29,7 +29,7 @@ class SeedPool:
 
     def __init__(self, pool_seed: int, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an int in [1, 2^24], got {k!r}")
+            raise ValueError(f"k must be an int in [1, {MAX_K}], got {k!r}")
         if isinstance(pool_seed, bool) or not isinstance(pool_seed, int) or not 0 <= pool_seed < U64:
             raise ValueError(f"pool_seed must be an int in [0, 2^64), got {pool_seed!r}")
         self.pool_seed = pool_seed

@@ -62,7 +62,7 @@ class FedSpec:
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         if self.k > MAX_K:
-            raise ValueError(f"k must be <= 2^24 (the wire format's limit), got {self.k}")
+            raise ValueError(f"k must be <= {MAX_K} (the wire format's limit), got {self.k}")
         for name in ("lr", "eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -23,10 +23,10 @@ import triton.language as tl
 
 from .. import stream as S
 from ..paramset import ParamSet
+from ..seeds import to_int64
 from . import triton_stream as ts
 
 TILE = 1024  # elements per program: a multiple of 128 (one Rademacher block per row)
-_U64 = 1 << 64
 # The dtype table (fedkseed/stream.py, mirroring csrc/include/fedkseed/dtypes.h).
 _DTYPE_CODES = {getattr(torch, name): code for name, code in S.DTYPE_CODES.items()}
 _BF16 = tl.constexpr(S.DTYPE_BFLOAT16)
@@ -113,10 +113,6 @@ class _Group(NamedTuple):
     tile_start: torch.Tensor  # int64 [tiles], first global index of each tile (two's complement)
 
 
-def _signed(values: list[int]) -> list[int]:
-    return [v - _U64 if v >= 1 << 63 else v for v in values]
-
-
 def _build_group(dtype, members, ptrs, numels, offsets, device) -> _Group:
     first = [o - o % TILE for o in offsets]
     tiles = [-(-(o + n - f) // TILE) if n else 0 for f, o, n in zip(first, offsets, numels)]
@@ -126,7 +122,8 @@ def _build_group(dtype, members, ptrs, numels, offsets, device) -> _Group:
     # as int64 with wrapping, which torch's int64 arithmetic does.
     before = torch.cumsum(counts, 0) - counts
     within = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(before, counts)
-    starts = torch.repeat_interleave(torch.tensor(_signed(first), dtype=torch.int64), counts) + within * TILE
+    first_signed = torch.tensor([to_int64(v) for v in first], dtype=torch.int64)
+    starts = torch.repeat_interleave(first_signed, counts) + within * TILE
 
     def dev(values, dtype_):
         return torch.tensor(values, dtype=dtype_).to(device)
@@ -136,7 +133,7 @@ def _build_group(dtype, members, ptrs, numels, offsets, device) -> _Group:
         tuple(members),
         dev(ptrs, torch.int64),
         dev(numels, torch.int64),
-        dev(_signed(offsets), torch.int64),
+        dev([to_int64(v) for v in offsets], torch.int64),
         tile_tensor.to(device),
         starts.to(device),
     )
