@@ -1,6 +1,6 @@
 """Does FedKSeed improve on zero-shot, and does Pro improve on uniform seeds? One markdown table.
 
-    python benchmarks/quality.py                        # SmolLM2-135M-Instruct, FAQ (~60 min on 2 idle cores: an estimate)
+    python benchmarks/quality.py               # SmolLM2-135M-Instruct, FAQ (~60 min on 2 idle cores: estimated)
     python benchmarks/quality.py --model tiny --rounds 1 --local-steps 2 --seeds 0 --output runs/quality-smoke
     python benchmarks/quality.py --seeds 0 1 --report-only    # the table from runs already made
 
