@@ -51,7 +51,9 @@ def _extension():
     headers = _files("csrc/**/*.h", "csrc/**/*.cuh")
     if _want_cuda():
         # Without this, torch compiles for the GPU it sees, or for every architecture it supports.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(cuda_archs()))
+        # Real code for each listed GPU, plus PTX of the newest so later GPUs JIT-compile it.
+        archs = cuda_archs()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join([*archs[:-1], archs[-1] + "+PTX"]))
         return cpp_extension.CUDAExtension(
             "fedkseed._C",
             sources + _files("csrc/cuda/*.cu"),

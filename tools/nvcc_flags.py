@@ -42,14 +42,17 @@ def cuda_archs(pyproject: str = os.path.join(ROOT, "pyproject.toml")) -> list[st
 
 
 def gencode_flags(archs: list[str]) -> list[str]:
-    """``-gencode arch=compute_80,code=sm_80`` for ``"8.0"``: real code for each architecture."""
+    """``-gencode arch=compute_80,code=sm_80`` for ``"8.0"``: real code for each architecture, and
+    PTX of the newest one, which the driver compiles for GPUs newer than the list (as
+    TORCH_CUDA_ARCH_LIST's "+PTX" does in setup.py)."""
     flags = []
     for arch in archs:
         sm = arch.replace(".", "")
         if not sm.isdigit():
             raise ValueError(f"cuda-archs entry {arch!r} is not of the form MAJOR.MINOR")
         flags += ["-gencode", f"arch=compute_{sm},code=sm_{sm}"]
-    return flags
+    newest = archs[-1].replace(".", "")
+    return [*flags, "-gencode", f"arch=compute_{newest},code=compute_{newest}"]
 
 
 def stub_generated_headers(stub_dir: str) -> list[str]:
