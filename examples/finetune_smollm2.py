@@ -67,7 +67,7 @@ def main() -> None:
         print(f"held-out loss after:  {data.lm_loss(model, heldout_batch).item():.4f}")
     if args.history:
         opt.history.save(args.history)
-        print(f"history of {len(opt.history)} steps saved to {args.history}")
+        print(f"history of {len(opt.history)} entries (steps and settle passes) saved to {args.history}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from .. import stream as S
 from ..ops import ParamsLike, resolve_backend
-from ..paramset import ParamSet
+from ..paramset import ParamSet, reshard_fsdp
 from ..seeds import check_seed, derive_seed, draw_index
 from . import passes
 from .estimators import Estimator, Terms
@@ -365,10 +365,13 @@ def _settle_before_use(module: torch.nn.Module, ref: weakref.ref) -> None:
 
     def settle(*_: Any) -> None:
         opt = ref()
-        if opt is not None and not opt._in_step:
+        if opt is not None and not opt._in_step and opt.pending is not None:
             opt.settle()
+            reshard_fsdp(module)  # under FSDP2 the next unshard must gather the settled shards
 
-    module.register_forward_pre_hook(settle)
+    # prepend: run before FSDP2's own pre-forward hook, which all-gathers the (still perturbed)
+    # shards; otherwise an evaluation outside step() would see stale weights.
+    module.register_forward_pre_hook(settle, prepend=True)
     module.register_state_dict_pre_hook(settle)
 
 
