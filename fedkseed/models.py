@@ -209,7 +209,9 @@ def _load_folder(folder: pathlib.Path, dtype: str | None) -> Any:
             local_files_only=True,
         )
     except Exception as error:  # transformers raises many types; the user needs one line
-        raise ModelLoadError(f"model folder {folder}: cannot read the model ({_first_line(error)})") from None
+        found = ", ".join(name for name in ("config.json", *WEIGHT_FILES) if (folder / name).is_file())
+        reason = _first_line(error)
+        raise ModelLoadError(f"model folder {folder}: cannot read the model from {found} ({reason})") from None
 
 
 def _load_tokenizer(folder: pathlib.Path) -> Any:

@@ -112,8 +112,8 @@ def test_unreadable_folder_is_one_line(no_template_folder, tmp_path, broken, wha
     (tmp_path / broken).write_bytes(b"not what it claims to be")
     with pytest.raises(models.ModelLoadError) as error:
         models.load_model(str(tmp_path))
-    assert str(error.value).startswith(f"model folder {tmp_path}: cannot read {what} (")
-    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"model folder {tmp_path}: cannot read {what} ")
+    assert broken in str(error.value) and "\n" not in str(error.value)  # names the unreadable file
 
 
 def test_dtype_is_chosen_at_load_and_kept_on_save(tiny, tmp_path):
