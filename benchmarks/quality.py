@@ -57,9 +57,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # ~3 min of loading and before/after evaluation (greedy 128 tokens on 55 examples, twice):
     # the official protocol (balanced split, shuffled epochs, batch 1, every held-out example,
     # 128 new tokens) with the rounds, steps, K, lr and eps that move SmolLM2-135M in that time.
-    # Measured at load 5-7 (shared machine, OMP_NUM_THREADS=1, --jobs 2): one before or after
-    # evaluation ~6 min and ~2.5 s per ZO step in each run; the RESULTS table ran 5 rounds of 30
-    # steps, K 256, on 2 seeds, since zero-shot is re-measured in every run (no option skips it).
+    # Measured on the shared machine (load 2-8, OMP_NUM_THREADS=1, --jobs 2): one before or after
+    # evaluation takes 3-6 min and a ZO step 1-2.5 s in each run, and zero-shot is re-measured in
+    # every run (no option skips it), so the RESULTS table ran 5 rounds of 30 steps at K 256:
+    # 3 seeds in 44 min, 7.5-21 min per run.
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--clients", type=int, default=20)
