@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from smollm2_shape import llama_1b_shapes, make_params, smollm2_135m_shapes
+from smollm2_shape import SMOLLM2_135M_CONFIG, llama_1b_shapes, make_params, smollm2_135m_shapes
 
 import fedkseed
 from fedkseed import ParamSet
@@ -154,16 +154,7 @@ def zo_step_vs_forward(backend: str, batch: int = 8, seq: int = 256) -> dict:
     """One fused ZO step against two forward passes, SmolLM2-135M shape, bfloat16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    )
+    config = LlamaConfig(**SMOLLM2_135M_CONFIG, max_position_embeddings=2048)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     pset = ParamSet(model)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from smollm2_shape import SMOLLM2_135M_CONFIG  # the script's folder is on sys.path
 
 import fedkseed
 from fedkseed import ZOSGD, ParamSet
@@ -44,16 +45,7 @@ CONFIGS = {
         num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
-    # SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, 9 heads / 3 kv heads, vocab 49152.
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    ),
+    "smollm2-135m": SMOLLM2_135M_CONFIG,
 }
 EPS, LR = 1e-3, 1e-6
 MOMENTUM = dict(momentum=0.9, window=8)

@@ -13,6 +13,16 @@ import torch
 
 SMOLLM2_135M_NUMEL = 134_515_008
 SMOLLM2_135M_TENSORS = 272
+# The same shape as transformers.LlamaConfig keyword arguments (random-init models for benchmarks).
+SMOLLM2_135M_CONFIG = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
 
 
 def llama_shapes(
