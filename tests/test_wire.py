@@ -139,3 +139,16 @@ def test_delta_refuses_an_lr_that_is_not_finite_and_positive(lr):
     assert wire.decode_table(wire.encode_table(dataclasses.replace(t, lr=1e-3), "fp32", 0), 8).k == 8
     with pytest.raises(wire.WireError, match="K = 8, the run has K = 16"):
         wire.decode_table(wire.encode_table(dataclasses.replace(t, lr=1e-3), "fp32", 0), 16)
+
+
+def test_wire_version_names_the_stream_version():
+    """A delta replays under the stream its wire version names: a reader of another stream refuses it."""
+    from fedkseed import stream
+
+    assert wire.WIRE_VERSION_OF_STREAM[stream.STREAM_VERSION] == wire.VERSION
+    t = wire.Table(4, 7, 0.5, "gaussian", 1, "00" * 32, np.array([1], dtype=np.int64), np.array([0.25]))
+    data = bytearray(wire.encode_table(t, "fp32", 0))
+    assert data[:5] == b"FKST" + bytes([wire.VERSION])
+    data[4] = wire.VERSION + 1  # what a later stream's writer would stamp
+    with pytest.raises(wire.WireError, match="version"):
+        wire.decode_table(bytes(data))

@@ -45,7 +45,11 @@ import numpy as np
 from .. import stream as S
 
 MAGIC = b"FKS"
-VERSION = 1
+# The wire version also names the stream its messages replay under: wire version 1 is defined over
+# stream v1. A new stream version must come with a new wire version (bumping the stream alone
+# fails here, at import), so a reader refuses deltas and messages of another stream.
+WIRE_VERSION_OF_STREAM = {1: 1}
+VERSION = WIRE_VERSION_OF_STREAM[S.STREAM_VERSION]
 KIND_UPLOAD, KIND_STEPS, KIND_DOWNLOAD, KIND_TABLE = b"U", b"P", b"D", b"T"
 PRECISIONS = ("fp16", "fp32")
 FP16_LIMIT = 32768.0  # largest |value| * 2^-e a float16 code may carry (headroom below 65504)
