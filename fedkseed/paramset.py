@@ -114,6 +114,19 @@ class ParamSet:
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def subset(self, indices: Sequence[int], *, decayed: bool | None = None) -> ParamSet:
+        """The tensors ``indices`` as a ParamSet that keeps their global offsets, shapes and groups
+        (docs/stream-spec.md#element-index), so an op on it writes exactly the elements it would
+        write on the whole set. ``decayed``: every tensor takes the decay factor (True), none does
+        (False), or each keeps its own flag (None)."""
+        sub = ParamSet([(self.names[i], self.tensors[i]) for i in indices], trainable_only=False)
+        # The constructor lays local tensors end to end; the subset's elements keep their place.
+        sub.decay_mask = [self.decay_mask[i] if decayed is None else decayed for i in indices]
+        sub.offsets = [self.offsets[i] for i in indices]
+        sub.shapes = [self.shapes[i] for i in indices]
+        sub.group_index = [self.group_index[i] for i in indices]
+        return sub
+
     def decay_factors(self, decay: float | None) -> list[float] | None:
         """One factor per tensor: ``decay`` on decayed tensors, 1.0 elsewhere; None for none."""
         if decay is None or decay == 1.0:

@@ -189,3 +189,18 @@ def test_history_recorded_via_parameters_applies_to_every_form():
         model = fresh()
         opt.history.apply_(form(model))
         assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want))
+
+
+def test_subset_keeps_global_offsets_so_ops_write_what_the_whole_set_writes():
+    import fedkseed
+
+    whole = [torch.zeros(5), torch.zeros(3, 4), torch.zeros(7)]
+    pset = ParamSet(whole, trainable_only=False)
+    sub = pset.subset([0, 2], decayed=True)
+    assert sub.offsets == [pset.offsets[0], pset.offsets[2]] and sub.decay_mask == [True, True]
+    assert pset.subset([1]).decay_mask == [pset.decay_mask[1]]
+    expected = [t.clone() for t in whole]
+    fedkseed.perturb_(ParamSet(expected, trainable_only=False), seed=9, alpha=0.5, backend="reference")
+    fedkseed.perturb_(sub, seed=9, alpha=0.5, backend="reference")
+    assert torch.equal(whole[0], expected[0]) and torch.equal(whole[2], expected[2])
+    assert torch.equal(whole[1], torch.zeros(3, 4))  # outside the subset: untouched

@@ -56,12 +56,5 @@ class Runner:
         cache = self.pset.cache.setdefault(_CACHE_KEY, {})
         key = (indices, decayed)
         if key not in cache:
-            pset = self.pset
-            sub = ParamSet(
-                [(pset.names[i], pset.tensors[i]) for i in indices],
-                decays=lambda name, tensor: decayed,
-                trainable_only=False,
-            )
-            sub.offsets = [pset.offsets[i] for i in indices]  # global: the stream index stays
-            cache[key] = sub
+            cache[key] = self.pset.subset(indices, decayed=decayed)
         return cache[key]
