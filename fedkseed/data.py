@@ -363,15 +363,22 @@ def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@torch.no_grad()
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the response tokens of ``batch`` (float32 scalar).
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of ``batch`` (float32 scalar), with autograd:
+    the loss first-order training calls ``.backward()`` on (``lm_loss`` is the same value
+    without a graph, for ZO steps and evaluation).
 
     Logits are computed only from the first response position on (``logits_to_keep``): the
     vocabulary projection dominates a small model's forward, and prompt positions need none.
     """
     logits, targets = _scored_logits(model, batch)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``response_loss`` without autograd: what a ZO step's closure and evaluation need."""
+    return response_loss(model, batch)
 
 
 @torch.no_grad()
