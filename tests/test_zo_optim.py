@@ -11,72 +11,10 @@ import math
 import pytest
 import torch
 
-from fedkseed import ParamSet, reference
+from fedkseed import ParamSet
+from fedkseed.testing import NaiveZO
 from fedkseed.zo import ZOSGD, History
 from fedkseed.zo.passes import float32
-
-
-# ------------------------------------------------- naive optimizer (docs/stream-spec.md#accumulation)
-def naive_pass(x: torch.Tensor, offset: int, seeds, alphas, dist: str, decay: float = 1.0) -> None:
-    """x <- cast(float32(x) * d + sum_k float32(a_k) z_k), z from the reference stream."""
-    acc = torch.zeros(x.numel(), dtype=torch.float32)
-    for s, a in zip(seeds, alphas):
-        acc = acc + torch.tensor(a, dtype=torch.float32) * reference.noise(s, x.numel(), offset, dist)
-    y = x.detach().reshape(-1).float()
-    if decay != 1.0:
-        y = y * torch.tensor(decay, dtype=torch.float32)
-    with torch.no_grad():
-        x.copy_((y + acc).to(x.dtype).reshape(x.shape))
-
-
-class NaiveZO:
-    """ZOSGD's semantics written out tensor by tensor: probes chained by +-eps passes, then one
-    update pass with per-tensor coefficients (group lr, decayed or not), momentum as replayed
-    past terms. ``tensors``: (tensor, global offset, group, decayed)."""
-
-    def __init__(self, tensors, eps, dist="gaussian", directions=1, sign=False, momentum=0.0, window=1, fuse=False):
-        self.tensors, self.eps, self.dist = tensors, eps, dist
-        self.q, self.sign, self.beta, self.window, self.fuse = directions, sign, momentum, window, fuse
-        self.past: list[list[tuple[int, float]]] = []
-        self.pending = False
-
-    def everywhere(self, seeds, alphas):
-        for x, off, _, _ in self.tensors:
-            naive_pass(x, off, seeds, alphas, self.dist)
-
-    @torch.no_grad()
-    def step(self, closure, probes, lrs, wds, next_seed=None):
-        eps, losses = self.eps, []
-        for i, p in enumerate(probes):
-            if i == 0 and not self.pending:
-                self.everywhere([p], [eps])
-            elif i > 0:
-                self.everywhere([probes[i - 1], p], [eps, eps])
-            losses.append(float(closure()))
-            self.everywhere([p], [-2 * eps])
-            losses.append(float(closure()))
-        grads = [(losses[2 * i] - losses[2 * i + 1]) / (2 * eps) for i in range(len(probes))]
-        own = [(p, (math.copysign(1.0, g) if self.sign and g else g) / len(probes)) for p, g in zip(probes, grads)]
-        terms = list(own)
-        for j, past in enumerate(reversed(self.past[-(self.window - 1) :] if self.window > 1 else []), start=1):
-            terms += [(s, self.beta**j * w) for s, w in past]
-        self.past.append(own)
-        for x, off, g, decayed in self.tensors:
-            d = float32(1 - lrs[g] * wds[g]) if decayed else 1.0
-            seeds = [s for s, _ in terms]
-            alphas = [float32(-lrs[g] * w) for _, w in terms]
-            if probes[-1] in seeds:
-                k = seeds.index(probes[-1])
-                alphas[k] = eps * d + alphas[k]
-            else:
-                seeds.append(probes[-1])
-                alphas.append(eps * d)
-            if next_seed is not None:
-                seeds.append(next_seed)
-                alphas.append(eps)
-            naive_pass(x, off, seeds, alphas, self.dist, d)
-        self.pending = next_seed is not None
-        return grads
 
 
 # ------------------------------------------------------------------------------ a small model
