@@ -47,7 +47,9 @@ class ZOTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Seed the per-step perturbation seeds derive from (uint64); default: seed."}
     )
     zo_dist: str = field(default="gaussian", metadata={"help": 'Direction distribution: "gaussian" or "rademacher".'})
-    zo_directions: int = field(default=1, metadata={"help": "Directions per step (n-SPSA; MeZO's zo_sample)."})
+    zo_directions: int = field(
+        default=1, metadata={"help": "Directions per step (n-SPSA; MeZO's --zero_order_sample)."}
+    )
     zo_momentum: float = field(default=0.0, metadata={"help": "ZO momentum beta, replayed from recent seeds."})
     zo_window: int = field(default=8, metadata={"help": "Steps the momentum looks back (with zo_momentum > 0)."})
     zo_sign: bool = field(default=False, metadata={"help": "Update by sign(g) (sign-ZO)."})
@@ -191,6 +193,24 @@ class ZOTrainer(Trainer):
         output = super().train(resume_from_checkpoint, *a, **kw)
         self.zo_optimizer.settle()
         return output
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's missing/unexpected-key warnings on resume, less the tied names.
+
+        A checkpoint holds each shared tensor once (safetensors stores no aliases, so
+        save_pretrained drops ``lm_head.weight``, tied to ``model.embed_tokens.weight``); the
+        Trainer loads it with ``load_state_dict(strict=False)`` and would warn that the dropped
+        name is missing, although loading the name kept filled the one tensor both names hold.
+        A missing name is left out only when its tensor *is* (same object) one loaded under
+        another name; an untied head missing from a checkpoint is still warned about."""
+        every = dict(remove_duplicate=False)
+        aliases: dict[int, set[str]] = {}  # tensor -> every name it goes by
+        for name, tensor in (*self.model.named_parameters(**every), *self.model.named_buffers(**every)):
+            aliases.setdefault(id(tensor), set()).add(name)
+        missing = set(load_result.missing_keys)
+        loaded = set().union(*(names for names in aliases.values() if not names <= missing))
+        kept = [name for name in load_result.missing_keys if name not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=kept))
 
 
 class _TrainerZOSGD(ZOSGD):
