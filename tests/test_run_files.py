@@ -79,6 +79,62 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(run_copy, two_rounds, 
     assert (run_copy / "delta.fks").read_bytes() != (two_rounds / "delta.fks").read_bytes()
 
 
+def test_overwrite_leaves_nothing_of_the_replaced_run(run_copy):
+    assert simulate(run_copy, 1, "--overwrite") == 0
+    names = sorted(p.name for p in run_copy.iterdir())
+    assert names == ["delta.fks", "losses.png", "metrics.json", "model", "state.npz"]
+
+
+def test_overwrite_refuses_a_model_inside_the_output(run_copy, capsys):
+    """Continuing from a finished run's own model with --overwrite (issue 18, finding 3):
+    refused in one line naming both paths, before anything is moved or deleted."""
+    before = snapshot(run_copy)
+    model = run_copy / "model"
+    code = main(["simulate", *TINY, "--rounds", "1", "--output", str(run_copy), "--overwrite", "--model", str(model)])
+    err = error_of(code, capsys)
+    assert f"--output {run_copy} contains the --model {run_copy / 'model'}" in err, err
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+def test_output_must_lie_apart_from_the_data_file(tmp_path, where, capsys):
+    data = tmp_path / "data" / "records.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    output = {"itself": data, "inside": data / "run", "parent": tmp_path}[where]
+    code = simulate(output, 1, "--data", str(data), "--overwrite")
+    err = error_of(code, capsys)
+    assert "--output" in err and f"--data {data}" in err, err
+    assert data.read_text().startswith('{"instruction"')
+
+
+@pytest.mark.parametrize("where", ["entry", "cache", "inside"])
+def test_output_must_lie_apart_from_the_model_cache(tmp_path, monkeypatch, where, capsys):
+    from fedkseed.models import SMOLLM2_DIR
+
+    cache = tmp_path / "cache"
+    entry = cache / SMOLLM2_DIR
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"the cached base")
+    monkeypatch.setenv("FEDKSEED_CACHE", str(cache))
+    output = {"entry": entry, "cache": cache, "inside": entry / "run"}[where]
+    err = error_of(simulate(output, 1, "--overwrite"), capsys)
+    assert "--output" in err and "the model cache" in err, err
+    assert (entry / "model.safetensors").read_bytes() == b"the cached base"
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails(run_copy, tmp_path, capsys):
+    """--overwrite deletes nothing before the new run's inputs are loaded: a run whose data
+    file is bad leaves the folder exactly as it was."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    before = snapshot(run_copy)
+    err = error_of(simulate(run_copy, 1, "--overwrite", "--data", str(bad)), capsys)
+    assert str(bad) in err
+    assert snapshot(run_copy) == before
+    assert not list(run_copy.glob(".replaced-*"))  # the old run was put back, nothing kept aside
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
     err = error_of(simulate(tmp_path, 1, "--resume", "--overwrite"), capsys)
     assert "--resume" in err and "--overwrite" in err
@@ -257,6 +313,28 @@ def test_apply_refuses_an_output_that_overlaps_the_base(two_rounds, base_folder,
     err = error_of(_apply(base_folder, two_rounds / "delta.fks", output, "--overwrite"), capsys)
     assert "--output" in err and "--base" in err
     assert snapshot(base_folder) == before
+
+
+def test_apply_refuses_to_overwrite_the_cached_base(two_rounds, tmp_path, monkeypatch, capsys):
+    """`apply --base smollm2-135m --output <its cache entry> --overwrite` (issue 18, finding 3)."""
+    from fedkseed.models import SMOLLM2_DIR
+
+    monkeypatch.setenv("FEDKSEED_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / SMOLLM2_DIR
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"the cached base")
+    err = error_of(_apply("smollm2-135m", two_rounds / "delta.fks", entry, "--overwrite"), capsys)
+    assert f"--output {entry} is the --base {entry}" in err, err
+    assert (entry / "model.safetensors").read_bytes() == b"the cached base"
+
+
+def test_apply_refuses_an_output_holding_the_delta(two_rounds, tmp_path, capsys):
+    delta = tmp_path / "run" / "delta.fks"
+    delta.parent.mkdir()
+    shutil.copy(two_rounds / "delta.fks", delta)
+    err = error_of(_apply("tiny", delta, delta.parent, "--overwrite"), capsys)
+    assert f"contains the --delta {delta}" in err, err
+    assert delta.read_bytes() == (two_rounds / "delta.fks").read_bytes()
 
 
 def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(

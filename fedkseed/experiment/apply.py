@@ -16,8 +16,9 @@ import tempfile
 
 from ..errors import UsageError
 from ..fed import Replica, SeedPool, wire
+from ..models import SMOLLM2, SMOLLM2_DIR, cache_dir
 from ..paramset import ParamSet
-from .folder import ensure_writable
+from .folder import MODEL_CACHE, ensure_writable, refuse_overlap
 
 log = logging.getLogger("fedkseed.experiment")
 
@@ -27,13 +28,13 @@ def apply_delta(
 ) -> pathlib.Path:
     """Rebuild a fine-tuned model from a base model spec and a delta file, bit-identical to the
     simulation's final model (``dtype``: the run's --dtype). Refuses a base whose parameters
-    (layout or values) differ, an output that overlaps the base folder, and (without
-    ``overwrite``) an output holding files. Everything but the base's fingerprint is checked
-    before the model is loaded."""
+    (layout or values) differ, an output that is, contains or lies inside the base folder, the
+    delta file or the model cache, and (without ``overwrite``) an output holding files.
+    Everything but the base's fingerprint is checked before the model is loaded."""
     from ..models import load_model, save_model  # transformers: loaded only when needed
 
     table = read_delta(pathlib.Path(delta))
-    target = _check_output(base, pathlib.Path(output), overwrite)
+    target = _check_output(base, pathlib.Path(delta), pathlib.Path(output), overwrite)
     for stale in target.parent.glob(f".{target.name}-apply-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted apply
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-apply-", dir=target.parent))
@@ -70,15 +71,11 @@ def read_delta(path: pathlib.Path) -> wire.Table:
     return table
 
 
-def _check_output(base: str, output: pathlib.Path, overwrite: bool) -> pathlib.Path:
+def _check_output(base: str, delta: pathlib.Path, output: pathlib.Path, overwrite: bool) -> pathlib.Path:
     target = output.expanduser().resolve()
-    base_path = pathlib.Path(base).expanduser()
-    if base_path.is_dir():
-        base_dir = base_path.resolve()
-        if target == base_dir or base_dir in target.parents:
-            raise UsageError(f"--output {output} is the --base folder or inside it; write the model elsewhere")
-        if target in base_dir.parents:
-            raise UsageError(f"--output {output} contains the --base folder; write the model elsewhere")
+    base_folder = cache_dir() / SMOLLM2_DIR if base == SMOLLM2 else pathlib.Path(base).expanduser()
+    inputs = [("--base", base_folder)] if base_folder.exists() else []
+    refuse_overlap(output, "--output", [*inputs, ("--delta", delta), (MODEL_CACHE, cache_dir())])
     if target.exists():
         if not target.is_dir():
             raise UsageError(f"--output {output} is a file, not a folder")
