@@ -226,7 +226,78 @@ CORRUPTIONS = {
     "server pool not a dict": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].update(pool=[1])),
     "before without eval loss": lambda p: _rewrite_state(p, lambda d, a: d["state"]["before"].pop("eval_loss")),
     "round record not a dict": lambda p: _rewrite_state(p, lambda d, a: d["state"]["rounds"].__setitem__(0, 7)),
+    # Crafted checkpoints, valid ZIP and CRC (issue 18, finding 5): each field named in one line.
+    "before without rouge_l": lambda p: _rewrite_state(p, lambda d, a: d["state"]["before"].pop("rouge_l")),
+    "rouge_l n disagrees": lambda p: _rewrite_state(p, lambda d, a: _rouge(d).update(n=5)),
+    "rouge_l mean a string": lambda p: _rewrite_state(p, lambda d, a: _rouge(d).update(mean="high")),
+    "record without bytes": lambda p: _rewrite_state(p, lambda d, a: _record(d, 0).pop("bytes_up_per_client")),
+    "round number 1.5": lambda p: _rewrite_state(p, lambda d, a: _record(d, 0).update(round=1.5)),
+    "round number true": lambda p: _rewrite_state(p, lambda d, a: _record(d, 0).update(round=True)),
+    "eval loss a string": lambda p: _rewrite_state(p, lambda d, a: _record(d, 1).update(eval_loss="low")),
+    "seconds infinite": lambda p: _rewrite_state(p, lambda d, a: _record(d, 1).update(seconds=float("inf"))),
+    "an array in a record": lambda p: _rewrite_state(p, lambda d, a: _record(d, 0).update(clients=_table_ref(d))),
+    "per-example loss null": lambda p: _rewrite_state(
+        p, lambda d, a: d["state"]["before"]["eval_loss_per_example"].__setitem__(0, None)
+    ),
+    "identity not an object": lambda p: _rewrite_state(p, lambda d, a: d["state"].update(identity="tiny")),
+    "identity value a list": lambda p: _rewrite_state(p, lambda d, a: d["state"]["identity"].update(lr=[1])),
+    "inputs missing": lambda p: _rewrite_state(p, lambda d, a: d["state"].pop("inputs")),
+    "base fingerprint not hex": lambda p: _rewrite_state(p, lambda d, a: d["state"]["inputs"].update(base="x" * 64)),
+    "server round a string": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].update(round="2")),
+    "server round a float": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].update(round=2.0)),
+    # The server's own state: checked by Server.load_state_dict, reported by the RunBook.
+    "NaN table": lambda p: _rewrite_state(p, lambda d, a: _server_array(d, a, "table").fill(np.nan)),
+    "NaN accumulator": lambda p: _rewrite_state(p, lambda d, a: _server_array(d, a, "accumulated").fill(np.nan)),
+    "exponent 200": lambda p: _rewrite_state(p, lambda d, a: d["state"]["server"].update(exponent=200)),
+    "synced 1e9": lambda p: _rewrite_state(p, lambda d, a: _server_array(d, a, "synced").fill(10**9)),
+    "infinite RMS history": lambda p: _rewrite_state(p, lambda d, a: _rms_history(d, a).fill(np.inf)),
 }
+
+# The field the error names, for the crafted checkpoints whose fields the checkpoint reader checks.
+FIELD_NAMED = {
+    "before without rouge_l": "before.rouge_l is missing",
+    "rouge_l n disagrees": "before.rouge_l.rouge-score has n = 5",
+    "rouge_l mean a string": "before.rouge_l.rouge-score.mean is a string",
+    "record without bytes": "rounds[0].bytes_up_per_client is missing",
+    "round number 1.5": "rounds[0].round is a float",
+    "round number true": "rounds[0].round is a boolean",
+    "eval loss a string": "rounds[1].eval_loss is a string",
+    "seconds infinite": "rounds[1].seconds is inf",
+    "an array in a record": "rounds[0].clients is an array",
+    "per-example loss null": "before.eval_loss_per_example[0] is null",
+    "identity not an object": "identity is a string",
+    "identity value a list": "identity.lr is a list",
+    "inputs missing": "missing inputs",
+    "base fingerprint not hex": "inputs.base is not a 64-digit hex fingerprint",
+    "server round a string": "server.round is a string",
+    "server round a float": "server.round is a float",
+}
+
+
+def _record(document, i):
+    return document["state"]["rounds"][i]
+
+
+def _rouge(document):
+    return next(iter(document["state"]["before"]["rouge_l"].values()))
+
+
+def _table_ref(document):
+    return {"__array__": _table_key(document)}
+
+
+def _server_array(document, arrays, name) -> np.ndarray:
+    """The array of the server state's field ``name``, writable in place."""
+    key = document["state"]["server"][name]["__array__"]
+    arrays[key] = arrays[key].copy()
+    return arrays[key]
+
+
+def _rms_history(document, arrays) -> np.ndarray:
+    """The per-step RMS values the automatic bound derives from, whatever the server calls them."""
+    server = document["state"]["server"]
+    name = next(n for n in ("rms_history", "client_rms") if n in server)
+    return _server_array(document, arrays, name)
 
 
 def _flip(path: pathlib.Path, offset: int) -> None:
@@ -241,7 +312,53 @@ def test_an_unreadable_or_inconsistent_checkpoint_is_one_line_and_exit_2(run_cop
     marker = (run_copy / "metrics.json").read_bytes()
     err = error_of(simulate(run_copy, 3, "--resume"), capsys)
     assert "state.npz" in err, err
+    assert FIELD_NAMED.get(corruption, "") in err, err
     assert (run_copy / "metrics.json").read_bytes() == marker  # a refused resume changes nothing
+
+
+def _one_round_from(tmp_path, model: pathlib.Path, data: pathlib.Path) -> pathlib.Path:
+    output = tmp_path / "run"
+    assert main(["simulate", *TINY, "--rounds", "1", "--output", str(output), "--model", str(model),
+                 "--data", str(data)]) == 0  # fmt: skip
+    return output
+
+
+def _resume_from(output: pathlib.Path, model: pathlib.Path, data: pathlib.Path) -> int:
+    return main(["simulate", *TINY, "--rounds", "2", "--output", str(output), "--model", str(model),
+                 "--data", str(data), "--resume"])  # fmt: skip
+
+
+def test_resume_with_another_base_model_or_data_is_refused(base_folder, tmp_path, capsys):
+    """Issue 18, finding 4: the checkpoint records the base's and the data's fingerprints."""
+    from fedkseed.data import load_examples
+    from fedkseed.models import load_model, save_model
+
+    model = tmp_path / "base"
+    shutil.copytree(base_folder, model)
+    data = tmp_path / "data.jsonl"
+    records = [{"instruction": e.instruction, "input": e.input, "output": e.output, "category": e.category}
+               for e in load_examples("faq")[:40]]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = _one_round_from(tmp_path, model, data)
+    capsys.readouterr()
+    before = snapshot(output)
+
+    save_model(*load_model("tiny", seed=1), model)  # the base's weights replaced, same layout
+    err = error_of(_resume_from(output, model, data), capsys)
+    assert f"the base model (--model {model}) differs" in err, err
+    assert snapshot(output) == before
+
+    shutil.rmtree(model)
+    shutil.copytree(base_folder, model)
+    records[3]["output"] += " (edited)"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    err = error_of(_resume_from(output, model, data), capsys)
+    assert f"the data (--data {data}) differs" in err, err
+    assert snapshot(output) == before
+
+    records[3]["output"] = records[3]["output"].removesuffix(" (edited)")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _resume_from(output, model, data) == 0  # the same base and data: it continues
 
 
 # ----------------------------------------------------------- temporaries and the complete marker

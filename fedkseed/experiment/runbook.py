@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..fed import RoundSummary
-from .checkpoint import STATE_FILE, load_state, save_state
+from .checkpoint import STATE_FILE, inputs_of, load_state, save_state
 from .evaluate import eval_losses, rouge
 from .outputs import TRAIN_LOSS_MEANING, Results, unmark_complete
 from .prepare import Setup
@@ -30,7 +30,8 @@ class RunBook:
         self.setup = setup
         config, server = setup.config, setup.server
         self.output = pathlib.Path(config.output)
-        state = load_state(self.output, config) if config.resume else None
+        self.inputs = inputs_of(setup)  # the base model's and the data's fingerprints
+        state = load_state(self.output, config, self.inputs) if config.resume else None
         self.resumed = state is not None
         if state is not None:
             try:
@@ -93,6 +94,7 @@ class RunBook:
             self.output,
             {
                 "identity": setup.config.run_identity(),
+                "inputs": self.inputs,
                 "server": setup.server.state_dict(),
                 "rounds": self.rounds,
                 "before": self.before,
