@@ -6,40 +6,86 @@ by ZO steps (fedkseed.hf.ZOTrainer).
     python examples/trainer_smollm2.py --lora                 # LoRA adapters only (peft)
     python examples/trainer_smollm2.py --model tiny --max-steps 20   # a quick smoke run
 
+(`python` is the project's venv: `. .venv/bin/activate` first, or `.venv/bin/python`.)
+
 Everything but the step is the Trainer's: the linear lr schedule with warmup, logging, evaluation
-on held-out questions, checkpoints (``--output``) and ``--resume``. The logged ``loss`` is L+
-(MeZO's convention), ``zo_projected_grad`` the mean |g|. Each checkpoint and the final model
-folder hold ``zo_history.fkh``: ``fedkseed.History.load(path).apply_(base_model)`` rebuilds those
-weights bit for bit from the base model.
+on held-out questions, checkpoints (--output) and --resume. The held-out loss is measured once
+before training, every --save-steps and at the last step, each time with its change since
+before training. The training loss is L+, the loss at the perturbed weights (MeZO's
+convention), and |g| the mean absolute projected gradient since the last line. Each
+checkpoint and the final model folder hold zo_history.fkh:
+fedkseed.History.load(path).apply_(base_model) rebuilds those weights bit for bit from the
+base model.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+from typing import Any
+
+from transformers import PrinterCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from fedkseed import data, models
 from fedkseed.hf import HISTORY_FILE, ZOTrainer, ZOTrainingArguments
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--model", default=models.SMOLLM2, help=f'"{models.SMOLLM2}", "{models.TINY}" or a local model folder')
+    add("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight dtype; bf16 uses stochastic rounding")
+    add("--max-steps", type=int, default=100, help="ZO optimizer steps (two forward passes each)")
+    add("--batch-size", type=int, default=8, help="questions per step, and per evaluation batch")
+    add("--max-length", type=int, default=128, help="tokens per question and answer (longer ones are cut)")
+    add("--heldout", type=int, default=32, help="questions held out for evaluation")
+    add("--lr", type=float, default=1e-5, help="peak learning rate (linear warmup over 10%% of the steps, then decay)")
+    add("--eps", type=float, default=1e-3, help="perturbation scale eps of the two losses L+ and L-")
+    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay on matrices (not biases or norms)")
+    add("--lora", action="store_true", help="train LoRA adapters (r=8 on q_proj, v_proj) only")
+    add("--seed", type=int, default=0, help="seed of the data split, the order and the ZO directions")
+    add("--logging-steps", type=int, default=5, help="steps between training-loss lines")
+    add("--save-steps", type=int, default=50, help="steps between held-out evaluations and checkpoints")
+    add("--output", default="runs/trainer-smollm2", help="folder of the checkpoints and the final model")
+    add("--resume", action="store_true", help="resume from the last checkpoint in --output (bit-identical)")
+    return parser.parse_args()
+
+
+class Report(TrainerCallback):
+    """One line per Trainer log: training loss lines, and held-out losses with 5 decimals and
+    their change since the evaluation before training (ZO steps move the loss by little)."""
+
+    def __init__(self) -> None:
+        self.before: float | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if not state.is_local_process_zero or not logs:
+            return
+        step = f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
+        if "eval_loss" in logs:
+            loss = logs["eval_loss"]
+            if self.before is None:  # the evaluation trainer.evaluate() runs before train()
+                self.before = loss
+                print(f"before training: held-out loss {loss:.5f}", flush=True)
+            else:
+                print(f"{step}: held-out loss {loss:.5f} ({loss - self.before:+.5f})", flush=True)
+        elif "loss" in logs:
+            print(
+                f"{step}: loss {logs['loss']:.4f}  lr {logs['learning_rate']:.3g}  |g| {logs['zo_projected_grad']:.4g}",
+                flush=True,
+            )
+        elif "train_runtime" in logs:
+            print(f"trained to step {state.global_step} in {logs['train_runtime']:.0f} s", flush=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=models.SMOLLM2, help='"smollm2-135m", "tiny" or a local folder')
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 uses stochastic rounding")
-    parser.add_argument("--max-steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--heldout", type=int, default=32, help="questions held out for evaluation")
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r=8 on q_proj, v_proj) only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--logging-steps", type=int, default=5)
-    parser.add_argument("--save-steps", type=int, default=50)
-    parser.add_argument("--output", default="runs/trainer-smollm2")
-    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
-    args = parser.parse_args()
+    args = parse_args()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars at each save; the Report lines say enough
 
     model, tokenizer = models.load_model(args.model, seed=args.seed, dtype=args.dtype)
     if args.lora:
@@ -61,7 +107,7 @@ def main() -> None:
         warmup_steps=0.1,  # a float below 1: a share of max_steps
         weight_decay=args.weight_decay,
         logging_steps=args.logging_steps,
-        eval_strategy="steps",
+        eval_strategy="steps",  # every eval_steps and at the last step
         eval_steps=args.save_steps,
         prediction_loss_only=True,  # evaluation keeps no logits (batch x length x 49k vocabulary)
         save_steps=args.save_steps,
@@ -81,14 +127,18 @@ def main() -> None:
         eval_dataset=heldout,
         processing_class=tokenizer,  # saved with every checkpoint
         data_collator=lambda rows: data.encode(tokenizer, tuple(rows), args.max_length),  # Examples -> tokens
+        callbacks=[Report()],
     )
+    trainer.remove_callback(PrinterCallback)  # its dicts round the loss to 4 digits; Report replaces them
     opt = trainer.zo_optimizer
-    print(f"{opt.params.numel:,} trainable parameters in {len(opt.params)} tensors")
+    print(f"{opt.params.numel:,} trainable parameters in {len(opt.params)} tensors; {len(train)} training questions")
     before = trainer.evaluate()["eval_loss"]
     trainer.train(resume_from_checkpoint=True if args.resume else None)
-    after = trainer.evaluate()["eval_loss"]
+    # The Trainer evaluated at the last step (eval_strategy="steps" always does): no second pass.
+    after = next(h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h)
     trainer.save_model()
-    print(f"held-out loss {before:.4f} -> {after:.4f}; model and {HISTORY_FILE} in {args.output}")
+    change = f"held-out loss {before:.5f} -> {after:.5f} ({after - before:+.5f})"
+    print(f"{change}; model and {HISTORY_FILE} in {args.output}")
 
 
 if __name__ == "__main__":
