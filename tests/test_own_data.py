@@ -47,11 +47,18 @@ def no_template_folder(tiny, tmp_path_factory):
 
 
 def test_no_chat_template_falls_back_to_alpaca_and_says_so(no_template_folder, tiny, faq, caplog):
-    with caplog.at_level(logging.WARNING, logger="fedkseed.models"):
+    """Said once, where the first prompt is built; loading the model (all `apply` does) is silent."""
+    with caplog.at_level(logging.WARNING, logger="fedkseed"):
         model, tokenizer = models.load_model(str(no_template_folder))
+        assert caplog.records == []
+        D.prompt_ids(tokenizer, faq[0])
+        D.encode(tokenizer, faq[:2])
     assert tokenizer.chat_template is None
-    assert [r.getMessage() for r in caplog.records] == [
-        f"the tokenizer in {no_template_folder} has no chat template: prompts use FedKSeed's Alpaca template"
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        (
+            "fedkseed.data",
+            f"the tokenizer in {no_template_folder} has no chat template: prompts use FedKSeed's Alpaca template",
+        )
     ]
     assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(tiny[0])))
     with_input = D.Example("Translate to Swedish", "a house", "ett hus", "default")
@@ -80,8 +87,9 @@ def test_no_chat_template_falls_back_to_alpaca_and_says_so(no_template_folder, t
 def test_template_tokenizer_logs_nothing(tiny, tmp_path, caplog):
     model, tokenizer = tiny
     models.save_model(model, tokenizer, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fedkseed.models"):
-        models.load_model(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="fedkseed"):
+        _, loaded = models.load_model(str(tmp_path))
+        D.encode(loaded, [D.Example("Q?", "", "A.", "default")])
     assert caplog.records == []
 
 
