@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 import weakref
 from collections.abc import Iterator, Sequence
@@ -29,8 +30,17 @@ DEFAULT_CATEGORY = "default"
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 # Data with a single category holds out this share of its examples (at least one) at random.
 RANDOM_HOLDOUT_SHARE = 0.1
-# fit_length refuses to drop more than this share of the examples: the user should raise --max-length.
-MAX_DROP_SHARE = 0.2
+# A prompt truncated to fit --max-length keeps at least this share of it (or all of itself when
+# shorter), cutting the answer instead: an answer scored without its question teaches nothing about
+# answering it.
+MIN_PROMPT_SHARE = 0.25
+# --max-length auto: the longest example, at most this many tokens (FedKSeed's official length).
+AUTO_MAX_LENGTH_CAP = 1024
+# Text beyond max_length * this many characters is cut before tokenizing (which costs ~110 MB of
+# memory per MB of text). It cannot reach the kept tokens when no token spans more characters:
+# SmolLM2's longest spans 81 (a run of spaces); with a tokenizer of longer tokens, the cut still
+# comes from the side the token rule cuts, and is counted.
+MAX_CHARS_PER_TOKEN = 128
 # The official split's minimum client size (FederatedScope FedKSeed, partition_idx_labeldir).
 MIN_CLIENT_SIZE = 10
 # Redraws of the balanced split before giving up on the minimum client size.
@@ -112,10 +122,7 @@ def load_examples(source: str = "faq") -> list[Example]:
 def _records(path: pathlib.Path, text: str) -> Iterator[tuple[str, Any]]:
     """(location, decoded JSON value) of every record: array items or non-blank lines."""
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--data {path}:{error.lineno}: invalid JSON ({error.msg}); {EXPECTED}") from None
+        items = _json(text, str(path), whole_file=True)
         if not isinstance(items, list):
             raise ValueError(f"--data {path}: {EXPECTED}")
         for index, item in enumerate(items):
@@ -123,10 +130,22 @@ def _records(path: pathlib.Path, text: str) -> Iterator[tuple[str, Any]]:
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--data {path}:{number}: invalid JSON ({error.msg}); {EXPECTED}") from None
+            yield f"{path}:{number}", _json(line, f"{path}:{number}", whole_file=False)
+
+
+def _json(text: str, where: str, *, whole_file: bool) -> Any:
+    """``text`` decoded as JSON; every failure is one line naming ``where`` (and, in a
+    ``whole_file``, the line of a syntax error): a syntax error, nesting too deep for the parser,
+    an integer too long to convert."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = f":{error.lineno}" if whole_file else ""
+        raise ValueError(f"--data {where}{line}: invalid JSON ({error.msg}); {EXPECTED}") from None
+    except RecursionError:
+        raise ValueError(f"--data {where}: JSON nested too deeply to read; {EXPECTED}") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"--data {where}: invalid JSON ({str(error).split(';')[0]}); {EXPECTED}") from None
 
 
 def _parse(path: pathlib.Path, where: str, record: Any) -> Example:
@@ -143,6 +162,13 @@ def _parse(path: pathlib.Path, where: str, record: Any) -> Example:
         value = record[present[0]]
         if not isinstance(value, str):
             raise ValueError(f"--data {where}: field {present[0]!r} must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON's "\ud800": no tokenizer can take it
+            raise ValueError(
+                f"--data {where}: field {present[0]!r} holds a lone UTF-16 surrogate "
+                f"(U+{ord(value[error.start]):04X} at character {error.start}), which is not Unicode text"
+            ) from None
         values[field] = value
     values["category"] = values["category"] or DEFAULT_CATEGORY
     return Example(**values)
@@ -315,32 +341,109 @@ def _heldout_categories(categories: list[str], holdout: int | tuple[str, ...], r
 
 
 # ------------------------------------------------------------------------- lengths and batches
-def fit_length(
-    tokenizer: Any,
-    groups: Sequence[Sequence[Example]],
-    max_length: int,
-    *,
-    max_drop_share: float = MAX_DROP_SHARE,
-) -> tuple[list[list[Example]], int]:
-    """``groups`` (e.g. the clients' examples) without the examples whose prompt alone fills
-    ``max_length`` tokens (no answer token left to score), and how many were dropped. Dropping
-    more than ``max_drop_share`` of all the examples, or all of one group, is an error."""
-    kept = [[e for e in group if len(prompt_ids(tokenizer, e)) < max_length] for group in groups]
-    total = sum(len(group) for group in groups)
-    dropped = total - sum(len(group) for group in kept)
-    if dropped > max_drop_share * total or any(group and not k for group, k in zip(groups, kept)):
-        raise ValueError(
-            f"--max-length {max_length}: {dropped} of {total} examples have a prompt of {max_length} "
-            f"tokens or more, which leaves no answer token (at most {max_drop_share:.0%} may be "
-            "dropped, and never all of a client's): raise --max-length"
-        )
-    return kept, dropped
+@dataclass(frozen=True)
+class Fitted:
+    """An example's tokens within a length limit (:func:`fit_example`): the prompt (its tail when
+    truncated) and the answer with its end token (its head when cut)."""
+
+    prompt: list[int]
+    answer: list[int]
+    prompt_truncated: bool
+    answer_cut: bool
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How many of ``examples`` examples :func:`fit_example` truncated at ``max_length`` tokens."""
+
+    max_length: int
+    examples: int
+    prompts_truncated: int
+    answers_cut: int
+
+
+def fit_example(tokenizer: Any, example: Example, max_length: int) -> Fitted:
+    """``example`` within ``max_length`` tokens, keeping its answer: a prompt that does not fit
+    beside the answer loses tokens from its left; the answer (with its end token) is cut from the
+    right only when it does not fit beside the prompt's last ``ceil(MIN_PROMPT_SHARE *
+    max_length)`` tokens (or the whole prompt, when shorter). The same tokens are scored by the
+    loss (:func:`encode`) and start the generation (:func:`generate`).
+
+    Text beyond ``max_length * MAX_CHARS_PER_TOKEN`` characters is cut first from the same sides
+    (prompt from the left, answer from the right), so a huge record costs no more memory than one
+    of that size; such an example counts as truncated."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    bounded, prompt_cut, answer_cut = _bounded(example, max_length * MAX_CHARS_PER_TOKEN)
+    prompt = prompt_ids(tokenizer, bounded)
+    answer = _tokens(tokenizer, _answer_text(tokenizer, bounded))
+    reserve = min(len(prompt), math.ceil(MIN_PROMPT_SHARE * max_length))
+    kept_answer = answer[: max_length - reserve]
+    room = max_length - len(kept_answer)
+    kept_prompt = prompt[-room:] if len(prompt) > room else prompt
+    return Fitted(
+        kept_prompt,
+        kept_answer,
+        prompt_cut or len(kept_prompt) < len(prompt),
+        answer_cut or len(kept_answer) < len(answer),
+    )
+
+
+def count_truncation(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Truncation:
+    """How many of ``examples`` :func:`fit_example` truncates at ``max_length``: what a run
+    reports (nothing is dropped: every example keeps at least one prompt and one answer token)."""
+    fitted = [fit_example(tokenizer, e, max_length) for e in examples]
+    return Truncation(
+        max_length,
+        len(fitted),
+        sum(f.prompt_truncated for f in fitted),
+        sum(f.answer_cut for f in fitted),
+    )
+
+
+def truncation_line(fitted: Truncation, heldout: Truncation, *, auto: bool) -> str:
+    """The run's one line on length fitting: the limit, how it was chosen, and the counts."""
+    how = f" (auto: the longest example, at most {AUTO_MAX_LENGTH_CAP})" if auto else ""
+    return (
+        f"--max-length {fitted.max_length}{how}: {fitted.prompts_truncated} of {fitted.examples} prompts "
+        f"truncated from the left, {fitted.answers_cut} answers cut; held-out: {heldout.prompts_truncated} "
+        f"of {heldout.examples} prompts truncated"
+    )
+
+
+def auto_max_length(tokenizer: Any, examples: Sequence[Example], cap: int = AUTO_MAX_LENGTH_CAP) -> int:
+    """``--max-length auto``: the token length of the longest of ``examples`` (prompt, answer and
+    end token), at most ``cap``, so that data shorter than the cap is neither truncated nor cut."""
+    if not examples:
+        raise ValueError("auto_max_length: examples is empty")
+    longest = 0
+    for example in examples:
+        fitted = fit_example(tokenizer, example, cap)  # bounded: a huge record costs no more than the cap
+        if fitted.prompt_truncated or fitted.answer_cut:
+            return cap
+        longest = max(longest, len(fitted.prompt) + len(fitted.answer))
+    return longest
+
+
+def _bounded(example: Example, chars: int) -> tuple[Example, bool, bool]:
+    """(``example`` with its prompt text cut to its last ``chars`` characters and its answer to
+    its first ``chars``, whether the prompt was cut, whether the answer was cut)."""
+    user = len(example.instruction) + len(example.input)
+    prompt_cut, answer_cut = user > chars, len(example.output) > chars
+    if not (prompt_cut or answer_cut):
+        return example, False, False
+    instruction, extra, output = example.instruction, example.input, example.output[:chars]
+    if prompt_cut:  # the prompt's left is the instruction, then the input
+        extra = extra[-chars:]
+        instruction = instruction[len(instruction) - (chars - len(extra)) :] if chars > len(extra) else ""
+    return Example(instruction, extra, output, example.category), prompt_cut, answer_cut
 
 
 # ---------------------------------------------------------------------------------- encoding
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> dict[str, torch.Tensor]:
-    """Token batch for ``examples``: the prompt (:func:`prompt_ids`) then the answer and its end
-    token. Right padding, truncation to ``max_length`` tokens; ``labels`` are -100 on prompt and
+    """Token batch for ``examples``: each fitted into ``max_length`` tokens (:func:`fit_example`:
+    the prompt truncated from the left, the answer kept unless it alone exceeds the limit), the
+    prompt then the answer and its end token. Right padding; ``labels`` are -100 on prompt and
     padding, so only the response (including its end-of-turn token) carries loss."""
     if max_length < 2:
         raise ValueError(f"encode: max_length must be >= 2, got {max_length}")
@@ -349,12 +452,9 @@ def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -
     rows = []
     for example in examples:
         # Prompt and response are tokenised apart so that the prompt tokens are exactly those
-        # generation starts from (prompt_ids).
-        prompt = prompt_ids(tokenizer, example)
-        response = _tokens(tokenizer, _answer_text(tokenizer, example))
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-        rows.append((ids, labels))
+        # generation starts from (fit_example, generate).
+        fitted = fit_example(tokenizer, example, max_length)
+        rows.append((fitted.prompt + fitted.answer, [IGNORE_INDEX] * len(fitted.prompt) + fitted.answer))
     width = max(len(ids) for ids, _ in rows)
     pad = _pad_id(tokenizer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -428,8 +528,12 @@ def generate(
     max_new_tokens: int = 128,
     *,
     batch_size: int = 16,
+    max_length: int | None = None,
 ) -> list[str]:
-    """Greedy answers to ``examples`` (batched, left-padded prompts), special tokens stripped."""
+    """Greedy answers to ``examples`` (batched, left-padded prompts), special tokens stripped.
+    With ``max_length``, each prompt is the one :func:`encode` scores that example's answer
+    after (:func:`fit_example`: truncated from the left when prompt and reference answer exceed
+    it), so generation starts from what training and the eval loss see."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -442,7 +546,11 @@ def generate(
     )
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
-        prompts = [prompt_ids(tokenizer, e) for e in examples[start : start + batch_size]]
+        batch = examples[start : start + batch_size]
+        if max_length is None:
+            prompts = [prompt_ids(tokenizer, e) for e in batch]
+        else:
+            prompts = [fit_example(tokenizer, e, max_length).prompt for e in batch]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)

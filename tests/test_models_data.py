@@ -235,13 +235,19 @@ def test_encode_masks_prompt_and_padding(tiny, faq):
     assert "a house" in tokenizer.decode(prompt_ids(tokenizer, examples[1]))
 
 
-def test_encode_truncates(tiny, faq):
+def test_encode_keeps_the_prompts_end_and_the_answers_start(tiny, faq):
     _, tokenizer = tiny
-    full = encode(tokenizer, faq[:3])
+    full = encode(tokenizer, faq[:3], max_length=4096)
     short = encode(tokenizer, faq[:3], max_length=50)
     assert short["input_ids"].shape[1] == 50
-    assert torch.equal(short["input_ids"], full["input_ids"][:, :50])
-    assert torch.equal(short["labels"], full["labels"][:, :50])
+    for row, example in enumerate(faq[:3]):
+        prompt = prompt_ids(tokenizer, example)
+        answer = full["input_ids"][row, len(prompt) : int(full["attention_mask"][row].sum())].tolist()
+        # These answers alone exceed 50 - 13 tokens: the prompt keeps its last ceil(50 / 4) = 13
+        # tokens (the question's end and the assistant turn), the answer its first 37.
+        assert len(answer) > 37 and len(prompt) > 13
+        assert short["input_ids"][row].tolist() == prompt[-13:] + answer[:37]
+        assert short["labels"][row].tolist() == [-100] * 13 + answer[:37]
 
 
 def test_lm_loss_matches_the_models_own_loss(tiny, faq):

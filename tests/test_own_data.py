@@ -1,6 +1,7 @@
 """A user's own model and data: folders without a chat template or a tokenizer, dtypes kept on
 save, Alpaca and Dolly files (JSON array and JSON Lines), the random hold-out for data without
-categories, --max-length drops, hold-out by name, the balanced split, and
+categories, bad text in data files, hold-out by name, the balanced split, long examples fitted into
+--max-length (counted, never dropped), and
 Rouge-L both ways with bootstrap intervals. Uses the "tiny" model."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +18,9 @@ import torch
 
 from fedkseed import data as D
 from fedkseed import metrics, models
+from fedkseed.cli import main
+from fedkseed.errors import UsageError
+from fedkseed.experiment.config import SimConfig
 
 
 @pytest.fixture(scope="module")
@@ -304,22 +310,241 @@ def test_balanced_split_refuses_what_it_cannot_do(faq, monkeypatch):
         D.split_data(faq, 40, 0.01, seed=0, holdout=1, balanced=True, min_size=12)
 
 
-# --- lengths and the epoch walk ----------------------------------------------------------------
+# --- lengths: fitting examples into --max-length ---------------------------------------------
 
 
-def test_max_length_drops_are_counted_and_capped(tiny):
+def _chat_tokens(tokenizer, example, *, with_answer):
+    """The example's tokens straight from the chat template (not through data.py): the prompt
+    with the generation prompt, or prompt and answer."""
+    messages = [{"role": "user", "content": example.instruction}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": example.output})
+    return list(
+        tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=not with_answer)["input_ids"]
+    )
+
+
+def _expected_row(tokenizer, example, max_length):
+    """The fitting rule computed independently: the answer keeps what fits beside the prompt's
+    last quarter of max_length (or the whole prompt), the prompt keeps its tail in the rest."""
+    full = _chat_tokens(tokenizer, example, with_answer=True)
+    prompt = len(_chat_tokens(tokenizer, example, with_answer=False))
+    answer = min(len(full) - prompt, max_length - min(prompt, -(-max_length // 4)))
+    kept = min(prompt, max_length - answer)
+    return full[prompt - kept : prompt + answer], kept
+
+
+def test_long_prompt_keeps_its_answer_and_loses_its_left(tiny):
+    model, tokenizer = tiny
+    long = D.Example("Summarise: " + " ".join(f"clause {i}" for i in range(60)) + " ends here.", "", "A permit.", "q")
+    prompt = _chat_tokens(tokenizer, long, with_answer=False)
+    assert len(prompt) > 64  # the old rule dropped this example: its prompt alone fills 64
+    row, kept = _expected_row(tokenizer, long, 64)
+    batch = D.encode(tokenizer, [long], 64)
+    assert batch["input_ids"][0].tolist() == row and len(row) == 64
+    labels = batch["labels"][0].tolist()
+    assert labels[:kept] == [D.IGNORE_INDEX] * kept
+    assert tokenizer.decode(labels[kept:]) == "A permit.<|im_end|>\n"  # the whole answer and its end
+    assert tokenizer.decode(row[:kept]).endswith("ends here.<|im_end|>\n<|im_start|>assistant\n")
+    assert D.count_truncation(tokenizer, [long], 64) == D.Truncation(64, 1, 1, 0)
+    assert torch.isfinite(D.lm_loss(model, batch))
+
+
+def test_answer_longer_than_the_limit_is_cut_and_counted(tiny, faq):
     _, tokenizer = tiny
-    short = [D.Example(f"Question {i}?", "", "Answer.", "qa") for i in range(8)]
-    long = [D.Example("Summarise.", "word " * 80, "Short.", "summary") for _ in range(2)]
-    lengths = [len(D.prompt_ids(tokenizer, e)) for e in short + long]
-    assert max(lengths[:8]) < 64 <= min(lengths[8:])  # the hand count: exactly the 2 long ones
-    kept, dropped = D.fit_length(tokenizer, [short[:4] + long[:1], short[4:] + long[1:]], 64)
-    assert dropped == 2 and kept == [short[:4], short[4:]]
-    assert D.fit_length(tokenizer, [short + long], 256) == ([short + long], 0)
-    with pytest.raises(ValueError, match=r"--max-length 64: 2 of 5 examples .* raise --max-length"):
-        D.fit_length(tokenizer, [short[:3] + long], 64)
-    with pytest.raises(ValueError, match="never all of a client's"):
-        D.fit_length(tokenizer, [short, long[:1]], 64, max_drop_share=0.5)
+    wordy = D.Example("What is a permit?", "", " ".join(f"step {i} of the application;" for i in range(40)), "q")
+    full = _chat_tokens(tokenizer, wordy, with_answer=True)
+    prompt = _chat_tokens(tokenizer, wordy, with_answer=False)
+    assert len(full) - len(prompt) > 64  # the answer alone exceeds the limit
+    row, kept = _expected_row(tokenizer, wordy, 64)
+    assert kept == 16 < len(prompt)  # the prompt's last quarter of 64 tokens
+    batch = D.encode(tokenizer, [wordy, faq[0]], 64)
+    assert batch["input_ids"][0].tolist() == row and len(row) == 64
+    assert wordy.output.startswith(tokenizer.decode(batch["labels"][0, kept:]))
+    assert D.count_truncation(tokenizer, [wordy], 64) == D.Truncation(64, 1, 1, 1)
+    # Every FAQ example against the independent rule, at a limit that cuts most of them.
+    for example in faq[:40]:
+        assert D.encode(tokenizer, [example], 64)["input_ids"][0].tolist() == _expected_row(tokenizer, example, 64)[0]
+
+
+def test_auto_max_length_keeps_a_small_user_file_intact(tiny, tmp_path):
+    _, tokenizer = tiny
+    records = [
+        {"instruction": f"Describe item {i}.", "output": "It is " + "very " * (i % 30) + "old."} for i in range(54)
+    ]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(records))
+    examples = D.load_examples(str(path))
+    lengths = [len(_chat_tokens(tokenizer, e, with_answer=True)) for e in examples]
+    auto = D.auto_max_length(tokenizer, examples)
+    assert auto == max(lengths) > 64  # 64, the old default, cut answers of this file
+    assert D.count_truncation(tokenizer, examples, auto) == D.Truncation(auto, 54, 0, 0)
+    batch = D.encode(tokenizer, examples, auto)
+    for row, (example, length) in enumerate(zip(examples, lengths)):
+        assert batch["input_ids"][row, :length].tolist() == _chat_tokens(tokenizer, example, with_answer=True)
+    assert D.count_truncation(tokenizer, examples, auto - 1).prompts_truncated >= 1  # the longest no longer fits
+    assert D.auto_max_length(tokenizer, examples, cap=40) == 40
+
+
+def test_heldout_prompts_are_fitted_like_the_loss_sees_them(tiny):
+    _, tokenizer = tiny
+    # Untied output weights: a random tied model only repeats its last token (an empty answer).
+    config = tiny[0].config.__class__(**{**tiny[0].config.to_dict(), "tie_word_embeddings": False})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = type(tiny[0])(config).eval()
+    long = D.Example("Explain: " + " ".join(f"rule {i}" for i in range(50)) + ".", "", "Follow the rules.", "q")
+    short = D.Example("Hi", "", "Hello", "q")
+    _, kept = _expected_row(tokenizer, long, 48)
+    prompt = _chat_tokens(tokenizer, long, with_answer=False)[-kept:]
+    tokens = model.generate(
+        input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    reference = tokenizer.decode(tokens[0, len(prompt) :], skip_special_tokens=True).strip()
+    answers = D.generate(model, tokenizer, [long, short], max_new_tokens=6, max_length=48)
+    assert answers[0] == reference and answers[0]
+    assert answers[0] != D.generate(model, tokenizer, [long], max_new_tokens=6)[0]  # the full prompt differs
+    assert answers[1] == D.generate(model, tokenizer, [short], max_new_tokens=6)[0]  # a short one is untouched
+
+
+def test_a_huge_record_is_cut_by_characters_before_tokenizing(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    sentence = "The permit covers the extension of the house. "
+    huge = {"instruction": sentence * 90_000 + "Which permit?", "output": "The extension permit. " * 90_000}
+    path.write_text(json.dumps(huge) + "\n" + json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    assert path.stat().st_size > 6_000_000
+    # A fresh process, so that its peak resident memory is this work's alone.
+    script = f"""
+import json, resource
+from fedkseed import data as D, models
+tokenizer = models.smollm2_tokenizer()
+examples = D.load_examples({str(path)!r})
+D.encode(tokenizer, examples[1:], 64)  # warm the tokenizer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+auto = D.auto_max_length(tokenizer, examples)
+counts = D.count_truncation(tokenizer, examples, auto)
+fitted = D.fit_example(tokenizer, examples[0], auto)
+batch = D.encode(tokenizer, examples, auto)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps([auto, counts.prompts_truncated, counts.answers_cut, list(batch["input_ids"].shape), grown,
+                  tokenizer.decode(fitted.prompt[-12:]), tokenizer.decode(fitted.answer[:6])]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    auto, prompts, answers, shape, grown, prompt_tail, answer_head = json.loads(done.stdout.splitlines()[-1])
+    assert (auto, prompts, answers, shape) == (D.AUTO_MAX_LENGTH_CAP, 1, 1, [2, D.AUTO_MAX_LENGTH_CAP])
+    # Tokenizing the 4 MB prompt alone would take ~450 MB (measured: ~110 MB per MB of text).
+    assert grown < 150, f"peak memory grew {grown:.0f} MB"
+    assert prompt_tail.endswith("Which permit?<|im_end|>\n<|im_start|>assistant\n")  # the prompt's end is kept
+    assert answer_head.startswith("The extension permit.")  # the answer's start is kept
+
+
+@pytest.mark.parametrize(
+    "name, text, where, problem",
+    [
+        (
+            "lone.jsonl",
+            '{"instruction": "a\\ud800b", "output": "x"}\n',
+            "lone.jsonl:1",
+            "field 'instruction' holds a lone UTF-16 surrogate (U+D800 at character 1)",
+        ),
+        (
+            "lone.json",
+            '[{"instruction": "a", "output": "b"}, {"instruction": "c", "response": "\\udfff"}]',
+            "lone.json item 1",
+            "field 'response' holds a lone UTF-16 surrogate (U+DFFF at character 0)",
+        ),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json", "JSON nested too deeply to read"),
+        (
+            "deep.jsonl",
+            '{"instruction": "a", "output": "b"}\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            "deep.jsonl:2",
+            "JSON nested too deeply to read",
+        ),
+        (
+            "digits.jsonl",
+            '{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}\n",
+            "digits.jsonl:1",
+            "invalid JSON (Exceeds the limit (4300 digits)",
+        ),
+    ],
+)
+def test_bad_text_in_a_data_file_is_one_line_naming_file_and_record(tmp_path, name, text, where, problem):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        D.load_examples(str(path))
+    message = str(error.value)
+    assert message.startswith(f"--data {tmp_path / where}: {problem}") and "\n" not in message
+
+
+def _simulate(tmp_path, records, *extra):
+    """A tiny-model `fedkseed simulate` on ``records`` (exit 0 asserted): its final results."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(records))
+    output = tmp_path / "run"
+    argv = [
+        "simulate", "--model", "tiny", "--data", str(path), "--clients", "4", "--clients-per-round", "2",
+        "--rounds", "1", "--local-steps", "2", "--k", "16", "--eval-examples", "2", "--batch-size", "2",
+        "--max-new-tokens", "4", "--rouge-examples", "all", "--quiet", "--output", str(output), *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((output / "metrics.json").read_text())["final"]
+
+
+def _long_records(count, long_every):
+    """Alpaca records without categories; every ``long_every``-th one has a prompt far over 64 tokens."""
+    records = []
+    for i in range(count):
+        words = " ".join(["construction permit"] * 40) if i % long_every == 0 else f"item {i}"
+        records.append({"instruction": f"Describe {words}.", "input": "", "output": f"It is number {i}."})
+    return records
+
+
+def test_truncation_is_counted_in_metrics_and_said_once(tmp_path, caplog):
+    records = _long_records(80, long_every=2)  # half the prompts fill 64 tokens: once refused
+    with caplog.at_level(logging.INFO, logger="fedkseed.experiment"):
+        final = _simulate(tmp_path, records, "--max-length", "64")
+    examples = D.load_examples(str(tmp_path / "mine.json"))
+    split = D.split_data(examples, 4, 0.5, 0, 1)  # what the run did, recomputed
+    trained = [e for c in split.clients for e in c]
+    long_trained = sum("permit" in e.instruction for e in trained)
+    long_heldout = sum("permit" in e.instruction for e in split.heldout)
+    data = final["data"]
+    assert data["max_length"] == 64 and "dropped_by_max_length" not in data
+    assert (data["prompts_truncated"], data["answers_cut"]) == (long_trained, 0) and long_trained > 30
+    assert data["heldout_prompts_truncated"] == long_heldout
+    assert sum(data["examples_per_client"]) + final["eval_examples"] == len(trained)  # nothing dropped
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--max-length")]
+    assert lines == [
+        f"--max-length 64: {long_trained} of {len(trained)} prompts truncated from the left, 0 answers cut; "
+        f"held-out: {long_heldout} of {len(split.heldout)} prompts truncated"
+    ]
+    assert [r.levelno for r in caplog.records if r.getMessage() == lines[0]] == [logging.WARNING]
+
+
+def test_simulate_defaults_to_auto_and_cuts_nothing_of_short_data(tiny, tmp_path):
+    _, tokenizer = tiny
+    records = [
+        {"instruction": f"Describe item {i}.", "output": "It is " + "very " * (i % 50) + "old."} for i in range(54)
+    ]
+    final = _simulate(tmp_path, records)
+    examples = D.load_examples(str(tmp_path / "mine.json"))
+    longest = max(len(_chat_tokens(tokenizer, e, with_answer=True)) for e in examples)
+    assert longest > 64  # the old default cut the answers of this file
+    data = final["data"]
+    assert (data["max_length"], data["prompts_truncated"], data["answers_cut"], data["heldout_prompts_truncated"]) == (
+        longest, 0, 0, 0,
+    )  # fmt: skip
+
+
+def test_max_length_setting():
+    assert SimConfig().max_length == "auto" and SimConfig().max_length_tokens() is None
+    assert SimConfig(protocol="paper").max_length_tokens() == 1024
+    assert SimConfig(max_length=48).max_length == "48" and SimConfig(max_length=" 48 ").max_length_tokens() == 48
+    for bad in (7, "x", True, "64.0"):
+        with pytest.raises(UsageError, match=f"--max-length must be 'auto' or an integer >= 8, got {bad!r}"):
+            SimConfig(max_length=bad)
 
 
 # --- metrics ---------------------------------------------------------------------------------

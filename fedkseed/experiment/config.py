@@ -48,6 +48,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         batch_size=2,
         max_new_tokens=64,
         rouge_examples="8",
+        max_length="auto",
     ),
     "paper": dict(
         k=4096,
@@ -58,6 +59,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         batch_size=1,
         max_new_tokens=128,
         rouge_examples="all",
+        max_length=1024,
     ),
 }
 # What --protocol paper changes beyond defaults (no option overrides these): aggregation weights
@@ -65,6 +67,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 # is the official balanced one with at least data.MIN_CLIENT_SIZE examples per client.
 PAPER_RULES = "batch-count weights, shuffled epochs without replacement, balanced Dirichlet split"
 ALL = "all"
+AUTO = "auto"
+MIN_MAX_LENGTH = 8  # tokens: the least --max-length (a 2-token prompt tail and a 6-token answer head)
 
 
 def option(
@@ -111,6 +115,14 @@ def _count_or_all(name: str, value: Any) -> str:
     raise UsageError(f"{flag(name)} must be 'all' or an integer >= 0, got {value!r}")
 
 
+def _auto_or_length(value: Any) -> str:
+    """--max-length as "auto" or a decimal count of at least MIN_MAX_LENGTH tokens."""
+    text = "" if isinstance(value, bool) else str(value).strip().lower()
+    if text == AUTO or (text.isdigit() and int(text) >= MIN_MAX_LENGTH):
+        return text if text == AUTO else str(int(text))
+    raise UsageError(f"--max-length must be 'auto' or an integer >= {MIN_MAX_LENGTH}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """A FedKSeed run simulated on one machine."""
@@ -141,7 +153,11 @@ class SimConfig:
     resume: bool = option(False, "continue the run whose checkpoint is in --output (same settings, --rounds may grow)")
     overwrite: bool = option(False, "replace the run in --output")
     batch_size: int | None = option(None, "examples per ZO step")
-    max_length: int = option(64, "tokens per example (examples whose prompt fills it are dropped and counted)")
+    max_length: str | None = option(
+        None,
+        f"tokens per example, or auto (the longest example, at most {D.AUTO_MAX_LENGTH_CAP}); a longer example "
+        "loses prompt tokens from the left, its answer only when that alone does not fit (counted)",
+    )
     eval_examples: int = option(8, "examples held back from the clients for the eval loss")
     rouge_examples: str | None = option(None, "held-out examples scored by Rouge-L: a count, 0 (none) or all")
     max_new_tokens: int | None = option(None, "Rouge-L generation length")
@@ -171,8 +187,7 @@ class SimConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{flag(name)} must be an integer >= 1, got {value!r}")
-        if self.max_length < 8:
-            raise UsageError(f"--max-length must be >= 8, got {self.max_length}")
+        object.__setattr__(self, "max_length", _auto_or_length(self.max_length))
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise UsageError(f"--alpha must be > 0, got {self.alpha}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -212,6 +227,10 @@ class SimConfig:
     @property
     def paper(self) -> bool:
         return self.protocol == "paper"
+
+    def max_length_tokens(self) -> int | None:
+        """--max-length in tokens: None for auto (the data decides: ``data.auto_max_length``)."""
+        return None if self.max_length == AUTO else int(self.max_length)
 
     def rouge_limit(self) -> int | None:
         """How many held-out examples Rouge-L scores: None for all of them."""

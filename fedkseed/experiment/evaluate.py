@@ -33,5 +33,6 @@ def rouge(setup: Setup) -> dict[str, dict[str, Any]] | None:
     examples = setup.heldout if limit is None else setup.heldout[:limit]
     if not examples:
         return None
-    answers = D.generate(setup.model, setup.tokenizer, examples, setup.config.max_new_tokens)
+    max_length = setup.data["max_length"]  # resolved by prepare (--max-length auto)
+    answers = D.generate(setup.model, setup.tokenizer, examples, setup.config.max_new_tokens, max_length=max_length)
     return rouge_l_report([e.output for e in examples], answers)

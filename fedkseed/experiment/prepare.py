@@ -23,7 +23,7 @@ EVAL_BATCH = 8  # evaluation examples per forward pass
 class Setup:
     """Everything a run prepares from its config: model, data, server and clients. ``data`` says
     how the examples were divided (for metrics.json): held-out categories or the random
-    hold-out, examples dropped by --max-length, examples per client."""
+    hold-out, the max length and what it truncated, examples per client."""
 
     config: SimConfig
     model: Any
@@ -44,29 +44,34 @@ def prepare(config: SimConfig) -> Setup:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
         examples = D.load_examples(config.data)
         split = D.split_data(examples, config.clients, config.alpha, config.seed, config.holdout, balanced=config.paper)
-        per_client, dropped = D.fit_length(tokenizer, split.clients, config.max_length)
+        max_length = config.max_length_tokens() or D.auto_max_length(tokenizer, examples)
+        fitted = D.count_truncation(tokenizer, [e for c in split.clients for e in c], max_length)
+        heldout_fitted = D.count_truncation(tokenizer, split.heldout, max_length)
     except (ValueError, RuntimeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if split.note:
         log.warning("%s", split.note)
-    if dropped:
-        log.warning("--max-length %d: dropped %d examples whose prompt fills it", config.max_length, dropped)
-    per_client, evaluation = _carve_eval(per_client, config.eval_examples)
-    encoded = [D.encode(tokenizer, ex, config.max_length) for ex in per_client]
+    truncated = fitted.prompts_truncated + fitted.answers_cut + heldout_fitted.prompts_truncated
+    line = D.truncation_line(fitted, heldout_fitted, auto=config.max_length_tokens() is None)
+    log.log(logging.WARNING if truncated else logging.INFO, "%s", line)
+    per_client, evaluation = _carve_eval(split.clients, config.eval_examples)
+    encoded = [D.encode(tokenizer, ex, max_length) for ex in per_client]
     spec = config.spec()
     server = Server(spec, [int(e["input_ids"].shape[0]) for e in encoded])
     replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
     clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
     eval_data = [
-        D.encode(tokenizer, evaluation[i : i + EVAL_BATCH], config.max_length)
-        for i in range(0, len(evaluation), EVAL_BATCH)
+        D.encode(tokenizer, evaluation[i : i + EVAL_BATCH], max_length) for i in range(0, len(evaluation), EVAL_BATCH)
     ]
     fingerprint = ParamSet.of(model).fingerprint(values=True)
     data = {
         "examples": len(examples),
         "heldout": split.note or f"categories: {', '.join(split.heldout_categories) or '(none)'}",
         "heldout_examples": len(split.heldout),
-        "dropped_by_max_length": dropped,
+        "max_length": max_length,
+        "prompts_truncated": fitted.prompts_truncated,
+        "answers_cut": fitted.answers_cut,
+        "heldout_prompts_truncated": heldout_fitted.prompts_truncated,
         "examples_per_client": [len(ex) for ex in per_client],
     }
     return Setup(config, model, tokenizer, fingerprint, server, replica, clients, eval_data, split.heldout, data)
