@@ -5,6 +5,7 @@ from materialised reference noise or against an uninterrupted run, bit for bit."
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 
@@ -343,3 +344,39 @@ def test_module_state_dict_settles_first():
     assert all(torch.equal(state[n], p) for n, p in model.named_parameters())
     opt.step(loss_of(model))  # an unperturbed start: +eps of its own
     assert not opt.history.entries[-1].perturbed
+
+
+# ------------------------------------------------------------------------ the module's hooks
+def _hooks(module: torch.nn.Module) -> tuple[int, int]:
+    """(forward pre-hooks, state_dict pre-hooks) on ``module``."""
+    return len(module._forward_pre_hooks), len(module._state_dict_pre_hooks)
+
+
+def test_an_optimizer_collected_takes_its_hooks_along():
+    """Issue 18, finding 10: 5 optimizers over one module used to leave 5 hooks of each kind."""
+    model = net()
+    assert _hooks(model) == (0, 0)
+    for _ in range(5):
+        opt = ZOSGD(model, lr=0.05, eps=1e-3)
+        opt.step(loss_of(model))
+        opt.settle()
+        assert _hooks(model) == (1, 1)  # the one just built; the ones before are gone
+    del opt
+    gc.collect()
+    assert _hooks(model) == (0, 0)
+
+
+def test_close_settles_and_removes_the_hooks():
+    model = net()
+    opt = ZOSGD(model, lr=0.05, eps=1e-3, seed=3)
+    for _ in range(3):
+        opt.step(loss_of(model))
+    assert opt.pending is not None and _hooks(model) == (1, 1)
+    opt.close()
+    assert opt.pending is None and _hooks(model) == (0, 0)
+    fresh = net()
+    opt.history.apply_(fresh)
+    assert same(weights(fresh), weights(model))  # closed on the trained (settled) weights
+    opt.close()  # a second close does nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.step(loss_of(model))

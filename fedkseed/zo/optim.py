@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .. import stream as S
 from ..ops import ParamsLike, resolve_backend
@@ -60,7 +61,8 @@ class ZOSGD(torch.optim.Optimizer):
     by itself before any forward of the module outside ``step`` and before its
     ``state_dict()``; with tensors call ``settle()`` before evaluating or saving them. Given a
     module, the closure runs with the module in eval mode (no dropout noise in the two losses,
-    as MeZO does).
+    as MeZO does). Those hooks are removed by ``close()`` (which settles first) or when the
+    optimizer is garbage-collected.
     """
 
     def __init__(
@@ -122,8 +124,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.last: ZOStepResult | None = None
         self.history = self._new_history()
         self._in_step = False
-        if self.module is not None:
-            _settle_before_use(self.module, weakref.ref(self))
+        self._closed = False
+        # The module's hooks go with the optimizer: on close(), or when it is collected.
+        handles = _settle_before_use(self.module, weakref.ref(self)) if self.module is not None else ()
+        self._release_hooks = weakref.finalize(self, _remove_hooks, handles)
 
     def _new_history(self) -> History:
         key = derive_seed("round-key", self.seed) if self.rounding == "stochastic" else None
@@ -166,6 +170,8 @@ class ZOSGD(torch.optim.Optimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self._closed:
+            raise RuntimeError("this ZOSGD is closed: build a new optimizer to train further")
         lrs, decays = self._group_coefficients()
         probes = self.seeds_for(self.steps)
         if self.pending is not None and self.pending != probes[0]:
@@ -219,6 +225,16 @@ class ZOSGD(torch.optim.Optimizer):
             raise
         finally:
             self._record(entry, exact)
+
+    def close(self) -> None:
+        """Settle the pending perturbation and remove the hooks this optimizer put on its
+        module; the optimizer takes no further steps (its History stays readable). Closing
+        twice does nothing."""
+        if self._closed:
+            return
+        self.settle()
+        self._release_hooks()
+        self._closed = True
 
     def _record(self, entry: Entry, exact: bool) -> None:
         self.history.add(entry)
@@ -359,9 +375,10 @@ def _group_options(params: Any, lr: float, weight_decay: float) -> list[dict[str
     return out
 
 
-def _settle_before_use(module: torch.nn.Module, ref: weakref.ref) -> None:
+def _settle_before_use(module: torch.nn.Module, ref: weakref.ref) -> tuple[RemovableHandle, ...]:
     """Hooks that take back a pending perturbation before the module is used outside a step:
-    a forward (evaluation, generation) or ``state_dict()`` (saving)."""
+    a forward (evaluation, generation) or ``state_dict()`` (saving). They hold the optimizer
+    only weakly, so they never keep it alive."""
 
     def settle(*_: Any) -> None:
         opt = ref()
@@ -371,8 +388,15 @@ def _settle_before_use(module: torch.nn.Module, ref: weakref.ref) -> None:
 
     # prepend: run before FSDP2's own pre-forward hook, which all-gathers the (still perturbed)
     # shards; otherwise an evaluation outside step() would see stale weights.
-    module.register_forward_pre_hook(settle, prepend=True)
-    module.register_state_dict_pre_hook(settle)
+    return (
+        module.register_forward_pre_hook(settle, prepend=True),
+        module.register_state_dict_pre_hook(settle),
+    )
+
+
+def _remove_hooks(handles: tuple[RemovableHandle, ...]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _seed_pool(
