@@ -51,7 +51,9 @@ class ZOTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Directions per step (n-SPSA; MeZO's --zero_order_sample)."}
     )
     zo_momentum: float = field(default=0.0, metadata={"help": "ZO momentum beta, replayed from recent seeds."})
-    zo_window: int = field(default=8, metadata={"help": "Steps the momentum looks back (with zo_momentum > 0)."})
+    zo_window: int = field(
+        default=8, metadata={"help": "Steps the momentum looks back: it keeps 1 - beta^W of heavy-ball's weight."}
+    )
     zo_sign: bool = field(default=False, metadata={"help": "Update by sign(g) (sign-ZO)."})
     zo_fuse: bool = field(default=True, metadata={"help": "Fuse the next step's +eps into the update pass."})
     zo_rounding: str = field(
