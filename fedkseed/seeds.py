@@ -30,6 +30,7 @@ DOMAINS: dict[str, bytes] = {
     "pool": b"fks-pool",  # FedKSeed: candidate seed i from (pool seed, K, i)
     "clients": b"fks-clients",  # FedKSeed: client sampling keys from (seed, round, client)
     "schedule": b"fks-schedule",  # FedKSeed: seed index of a local step (seed, round, client, t)
+    "shared-schedule": b"fks-shared-sched",  # FedKSeed shared seeds: step t of every client (seed, round, t)
     "batch": b"fks-batch",  # FedKSeed: row j of a local batch (seed, round, client, step, j)
     "epoch": b"fks-epoch",  # FedKSeed: the row order of epoch e of a client (seed, client, e, row)
     "attack": b"fks-attack",  # attack simulation: Byzantine picks and random values (seed, round, client, ...)

@@ -23,7 +23,7 @@ from .. import data as D
 from .. import stream as S
 from ..errors import UsageError
 from ..fed import FedSpec
-from ..fed.attacks import ATTACKS
+from ..fed.attacks import ATTACKS, parse_rounds
 from ..fed.robust import AGGREGATES, parse_clip
 from ..fed.wire import PRECISIONS
 from ..models import DTYPES
@@ -142,9 +142,15 @@ class SimConfig:
     eps: float | None = option(None, "perturbation scale")
     weight_decay: float = option(0.0, "decoupled weight decay of the local ZO steps")
     aggregate: str = option("mean", "per-seed aggregate of the round's uploads", lambda: AGGREGATES)
-    clip: str = option("auto", "bound on an upload's per-step RMS: auto (4x the median so far), a number, or off")
+    clip: str = option(
+        "auto", "bound on an upload's per-step RMS: auto (2x the median over clients, one value each), a number, or off"
+    )
+    shared_seeds: bool = option(
+        False, "every client of a round follows the same seed schedule, so median/trimmed-mean compare clients per seed"
+    )
     byzantine: int = option(0, "clients of each round's sample that send adversarial uploads (simulation)")
     attack: str = option("scale", "what the --byzantine clients send", lambda: ATTACKS)
+    attack_rounds: str = option("all", "rounds in which the --byzantine clients attack: all, or e.g. 1 or 1,3")
     alpha: float = option(0.5, "Dirichlet concentration over categories")
     holdout: str = option("1", "held-out categories for new-task Rouge-L: a count, or comma-separated names")
     seed: int = option(0, "seed of every draw of the run")
@@ -199,6 +205,11 @@ class SimConfig:
                 f"--byzantine {self.byzantine} must be below --clients-per-round {self.clients_per_round} "
                 "(a round needs at least one honest client)"
             )
+        try:
+            rounds = parse_rounds(self.attack_rounds)
+        except ValueError as error:
+            raise UsageError(f"--{error}".replace("--attack rounds", "--attack-rounds")) from None
+        object.__setattr__(self, "attack_rounds", ALL if rounds is None else ",".join(map(str, rounds)))
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: continue the run, or replace it")
         _validate_choices(self)
@@ -254,6 +265,7 @@ class SimConfig:
             weighting="batches" if self.paper else "examples",
             batching="epochs" if self.paper else "draws",
             weight_decay=self.weight_decay,
+            shared_seeds=self.shared_seeds,
         )
 
     def run_identity(self) -> dict[str, Any]:

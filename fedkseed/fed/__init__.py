@@ -4,8 +4,8 @@ Transport-free building blocks; an engine (``fedkseed.experiment``'s local engin
 moves the bytes. Every method takes and returns bytes or plain objects.
 
 ``FedSpec(num_clients, clients_per_round, k, local_steps, lr, eps, dist, batch_size, pro,
-precision, seed, aggregate, clip, weighting)``: the settings all parties share (send
-``spec.to_dict()`` at setup).
+precision, seed, aggregate, clip, weighting, batching, weight_decay, shared_seeds)``: the
+settings all parties share (send ``spec.to_dict()`` at setup).
 
 ``SeedPool(pool_seed, k)``: the K candidate seeds (``seeds``, ``seed_tensor``) and
 FedKSeed-Pro's statistics (``record``, ``importance``, ``probabilities``).
@@ -18,6 +18,7 @@ float32(-lr) * table[k]): every party holds bit-identical weights.
 ``Server(spec, client_sizes)``::
 
     sampled = server.begin_round(clients=None)  # ids; default: the run's deterministic sample
+    server.schedule(client_id)                  # its seed indices for the open round
     data = server.download(client_id)           # bytes: table entries changed since the
                                                 # client's last sync (+ Pro seed schedule)
     ok = server.receive(upload_bytes)           # False when rejected (reason logged on the
@@ -33,8 +34,10 @@ float32(-lr) * table[k]): every party holds bit-identical weights.
 simulates a Byzantine client). Clients that fail simply send nothing; the server aggregates
 the others.
 
-Bounded influence (``robust``): each upload's norm is bounded (``FedSpec.clip``), the per-seed
-rule is ``FedSpec.aggregate``, the table stays finite. Attack simulation: ``attacks``
+Bounded influence (``robust``): each upload's norm is bounded (``FedSpec.clip``; "auto": 2x the
+lower median over clients of each one's latest per-step RMS), the per-seed rule is
+``FedSpec.aggregate`` (with ``shared_seeds`` every client of a round uses the same seeds, so a
+median outvotes a client), the table stays finite. Attack simulation: ``attacks``
 (``ATTACKS``, ``byzantine_clients``, ``attack``).
 
 Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).

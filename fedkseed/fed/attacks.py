@@ -6,10 +6,23 @@ module rewrites its values, and the result goes through the real encoder and the
 path. Everything derives from (run seed, round, client id) (``seeds.derive_seed``, domain
 ``attack``), so a run with attackers is as reproducible as one without.
 
-    scale      every value times SCALE (1e6): the classic "boost" of model replacement
-    sign-flip  every value negated: an ascent step of honest size, invisible to any bound
-    random     values drawn afresh, uniform in (-1, 1) times SCALE times the upload's largest
-               |value| (1 when all are 0): noise of huge magnitude
+    scale            every value times SCALE (1e6): the classic "boost" of model replacement
+    sign-flip        every value negated: an ascent step of honest size, invisible to any bound
+    sign-flip-bound  every value negated and times SCALE: the server scales it to exactly its
+                     bound, so it is an ascent step of the largest size the server lets through.
+                     The strongest attacker that knows the rule and the public history could
+                     not do more: it would size its upload to the bound, and with
+                     ``clip="auto"`` its own per-step RMS sits at the top rank of the median
+                     either way, so overshooting lands on the very bound it would compute
+                     (``robust.rms_bound``)
+    random           values drawn afresh, uniform in (-1, 1) times SCALE times the upload's
+                     largest |value| (1 when all are 0): noise of huge magnitude
+    vanish           every value VANISH (1e-30) with the honest value's sign: an upload that
+                     drags down any statistic of upload sizes (it froze training when the bound
+                     was a median of every upload so far)
+
+``rounds`` (``parse_rounds``, ``--attack-rounds``) limits the attack to some rounds, e.g. a
+one-round poisoning followed by honest rounds.
 
 Values are capped at +-FLOAT32_CAP so the attacked upload stays encodable: an attacker is
 limited by the format, not by its own arithmetic.
@@ -26,8 +39,10 @@ import numpy as np
 from ..seeds import derive_seed, unit_interval
 from .wire import StepUpload, Upload
 
-ATTACKS = ("scale", "sign-flip", "random")
+ATTACKS = ("scale", "sign-flip", "sign-flip-bound", "random", "vanish")
 SCALE = 1e6
+VANISH = 1e-30
+ALL_ROUNDS = "all"
 FLOAT32_CAP = 2.0**127  # the largest power of two below float32's maximum
 
 U = TypeVar("U", Upload, StepUpload)
@@ -42,6 +57,18 @@ def byzantine_clients(seed: int, round_: int, sampled: Sequence[int], n: int) ->
     return sorted(ranked[:n])
 
 
+def parse_rounds(value: object) -> tuple[int, ...] | None:
+    """The rounds an attack runs in: None for every round (``"all"``), else the sorted distinct
+    round numbers (>= 1) of a comma-separated list such as ``"1"`` or ``"1,3"``."""
+    text = "" if isinstance(value, bool) else str(value).strip().lower()
+    if text == ALL_ROUNDS:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise ValueError(f"attack rounds must be 'all' or comma-separated round numbers >= 1, got {value!r}")
+    return tuple(sorted({int(part) for part in parts}))
+
+
 def attack(upload: U, kind: str, seed: int) -> U:
     """``upload`` with its values replaced as ``kind`` says (indices, steps and loss kept)."""
     values = np.asarray(upload.values, dtype=np.float64)
@@ -49,6 +76,10 @@ def attack(upload: U, kind: str, seed: int) -> U:
         attacked = values * SCALE
     elif kind == "sign-flip":
         attacked = -values
+    elif kind == "sign-flip-bound":
+        attacked = -values * SCALE
+    elif kind == "vanish":
+        attacked = np.copysign(np.full_like(values, VANISH), values)
     elif kind == "random":
         peak = float(np.abs(values).max()) if values.size else 0.0
         words = [derive_seed("attack", seed, upload.round, upload.client_id, 1, j) for j in range(values.size)]

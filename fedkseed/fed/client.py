@@ -32,7 +32,8 @@ class Client:
     each download into it, builds the global model with ``replica.build`` (the canonical
     construction, so it holds the server's bits), then runs ``spec.local_steps`` ZO steps on
     batches of its own examples. Seeds come from the download's schedule (FedKSeed-Pro) or are
-    drawn uniformly from (seed, round, client id); batches from (seed, round, client id, step).
+    drawn uniformly from (seed, round, client id) (from (seed, round) under
+    ``spec.shared_seeds``); batches from (seed, round, client id, step).
     The upload carries, per seed used, the sum of the step gradients g (skipped steps add 0);
     under FedKSeed-Pro every step's g in schedule order (``wire.StepUpload``), since each step
     enters its seed's history on the server.
@@ -78,7 +79,10 @@ class Client:
         rewritten (``attacks.attack``) before the real encoder."""
         d = self.catch_up(download)
         spec, r, me = self.spec, d.round, self.client_id
-        schedule = d.schedule if len(d.schedule) else draw_schedule(spec.seed, r, me, spec.local_steps, spec.k)
+        if len(d.schedule):
+            schedule = d.schedule
+        else:
+            schedule = draw_schedule(spec.seed, r, me, spec.local_steps, spec.k, shared=spec.shared_seeds)
         seeds = self.replica.pool.seeds
         grads, skipped, losses = [], [], []
         first_batch = 0

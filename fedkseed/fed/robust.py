@@ -6,23 +6,42 @@ Three guards, applied by ``Server.end_round`` to the accepted uploads of a round
    scalars) are scaled down, direction kept, so that their L2 norm is at most
    ``bound * sqrt(steps)``: ``bound`` limits the per-step RMS of g, the same measure whatever
    tau is. It is fixed (``FedSpec.clip`` a number) or derived (``clip="auto"``) as
-   ``CLIP_FACTOR`` times the lower median of the per-step RMS of every accepted upload so far
-   (this round's and earlier rounds', after their bound). The norm, not each value, is what
-   matters for a ZO update: the seeds' directions z are independent, so the model moves by
-   |sum_s a_s z_s|^2 ~ d * sum_s a_s^2, and the second-order loss increase grows with that sum
-   wherever it is spent (one seed or many). The median makes the bound a property of the
-   honest majority: one client of four sending 1e6 times its values sits at the top of the
-   order and cannot move it; with two clients in round 1 the lower median is the smaller one,
-   and later rounds add history. Honest per-step RMS values differ by their data's gradient
-   scale and, over few steps, by chance (g^2 ~ |grad|^2 chi^2_1 per step): a factor of 4
-   leaves them untouched in runs of tens of steps, while a scaled or random upload moves the
-   model at most as far as four honest ones.
+   ``CLIP_FACTOR`` times the lower median over clients of one value each: the per-step RMS of
+   the client's latest accepted upload, before any bound (this round's upload when it sent one,
+   else its last earlier one; clients never heard from do not count). The norm, not each value,
+   is what matters for a ZO update: the seeds' directions z are independent, so the model moves
+   by |sum_s a_s z_s|^2 ~ d * sum_s a_s^2, and the second-order loss increase grows with that
+   sum wherever it is spent (one seed or many).
+   Why this statistic (the adversary knows the rule and sizes or poisons its uploads):
+   - one value per client: however large or small a client's uploads are, in one round or in
+     every round, it moves the median by one rank at most. A per-upload history ("the median
+     so far") let one round of 1e-30 uploads hold the reference near 1e-29 for ever, since every
+     later honest upload entered it already scaled down; here honest values enter unscaled;
+   - this round's values replace older ones, so nothing stale outvotes a recovering round: one
+     client's tiny upload can drag the bound down only in a round where it is one of two known
+     values (round 1 with two clients per round), and from then on at least two honest values
+     sit below the median's rank;
+   - no limit on growth or shrink per round: it would let a one-round poisoning persist (a bound
+     allowed to grow 2x a round stays near 1e-30 for a hundred rounds);
+   - the lower median: with two values the smaller one, so a single client cannot raise the
+     bound either; an upload far above it (``scale``, ``sign-flip-bound``) sits at the top rank
+     whatever its size, so an attacker that overshoots lands exactly where one that computed the
+     bound would.
+   An attacker at the bound carries at most ``CLIP_FACTOR`` times the median client's per-step
+   RMS, weighted like any client: under "mean" with distinct seeds a negated upload at the bound
+   undoes CLIP_FACTOR honest clients' progress (at 2 and 1 of 4, a quarter of the round's
+   first-order descent is left), which is why shared seeds with "median" are the robust mode.
+   Honest per-step RMS values differ by their data's gradient scale and, over few steps, by
+   chance (g^2 ~ |grad|^2 chi^2_1 per step): a factor of 2 leaves them untouched in runs of tens
+   of steps, and an honest upload is scaled below half its value only when it is more than
+   2 * CLIP_FACTOR times the median's.
 2. **Per-seed aggregate** (``FedSpec.aggregate``): over the round's clients that used each
    seed, scaled by those clients' share of the weight, so that "mean" is FedKSeed's own
    sum_c w_c g_c[s] (the same float64 operations in the same order as before) and "median" /
    "trimmed-mean" replace the users' weighted mean by a robust centre. They act only where
-   clients share a seed (FedKSeed-Pro, small K, many clients); elsewhere the norm bound is
-   what limits a client.
+   clients share a seed: with ``FedSpec.shared_seeds`` every client of a round uses the same
+   seeds, so with 3 or more clients a sign-flipper is outvoted per seed; otherwise clients
+   rarely share one, and the norm bound is what limits a client.
 3. **Range.** The accumulated table is clamped to +-``table_limit(lr)`` (2^64 / max(1, lr)),
    so every published entry is finite, encodes in either precision, and its replay
    coefficient |lr * G| <= 2^64: a build sums at most 2^24 such terms times |z| < 8, below
@@ -32,13 +51,13 @@ Three guards, applied by ``Server.end_round`` to the accepted uploads of a round
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 AGGREGATES = ("mean", "median", "trimmed-mean")
 CLIP_MODES = ("auto", "off")  # or a number > 0: a fixed bound on the per-step RMS
-CLIP_FACTOR = 4.0
+CLIP_FACTOR = 2.0
 TRIM_FRACTION = 0.25  # trimmed mean: floor(n / 4) values dropped at each end
 TABLE_LIMIT = 2.0**64
 
@@ -61,17 +80,21 @@ def parse_clip(value: object) -> str | float:
     return number
 
 
-def rms_bound(current: Sequence[float], history: Sequence[float], clip: str | float) -> float:
-    """The round's bound on an upload's per-step RMS (inf: none). ``current``: this round's
-    uploads' per-step RMS; ``history``: the bounded ones of earlier rounds."""
+def rms_bound(current: Mapping[int, float], latest: np.ndarray, clip: str | float) -> float:
+    """The round's bound on an upload's per-step RMS (inf: none). ``current``: client id -> the
+    per-step RMS of its upload this round (before any bound); ``latest``: float64[clients], each
+    client's value from its latest earlier upload (0: none)."""
     if clip == "off":
         return math.inf
     if clip != "auto":
         return float(clip)
-    positive = sorted(x for x in (*history, *current) if x > 0)
-    if not positive:
+    values = np.array(latest, dtype=np.float64)
+    for client, rms in current.items():
+        values[client] = rms
+    positive = np.sort(values[values > 0])
+    if not positive.size:
         return math.inf  # nothing to scale: every upload is zero
-    return CLIP_FACTOR * positive[(len(positive) - 1) // 2]
+    return CLIP_FACTOR * float(positive[(positive.size - 1) // 2])
 
 
 def per_step_rms(values: np.ndarray, steps: int) -> float:

@@ -59,11 +59,17 @@ class SeedPool:
         return {"abs_sum": self.abs_sum.copy(), "count": self.count.copy()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore saved statistics; ValueError (one line) for any that a run cannot produce."""
         abs_sum = np.asarray(state["abs_sum"], dtype=np.float64)
-        count = np.asarray(state["count"], dtype=np.int64)
+        count = np.asarray(state["count"], dtype=np.float64)
         if abs_sum.shape != (self.k,) or count.shape != (self.k,):
             raise ValueError(f"seed-pool state does not hold K = {self.k} entries")
-        self.abs_sum, self.count = abs_sum.copy(), count.copy()
+        if not (np.isfinite(count).all() and (count == np.round(count)).all() and (count >= 1).all()):
+            raise ValueError("seed-pool count holds a value that is not an integer >= 1")
+        # each recorded |g| is clipped to PRO_CLIP, and the history's first entry (0.0) adds nothing
+        if not (np.isfinite(abs_sum).all() and (abs_sum >= 0).all() and (abs_sum <= PRO_CLIP * (count - 1)).all()):
+            raise ValueError(f"seed-pool abs_sum holds a value outside [0, {PRO_CLIP:g} * (count - 1)]")
+        self.abs_sum, self.count = abs_sum.copy(), count.astype(np.int64)
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
@@ -73,11 +79,23 @@ def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> 
 
 
 def draw_schedule(
-    seed: int, round_: int, client_id: int, steps: int, k: int, probabilities: np.ndarray | None = None
+    seed: int,
+    round_: int,
+    client_id: int,
+    steps: int,
+    k: int,
+    probabilities: np.ndarray | None = None,
+    *,
+    shared: bool = False,
 ) -> np.ndarray:
     """The seed index of each local step of ``client_id`` in ``round_`` (int64, length ``steps``):
-    uniform over K, or by inverse CDF over ``probabilities`` (FedKSeed-Pro)."""
-    words = np.array([derive_seed("schedule", seed, round_, client_id, t) for t in range(steps)], dtype=np.uint64)
+    uniform over K, or by inverse CDF over ``probabilities`` (FedKSeed-Pro). ``shared``
+    (``FedSpec.shared_seeds``): one schedule for every client of the round, so the client id
+    does not enter the draw."""
+    if shared:
+        words = np.array([derive_seed("shared-schedule", seed, round_, t) for t in range(steps)], dtype=np.uint64)
+    else:
+        words = np.array([derive_seed("schedule", seed, round_, client_id, t) for t in range(steps)], dtype=np.uint64)
     if probabilities is None:
         return (words % np.uint64(k)).astype(np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)

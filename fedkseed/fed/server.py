@@ -7,6 +7,7 @@ party builds weights from ``server.table`` with ``Replica.build``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from .seedpool import SeedPool, draw_schedule, sample_clients
 from .spec import FedSpec
 
 log = logging.getLogger("fedkseed.fed")
+
+MAX_EXPONENT = 127  # the largest fp16 exponent: an i8 field (docs/formats.md#values)
 
 
 def _steps_taken(upload: wire.Upload | wire.StepUpload) -> int:
@@ -58,7 +61,9 @@ class Server:
     Under FedKSeed-Pro clients upload every step's g in schedule order (``wire.StepUpload``):
     each (bounded) g enters its seed's history, and the per-seed sums come from the schedule.
     ``changed[k]`` is the round in which entry k last changed, and ``synced[c]`` the table
-    state client c holds: its download is the entries changed since.
+    state client c holds: its download is the entries changed since. ``client_rms[c]`` is the
+    per-step RMS of client c's latest accepted upload before any bound (0: none yet), from which
+    ``clip="auto"`` derives each round's bound (``robust.rms_bound``).
     """
 
     def __init__(self, spec: FedSpec, client_sizes: Sequence[int]) -> None:
@@ -76,7 +81,7 @@ class Server:
         self.exponent = wire.MIN_EXPONENT
         self.changed = np.zeros(spec.k, dtype=np.int64)
         self.synced = np.zeros(spec.num_clients, dtype=np.int64)
-        self.rms_history = np.zeros(0, dtype=np.float64)  # bounded per-step RMS of past uploads
+        self.client_rms = np.zeros(spec.num_clients, dtype=np.float64)
         self._sampled: list[int] | None = None
         self._probabilities: np.ndarray | None = None
         self._schedules: dict[int, np.ndarray] = {}
@@ -100,7 +105,8 @@ class Server:
         self._sampled = chosen
         self._probabilities = self.pool.probabilities() if spec.pro else None
         self._schedules = {
-            c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, self._probabilities) for c in chosen
+            c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, self._probabilities, shared=spec.shared_seeds)
+            for c in chosen
         }
         self._uploads = {}
         self._summary = RoundSummary(r, list(chosen), [], {})
@@ -111,6 +117,13 @@ class Server:
         if not self.spec.pro:
             return np.full(self.spec.k, 1.0 / self.spec.k)
         return self._probabilities if self._probabilities is not None else self.pool.probabilities()
+
+    def schedule(self, client_id: int) -> np.ndarray:
+        """The seed indices of a sampled client's local steps in the open round (a copy)."""
+        summary = self._open()
+        if client_id not in self._schedules:
+            raise ValueError(f"client {client_id} is not sampled in round {summary.round}")
+        return self._schedules[client_id].copy()
 
     def download(self, client_id: int) -> bytes:
         """The catch-up message for a sampled client: the table entries changed since the state
@@ -156,7 +169,7 @@ class Server:
         total = sum(self.units[c] for c in accepted)
         steps = {c: _steps_taken(self._uploads[c]) for c in accepted}
         summary.rms = {c: robust.per_step_rms(self._uploads[c].values, steps[c]) for c in accepted}
-        summary.bound = robust.rms_bound(list(summary.rms.values()), self.rms_history.tolist(), self.spec.clip)
+        summary.bound = robust.rms_bound(summary.rms, self.client_rms, self.spec.clip)
         parts, losses = [], []
         for c in accepted:
             upload = self._uploads[c]
@@ -177,8 +190,8 @@ class Server:
             if np.isfinite(upload.loss):
                 losses.append((weight, upload.loss))
         robust.accumulate(self.accumulated, parts, self.spec.aggregate)
-        bounded_rms = [min(summary.rms[c], summary.bound) for c in accepted]
-        self.rms_history = np.concatenate([self.rms_history, np.array(bounded_rms, dtype=np.float64)])
+        for c in accepted:  # unbounded: an honest upload scaled down in this round counts at its size
+            self.client_rms[c] = summary.rms[c]
         if robust.clamp_table(self.accumulated, self.spec.lr32):
             log.warning(
                 "round %d: seed-table entries clamped to +-%.3g", summary.round, robust.table_limit(self.spec.lr32)
@@ -274,29 +287,64 @@ class Server:
             "changed": self.changed.copy(),
             "synced": self.synced.copy(),
             "pool": self.pool.state_dict(),
-            "rms_history": self.rms_history.copy(),
+            "client_rms": self.client_rms.copy(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
-            raise ValueError("the saved server state belongs to a run with other settings or data")
-        k, n = self.spec.k, self.spec.num_clients
-        arrays = {
-            "accumulated": (np.float64, k),
-            "table": (np.float32, k),
-            "changed": (np.int64, k),
-            "synced": (np.int64, n),
-            "rms_history": (np.float64, None),
-        }
-        loaded = {}
-        for name, (dtype, size) in arrays.items():
-            value = np.asarray(state[name], dtype=dtype)
-            if size is None:
-                size = value.size  # any length, one dimension
-            if value.shape != (size,):
-                raise ValueError(f"saved {name} has shape {value.shape}, expected ({size},)")
-            loaded[name] = value.copy()
-        self.pool.load_state_dict(state["pool"])
-        self.round, self.exponent = int(state["round"]), int(state["exponent"])
+        """Continue from ``state_dict()``'s output. Everything is checked before anything is
+        replaced: a value no run can produce is a one-line ValueError naming it."""
+        try:
+            loaded = self._checked_state(state)
+        except (KeyError, TypeError, IndexError, OverflowError) as error:
+            missing = f"lacks {error}" if isinstance(error, KeyError) else f"is malformed ({error})"
+            raise ValueError(f"the saved server state {missing}".splitlines()[0]) from None
+        self.pool.load_state_dict(state["pool"])  # checks before it replaces anything
         for name, value in loaded.items():
             setattr(self, name, value)
+
+    def _checked_state(self, state: dict) -> dict:
+        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
+            raise ValueError("the saved server state belongs to a run with other settings or data")
+        round_, exponent = _integer(state["round"], "round"), _integer(state["exponent"], "exponent")
+        if round_ < 0:
+            raise ValueError(f"saved round {round_} is negative")
+        if not wire.MIN_EXPONENT <= exponent <= MAX_EXPONENT:
+            raise ValueError(f"saved exponent {exponent} is outside [{wire.MIN_EXPONENT}, {MAX_EXPONENT}]")
+        k, n = self.spec.k, self.spec.num_clients
+        arrays = {"accumulated": (np.float64, k), "table": (np.float32, k), "changed": (np.float64, k)}
+        arrays |= {"synced": (np.float64, n), "client_rms": (np.float64, n)}
+        loaded: dict = {"round": round_, "exponent": exponent}
+        for name, (dtype, size) in arrays.items():
+            value = np.array(state[name], dtype=dtype)
+            if value.shape != (size,):
+                raise ValueError(f"saved {name} has shape {value.shape}, expected ({size},)")
+            if not np.isfinite(value).all():
+                raise ValueError(f"saved {name} holds a non-finite value")
+            loaded[name] = value
+        limit = robust.table_limit(self.spec.lr32)
+        if (np.abs(loaded["accumulated"]) > limit).any():
+            raise ValueError(f"saved accumulated holds a value beyond the table's limit +-{limit:.3g}")
+        table = wire.quantize(loaded["accumulated"], self.spec.precision, exponent)
+        if not np.array_equal(table.view(np.uint32), loaded["table"].view(np.uint32)):
+            raise ValueError("saved table is not the accumulated sums rounded to the run's precision")
+        # changed: the round an entry last changed (0: never); synced: the round a client's table is
+        # from (a client that trained in round r holds round r - 1's table)
+        for name, high in (("changed", round_), ("synced", max(round_ - 1, 0))):
+            value = loaded[name]
+            if ((value < 0) | (value > high) | (value != np.round(value))).any():
+                raise ValueError(f"saved {name} holds a value that is not a round number in [0, {high}]")
+            loaded[name] = value.astype(np.int64)
+        if ((loaded["table"] != 0) & (loaded["changed"] == 0)).any():
+            raise ValueError("saved table has a non-zero entry that never changed (changed = 0)")
+        if (loaded["client_rms"] < 0).any():
+            raise ValueError("saved client_rms holds a negative value")
+        return loaded
+
+
+def _integer(value: object, name: str) -> int:
+    """A saved scalar that must be an integer (a JSON number: int, or a float with no fraction)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"saved {name} is not a number: {value!r}")
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(f"saved {name} is not an integer: {value!r}")
+    return int(value)

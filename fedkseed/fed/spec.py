@@ -25,9 +25,13 @@ class FedSpec:
     uploaded sums travel, and therefore the values every party replays: "fp16" (float16 codes
     with a shared power-of-two scale: 2 bytes per entry) or "fp32".
 
-    Robustness (``fed/robust.py``): ``clip`` bounds each upload's L2 norm ("auto": 3 times the
-    round's lower-median norm; a number: that bound; "off": none), ``aggregate`` is the
-    per-seed rule over the clients that used a seed ("mean": FedKSeed's weighted sum).
+    Robustness (``fed/robust.py``): ``clip`` bounds each upload's per-step RMS ("auto":
+    ``robust.CLIP_FACTOR`` times a median over clients, one value per client; a number: that
+    bound; "off": none), ``aggregate`` is the per-seed rule over the clients that used a seed
+    ("mean": FedKSeed's weighted sum). ``shared_seeds``: every client of a round follows the same
+    seed schedule (DeComFL-style; ``draw_schedule(shared=True)``), so each seed's values come
+    from every client and "median" / "trimmed-mean" can outvote a client; otherwise clients
+    rarely share a seed.
     ``weighting``: a client's aggregation weight counts its "examples" or, as the official
     code does, its "batches" (ceil(examples / batch_size); the same at batch size 1).
     ``batching``: each local step's batch is "draws" (rows drawn with replacement, per step) or
@@ -53,6 +57,7 @@ class FedSpec:
     weighting: str = "examples"
     batching: str = "draws"
     weight_decay: float = 0.0
+    shared_seeds: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "clients_per_round", "k", "local_steps", "batch_size"):
@@ -81,6 +86,8 @@ class FedSpec:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
+        if not isinstance(self.shared_seeds, bool):
+            raise ValueError(f"shared_seeds must be a bool, got {self.shared_seeds!r}")
         wd = self.weight_decay
         if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
