@@ -2,6 +2,7 @@
 besides a decoded message is a one-line WireError, and no input makes a decoder allocate more
 than a small multiple of its own length."""
 
+import functools
 import struct
 import tracemalloc
 import zlib
@@ -139,7 +140,7 @@ def _header(kind: bytes, *varints: int) -> bytes:
 )
 def test_huge_claims_in_tiny_messages_allocate_nothing(kind, data):
     tracemalloc.start()
-    with pytest.raises(wire.WireError, match="truncated"):
+    with pytest.raises(wire.WireError, match=r"truncated|MAX_STEPS"):
         if kind == "table":
             wire.decode_table(data)
         elif kind == "upload":
@@ -160,3 +161,82 @@ def test_expected_k_is_checked_before_the_body():
     )
     with pytest.raises(wire.WireError, match="K = 8, the run has K = 9"):
         wire.decode_download(download, 9)
+
+
+# ------------------------------------------------------------- memory of large messages (issue 18, #6)
+PEAK_FACTOR = 8  # a decoder's peak memory is at most this many times its message, plus 64 KiB
+
+
+def _peak(decode) -> int:
+    """Peak memory (tracemalloc) while ``decode()`` runs; a WireError is an allowed outcome."""
+    tracemalloc.start()
+    try:
+        try:
+            decode()
+        except wire.WireError:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _table_prefix(k: int) -> bytes:
+    return _header(b"T", k) + struct.pack("<QfB", 7, 1e-3, 0) + bytes([1]) + bytes(32)
+
+
+@functools.cache
+def _large_messages() -> dict[str, tuple[bytes, object]]:
+    """name -> (message, its decoder): valid ones at the largest sizes the spec allows, and the
+    issue's crafted ones (a 2 MiB full bitmap without values; a 48 MiB download schedule)."""
+    rng = np.random.default_rng(6)
+    big = 1 << 24
+    out: dict[str, tuple[bytes, object]] = {}
+    full_bitmap = _reframe(_table_prefix(big) + bytes([1]) + b"\xff" * (big // 8) + b"\0\0\0\0")
+    out["2 MiB full bitmap, no values"] = (full_bitmap, lambda m: wire.decode_table(m))
+    k = 1 << 20
+    values = wire.quantize(rng.normal(0, 1, k), "fp16", -10)
+    table = wire.Table(k, 7, 1e-3, "gaussian", 4, "cd" * 32, np.arange(k), values)
+    out["all 2^20 entries, fp16"] = (wire.encode_table(table, "fp16", -10), lambda m: wire.decode_table(m))
+    half = np.arange(0, 1 << 21, 2)
+    table = wire.Table(1 << 21, 7, 1e-3, "gaussian", 4, "cd" * 32, half, values)
+    out["bitmap of 2^20 of 2^21, fp16"] = (wire.encode_table(table, "fp16", -10), lambda m: wire.decode_table(m))
+    sparse = np.sort(rng.choice(big, 1 << 18, replace=False))
+    table = wire.Table(big, 7, 1e-3, "gaussian", 4, "cd" * 32, sparse, values[: sparse.size])
+    out["list of 2^18, fp16"] = (wire.encode_table(table, "fp16", -10), lambda m: wire.decode_table(m))
+    schedule = rng.integers(0, big, wire.MAX_STEPS)
+    download = wire.Download(2, 1, big, np.arange(0), np.zeros(0, np.float32), schedule)
+    out["schedule of MAX_STEPS at K = 2^24"] = (
+        wire.encode_download(download, "fp32", 0),
+        lambda m: wire.decode_download(m, big),
+    )
+    claimed = _header(b"D", 2, 1, big) + bytes([0, 0, 0]) + _varint(big) + bytes(3 * big)  # 48 MiB
+    out["48 MiB schedule of 2^24 steps"] = (_reframe(claimed + b"\0\0\0\0"), lambda m: wire.decode_download(m, big))
+    return out
+
+
+def _varint(value: int) -> bytes:
+    w = wire._Writer(b"")
+    w.parts = []
+    w.varint(value)
+    return b"".join(w.parts)
+
+
+@pytest.mark.parametrize("name", list(_large_messages()))
+def test_a_decoders_memory_is_a_small_multiple_of_its_message(name):
+    message, decode = _large_messages()[name]
+    peak = _peak(lambda: decode(message))
+    assert peak <= PEAK_FACTOR * len(message) + 64 * 1024, (name, len(message), peak)
+
+
+def test_a_schedule_past_max_steps_is_refused_before_allocating():
+    big = 1 << 24
+    claimed = (
+        _header(b"D", 2, 1, big) + bytes([0, 0, 0]) + _varint(wire.MAX_STEPS + 1) + bytes(3 * (wire.MAX_STEPS + 1))
+    )
+    message = _reframe(claimed + b"\0\0\0\0")
+    with pytest.raises(wire.WireError, match="MAX_STEPS"):
+        wire.decode_download(message, big)
+    assert _peak(lambda: wire.decode_download(message, big)) < 64 * 1024
+    schedule = np.zeros(wire.MAX_STEPS + 1, np.int64)
+    with pytest.raises(ValueError, match="MAX_STEPS"):
+        wire.encode_download(wire.Download(2, 1, big, np.arange(0), np.zeros(0, np.float32), schedule), "fp32", 0)

@@ -9,8 +9,10 @@ Every message is framed the same way (little-endian throughout)::
 and the decoder checks magic, kind, version, CRC and that the body ends exactly where the CRC
 begins, so a truncated, padded or corrupted message is rejected (``WireError``) before any of
 it is used. Integers in bodies are unsigned LEB128 varints. Decoders take the K the reader
-expects and refuse another before reading further, and allocate only in proportion to the
-message's length: no field can make them reserve memory the bytes do not back.
+expects and refuse another before reading further, refuse a step count above ``MAX_STEPS``,
+and allocate only in proportion to the message's length: no field can make them reserve
+memory the bytes do not back. A decoder's peak memory is a small multiple of the message
+(index sets and schedules are decoded in fixed-size chunks; tests/test_fuzz.py measures it).
 
 Bodies (``index set`` and ``values`` are defined below):
 
@@ -54,7 +56,11 @@ KIND_UPLOAD, KIND_STEPS, KIND_DOWNLOAD, KIND_TABLE = b"U", b"P", b"D", b"T"
 PRECISIONS = ("fp16", "fp32")
 FP16_LIMIT = 32768.0  # largest |value| * 2^-e a float16 code may carry (headroom below 65504)
 MAX_K = 1 << 24  # the most candidate seeds a run may have (FedSpec and SeedPool check it too)
-MAX_SCHEDULE = 1 << 24  # the longest seed schedule a download may carry (a bound against garbage)
+# The most local steps a message may count (an upload's steps, a download's Pro schedule): far
+# above any real run (the paper's tau is 200), it bounds what a schedule decodes to (8 MiB).
+MAX_STEPS = 1 << 20
+_CHUNK = 1 << 16  # entries per chunk when unpacking bits (a multiple of 8: chunks start on a byte)
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 MIN_EXPONENT = -126
 _VALUES_F32, _VALUES_F16 = 0, 1
 _SET_LIST, _SET_BITMAP, _SET_ALL, _SET_SCHEDULE = 0, 1, 2, 3
@@ -116,7 +122,7 @@ class _Reader:
     def __init__(self, data: bytes, kinds: bytes, what: str) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
-        data = bytes(data)
+        data = bytes(data)  # no copy when it already is bytes
         self.what = what
         if len(data) < len(MAGIC) + 2 + 4:
             raise WireError(f"{what}: {len(data)} bytes is shorter than any message")
@@ -128,9 +134,9 @@ class _Reader:
         if data[4] != VERSION:
             raise WireError(f"{what}: unsupported version {data[4]} (this build reads {VERSION})")
         (crc,) = struct.unpack("<I", data[-4:])
-        if zlib.crc32(data[:-4]) != crc:
+        self.data = memoryview(data)[:-4]  # fields are views into the message, never copies
+        if zlib.crc32(self.data) != crc:
             raise WireError(f"{what}: CRC mismatch (truncated or corrupted)")
-        self.data = data[:-4]
         self.pos = 5
 
     def remaining(self) -> int:
@@ -141,7 +147,7 @@ class _Reader:
         if n > self.remaining():
             raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
             raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
         out = self.data[self.pos : self.pos + n]
@@ -151,7 +157,7 @@ class _Reader:
     def varint(self) -> int:
         value = shift = 0
         while True:
-            (byte,) = self.take(1)
+            byte = self.u8()
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 return value
@@ -160,7 +166,10 @@ class _Reader:
                 raise WireError(f"{self.what}: varint too long")
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        if self.pos >= len(self.data):
+            raise WireError(f"{self.what}: truncated (needs 1 more bytes at offset {self.pos})")
+        self.pos += 1
+        return self.data[self.pos - 1]
 
     def unpack(self, fmt: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
@@ -211,6 +220,18 @@ def _write_indices(w: _Writer, indices: np.ndarray, k: int, implied: np.ndarray 
         w.raw(bytes([_SET_BITMAP]) + np.packbits(bits, bitorder="little").tobytes())
 
 
+def _check_steps(steps: int, what: str) -> int:
+    if steps > MAX_STEPS:
+        raise WireError(f"{what}: {steps} steps is more than {MAX_STEPS} (MAX_STEPS)")
+    return steps
+
+
+def _values_follow(r: _Reader, count: int, per_index: int = 0) -> None:
+    """Refuse ``count`` indices the rest of the message cannot back: their values follow (a form
+    byte and at least 2 bytes each), plus ``per_index`` bytes each still to be read."""
+    r.need(1 + (2 + per_index) * count)
+
+
 def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.ndarray:
     form = r.u8()
     if form == _SET_SCHEDULE:
@@ -218,19 +239,16 @@ def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.n
             raise WireError(f"{r.what}: refers to a seed schedule the reader does not know")
         return np.asarray(implied, dtype=np.int64)
     if form == _SET_ALL:
-        r.need(k)  # every index is followed by at least one byte of its value
+        _values_follow(r, k)
         return np.arange(k, dtype=np.int64)
     if form == _SET_BITMAP:
-        bits = np.unpackbits(np.frombuffer(r.take((k + 7) // 8), dtype=np.uint8), bitorder="little")
-        if bits[k:].any():
-            raise WireError(f"{r.what}: bitmap sets bits past K = {k}")
-        return np.flatnonzero(bits[:k]).astype(np.int64)
+        return _read_bitmap(r, k)
     if form != _SET_LIST:
         raise WireError(f"{r.what}: unknown index-set form {form}")
     count = r.varint()
     if count > k:
         raise WireError(f"{r.what}: {count} indices for K = {k}")
-    r.need(count)  # one gap byte at least per index
+    _values_follow(r, count, per_index=1)  # one gap byte at least per index
     out = np.empty(count, dtype=np.int64)
     previous = -1
     for n in range(count):
@@ -238,6 +256,24 @@ def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.n
         if previous >= k:
             raise WireError(f"{r.what}: seed index {previous} >= K = {k}")
         out[n] = previous
+    return out
+
+
+def _read_bitmap(r: _Reader, k: int) -> np.ndarray:
+    """A K-bit bitmap's set indices: counted first (so their values must follow before any
+    index is built), then unpacked chunk by chunk into the result."""
+    bitmap = np.frombuffer(r.take((k + 7) // 8), dtype=np.uint8)
+    if k % 8 and bitmap[-1] >> (k % 8):
+        raise WireError(f"{r.what}: bitmap sets bits past K = {k}")
+    step = _CHUNK // 8
+    count = sum(int(_POPCOUNT[bitmap[i : i + step]].sum(dtype=np.int64)) for i in range(0, bitmap.size, step))
+    _values_follow(r, count)
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    for i in range(0, bitmap.size, step):
+        found = np.flatnonzero(np.unpackbits(bitmap[i : i + step], bitorder="little")) + 8 * i
+        out[filled : filled + found.size] = found
+        filled += found.size
     return out
 
 
@@ -264,9 +300,9 @@ def _read_values(r: _Reader, count: int) -> np.ndarray:
         (exponent,) = r.unpack("b")
         if exponent < MIN_EXPONENT:
             raise WireError(f"{r.what}: exponent {exponent} < {MIN_EXPONENT}")
-        codes = np.frombuffer(r.take(2 * count), dtype="<f2")
+        values = np.frombuffer(r.take(2 * count), dtype="<f2").astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
-            values = codes.astype(np.float32) * np.float32(2.0**exponent)
+            values *= np.float32(2.0**exponent)  # in place: no second array of the values
     else:
         raise WireError(f"{r.what}: unknown value form {form}")
     if not np.isfinite(values).all():
@@ -279,22 +315,31 @@ def _write_packed(w: _Writer, indices: np.ndarray, k: int) -> None:
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= k):
         raise ValueError("schedule indices must be in [0, K)")
+    if idx.size > MAX_STEPS:
+        raise ValueError(f"a schedule holds at most {MAX_STEPS} (MAX_STEPS) entries, got {idx.size}")
     w.varint(int(idx.size))
-    bits = ((idx[:, None] >> np.arange(width)) & 1).astype(np.uint8).reshape(-1)
-    w.raw(np.packbits(bits, bitorder="little").tobytes())
+    for start in range(0, idx.size, _CHUNK):  # each chunk is whole bytes: _CHUNK is a multiple of 8
+        # each entry's 32 bits LSB first, cut to ``width`` bits: width <= 24 for K <= 2^24
+        words = idx[start : start + _CHUNK].astype("<u4").view(np.uint8).reshape(-1, 4)
+        bits = np.unpackbits(words, axis=1, bitorder="little")[:, :width]
+        w.raw(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
 
 
 def _read_packed(r: _Reader, k: int) -> np.ndarray:
     width = max(1, (k - 1).bit_length())
-    count = r.varint()
-    if count > MAX_SCHEDULE:
-        raise WireError(f"{r.what}: schedule of {count} steps")
-    raw = r.take((count * width + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: count * width]
-    idx = (bits.reshape(count, width).astype(np.int64) << np.arange(width)).sum(axis=1)
-    if idx.size and idx.max() >= k:
-        raise WireError(f"{r.what}: schedule index {int(idx.max())} >= K = {k}")
-    return idx
+    count = _check_steps(r.varint(), f"{r.what}: schedule")
+    raw = np.frombuffer(r.take((count * width + 7) // 8), dtype=np.uint8)
+    out = np.empty(count, dtype=np.int64)
+    for start in range(0, count, _CHUNK):  # chunk starts are whole bytes: _CHUNK is a multiple of 8
+        n = min(_CHUNK, count - start)
+        chunk = raw[start * width // 8 : ((start + n) * width + 7) // 8]
+        bits = np.unpackbits(chunk, bitorder="little")[: n * width].reshape(n, width)
+        words = np.zeros((n, 32), dtype=np.uint8)
+        words[:, :width] = bits
+        out[start : start + n] = np.packbits(words, axis=1, bitorder="little").view("<u4").reshape(n)
+    if count and out.max() >= k:
+        raise WireError(f"{r.what}: schedule index {int(out.max())} >= K = {k}")
+    return out
 
 
 # -------------------------------------------------------------------------------- messages
@@ -402,6 +447,7 @@ def decode_upload(data: bytes, k: int, schedules: Mapping[int, np.ndarray] | Non
     r = _Reader(data, KIND_UPLOAD + KIND_STEPS, "upload")
     client_id, round_, k_sent, steps = (r.varint() for _ in range(4))
     _check_k(k_sent, "upload", k)
+    _check_steps(steps, "upload")
     (loss,) = r.unpack("f")
     if r.kind == KIND_STEPS:
         r.need(2 * steps)  # the values: 2 bytes per step at least
@@ -475,7 +521,7 @@ def decode_table(data: bytes, k: int | None = None) -> Table:
     if tag not in _DIST_NAMES:
         raise WireError(f"delta: unknown distribution tag {tag}")
     round_ = r.varint()
-    fingerprint = r.take(32).hex()
+    fingerprint = bytes(r.take(32)).hex()
     indices = _read_indices(r, k)
     values = _read_values(r, len(indices))
     r.done()
