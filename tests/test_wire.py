@@ -152,3 +152,18 @@ def test_wire_version_names_the_stream_version():
     data[4] = wire.VERSION + 1  # what a later stream's writer would stamp
     with pytest.raises(wire.WireError, match="version"):
         wire.decode_table(bytes(data))
+
+
+@pytest.mark.parametrize("k", [1, 2, 1000, 1 << 24])
+def test_schedule_packing_matches_the_documented_bit_layout_across_chunks(k):
+    """The chunked packer and unpacker against the layout of docs/formats.md#download, built
+    independently (entry j's bit b at stream bit j * width + b, LSB first), over more entries
+    than one chunk holds."""
+    width = max(1, (k - 1).bit_length())
+    schedule = np.random.default_rng(k).integers(0, k, 3 * wire._CHUNK + 5)
+    stream = "".join(format(int(i), f"0{width}b")[::-1] for i in schedule)  # bit order LSB first
+    stream += "0" * (-len(stream) % 8)
+    expected = bytes(int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8))
+    message = wire.encode_download(wire.Download(2, 1, k, np.arange(0), np.zeros(0, np.float32), schedule), "fp32", 0)
+    assert expected in message and message.index(expected) + len(expected) == len(message) - 4
+    assert np.array_equal(wire.decode_download(message, k).schedule, schedule)
