@@ -12,6 +12,12 @@ deployment's ``node-keys``), the id is the one its authenticated public key maps
 whose key is not listed gets none, a node claiming another id is refused); without one
 (simulation), it is the ``partition-id`` the node declares. An upload counts only for the id
 its node is bound to: one that names another client is rejected and blamed on the sender.
+
+Availability: a node's binding is released when it leaves or restarts (the SuperLink activated
+it again since it enrolled: a SuperNode keeps its node id across restarts under SuperNode
+authentication, but its ClientApp state is gone), and the restarted node enrols afresh. A
+refusal stands until the node restarts (its key and its declared id are fixed for the life of
+its process), except a clash over a client id held by another node, which is retried each round.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -30,6 +37,8 @@ from flwr.supercore import log
 from ..fed import RoundSummary, Server, draw_schedule, wire
 from . import protocol as P
 from .identity import NodeKeys
+
+ALREADY_SERVED = "is already served by another node"
 
 
 @dataclass
@@ -43,7 +52,7 @@ class RoundLog:
     absent: list[int] = field(default_factory=list)  # sampled clients with no node
     failed: dict[int, str] = field(default_factory=dict)  # client id -> error reply / timeout
     rejected: dict[int, str] = field(default_factory=dict)  # client id (-1: unknown) -> reason
-    refused: dict[int, str] = field(default_factory=dict)  # node id -> why it got no client id
+    refused: dict[int, str] = field(default_factory=dict)  # online node id -> why it has no client id
     global_digest: str = ""  # the model the clients had to train from
     client_digests: dict[int, str] = field(default_factory=dict)  # what they reported
 
@@ -72,7 +81,8 @@ class FedKSeedStrategy(Strategy):
         self.server, self.config_json, self.global_digest = server, config_json, global_digest
         self.on_round, self.timeout, self.keys = on_round, timeout, keys
         self.client_of: dict[int, int] = {}  # node id -> the client id it is bound to
-        self.refused: set[int] = set()  # nodes refused a client id, for the rest of the run
+        self.session_of: dict[int, str] = {}  # node id -> when the SuperLink activated it, as last enrolled
+        self.refused: dict[int, str] = {}  # node id -> why it has no client id, until it restarts
         self.log: RoundLog | None = None
         self._started = 0.0
         self._sent: list[Message] = []  # this round's train messages (Flower sets their ids)
@@ -93,15 +103,22 @@ class FedKSeedStrategy(Strategy):
 
     # --------------------------------------------------------------------------- enrolment
     def _enroll(self, grid: Grid, round_log: RoundLog) -> None:
-        online = set(grid.get_node_ids())
-        for node in sorted(set(self.client_of) - online):
+        nodes = {info.node_id: info for info in grid.get_nodes()}  # the online ones
+        restarted = {node for node in self.session_of if node in nodes and self._restarted(nodes[node])}
+        for node in sorted(set(self.client_of) - (set(nodes) - restarted)):
             client = self.client_of.pop(node)
             round_log.departed.append(client)
-            log(WARNING, "round %d: node %d (client %d) left", round_log.round, node, client)
-        new = sorted(online - set(self.client_of) - self.refused)
+            how = "restarted" if node in restarted else "left"
+            log(WARNING, "round %d: node %d (client %d) %s", round_log.round, node, client, how)
+        for node in set(self.session_of) - (set(nodes) - restarted):  # forget it: it is a new node now
+            self.session_of.pop(node)
+            self.refused.pop(node, None)
+        round_log.refused.update(sorted(self.refused.items()))  # standing refusals
+        new = sorted(set(nodes) - set(self.client_of) - set(self.refused))
         if not new:
             return
-        bound = self._bound_clients(grid, new, round_log)
+        self.session_of.update((node, nodes[node].last_activated_at) for node in new)
+        bound = self._bound_clients(nodes, new, round_log)
         if self.keys is not None:
             new = sorted(bound)  # the others were refused without a message
         query = ConfigRecord({P.SIM_CONFIG: self.config_json})
@@ -125,7 +142,8 @@ class FedKSeedStrategy(Strategy):
                 continue
             reason = self._enrolment_problem(client, bound.get(node))
             if reason:
-                self._refuse(round_log, node, reason)
+                # A clash over a client id may clear (its node may leave): retried next round.
+                self._refuse(round_log, node, reason, standing=not reason.endswith(ALREADY_SERVED))
                 continue
             self.client_of[node] = client
             # A node that (re)joins holds no table: its first download is a full catch-up.
@@ -133,15 +151,19 @@ class FedKSeedStrategy(Strategy):
             round_log.enrolled.append(client)
             log(INFO, "round %d: node %d enrolled as client %d", round_log.round, node, client)
 
-    def _bound_clients(self, grid: Grid, nodes: list[int], round_log: RoundLog) -> dict[int, int]:
-        """Node id -> the client its authenticated public key is bound to; nodes whose key is
-        not in the list are refused. Empty without a key list."""
+    def _restarted(self, info: NodeInfo) -> bool:
+        """Whether the SuperLink activated the node again since it enrolled or was refused: a new
+        process (or one back from being deemed dead), which holds no enrolment."""
+        return info.last_activated_at != self.session_of[info.node_id]
+
+    def _bound_clients(self, nodes: dict[int, NodeInfo], new: list[int], round_log: RoundLog) -> dict[int, int]:
+        """Node id -> the client its authenticated public key is bound to, for the ``new``
+        nodes; nodes whose key is not in the list are refused. Empty without a key list."""
         if self.keys is None:
             return {}
-        keys = {info.node_id: info.public_key for info in grid.get_nodes()}
         bound = {}
-        for node in nodes:
-            client = self.keys.client_of(keys.get(node, b""))
+        for node in new:
+            client = self.keys.client_of(nodes[node].public_key)
             if client is None:
                 self._refuse(round_log, node, "its public key is not in node-keys")
             else:
@@ -154,11 +176,12 @@ class FedKSeedStrategy(Strategy):
         if not 0 <= client < self.server.spec.num_clients:
             return f"client id {client} is outside [0, {self.server.spec.num_clients})"
         if client in self.client_of.values():
-            return f"client {client} is already served by another node"
+            return f"client {client} {ALREADY_SERVED}"
         return None
 
-    def _refuse(self, round_log: RoundLog, node: int, reason: str) -> None:
-        self.refused.add(node)
+    def _refuse(self, round_log: RoundLog, node: int, reason: str, standing: bool = True) -> None:
+        if standing:
+            self.refused[node] = reason
         round_log.refused[node] = reason
         log(WARNING, "round %d: node %d refused: %s", round_log.round, node, reason)
 
@@ -187,7 +210,8 @@ class FedKSeedStrategy(Strategy):
                 )
             )
         if round_log.absent:
-            log(WARNING, "round %d: sampled clients without a node: %s", round_log.round, round_log.absent)
+            unbound = "".join(f"; node {node} has no client id: {why}" for node, why in round_log.refused.items())
+            log(WARNING, "round %d: sampled clients without a node: %s%s", round_log.round, round_log.absent, unbound)
         return self._sent
 
     def _begin_round(self) -> list[int]:
