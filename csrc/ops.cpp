@@ -24,4 +24,9 @@ TORCH_LIBRARY(fedkseed, m) {
       "int dist, Tensor? rounding_seed) -> ()");
   // out[j] = z(seed, offset + j) as float32 for j < out.numel(); seed is int64 [1].
   m.def("noise_(Tensor(a!) out, Tensor seed, int offset, int dist) -> ()");
+  // p_k = sum_i x_i z(seeds[k], i) over every element of params (docs/stream-spec.md#projection),
+  // K = seeds.numel() seeds in one pass, returned as the exact accumulator of the chunk partials:
+  // int64 [K, 19] (fedkseed/reference.py finish_projection rounds it to float64; a sharded set
+  // all-reduces it first).
+  m.def("project(Tensor[] params, int[] offsets, Tensor seeds, int dist) -> Tensor");
 }

@@ -7,7 +7,7 @@ experiment (``fedkseed.experiment``) and Flower (``fedkseed.flower``) layers are
 name, so ``import fedkseed`` stays free of them."""
 
 from . import reference, stream
-from .ops import BACKENDS, noise, perturb_, replay_, resolve_backend
+from .ops import BACKENDS, noise, perturb_, project, replay_, resolve_backend
 from .paramset import ParamSet
 from .version import __version__
 from .zo import ZOSGD, History, ZOStepResult, zo_step
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "noise",
     "perturb_",
+    "project",
     "reference",
     "replay_",
     "resolve_backend",

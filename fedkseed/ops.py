@@ -1,4 +1,4 @@
-"""The public ops: ``perturb_``, ``replay_`` and ``noise``, validated once and dispatched to a
+"""The public ops: ``perturb_``, ``replay_``, ``noise`` and ``project``, validated once and dispatched to a
 backend ("reference", "cpu", "triton", "cuda"; "auto" picks by device and what is installed).
 
 Validation happens before anything is written: a call either updates every tensor or none.
@@ -238,6 +238,64 @@ def noise(
     return out
 
 
+@torch.no_grad()
+def project(params: ParamsLike, seeds: SeedsLike, *, dist: str = "gaussian", backend: str = "auto") -> torch.Tensor:
+    """p_k = sum_i x_i z(seeds[k], i) over every element of the parameters (or of any tensors laid
+    out as a ParamSet, e.g. a model update): the transpose of ``replay_``, for all K seeds in one
+    pass and without a noise tensor. Returns float64 [K] on the CPU, the same bits on every backend
+    (docs/stream-spec.md#projection).
+
+    A sharded ParamSet (DTensor/FSDP2 shards) projects its local elements and all-reduces the exact
+    accumulator over the default process group, so every rank returns the same bits; they equal
+    the unsharded result when every shard boundary is a multiple of 4096 in global index (else a
+    chunk split between ranks is rounded per rank). A tensor replicated over a mesh dimension is
+    counted once, by coordinate 0 of that dimension.
+    """
+    pset = ParamSet.of(params)
+    S.dist_tag(dist)
+    device = pset.device
+    which = resolve_backend(backend, device)
+    seed_t, seed_values = _seed_tensor(seeds, device)
+    tensors, offsets = pset.tensors, pset.offsets
+    if pset.sharded:
+        counted = [i for i, source in enumerate(pset._sources) if _counted_here(source)]
+        tensors, offsets = [tensors[i] for i in counted], [offsets[i] for i in counted]
+    acc = _project_accumulator(which, pset, tensors, offsets, seed_t, seed_values, dist)
+    if pset.sharded:
+        import torch.distributed as dist_
+
+        dist_.all_reduce(acc)  # integer sums: exact, any order
+    return reference.finish_projection(acc)
+
+
+def _project_accumulator(which, pset, tensors, offsets, seed_t, seed_values, dist) -> torch.Tensor:
+    """int64 [K, PROJECT_WIDTH]: the exact sum of this process's chunk partials."""
+    if which == "reference":
+        if seed_values is None:
+            seed_values = [to_uint64(int(s)) for s in seed_t.cpu().tolist()]
+        _, partials = reference.project_partials(tensors, offsets, seed_values, dist)
+        return reference.project_accumulator(partials).to(pset.device)
+    if which == "triton":
+        from .kernels import project as triton_project
+
+        return triton_project(tensors, offsets, seed_t, S.dist_tag(dist))
+    return torch.ops.fedkseed.project(list(tensors), [to_int64(o) for o in offsets], seed_t, S.dist_tag(dist))
+
+
+def _counted_here(source: torch.Tensor) -> bool:
+    """Whether this rank adds ``source``'s local elements to a sum over ranks: each element once.
+    A DTensor replicated along a mesh dimension counts at coordinate 0 of it; a plain tensor in
+    a sharded set (every rank holds all of it) counts on rank 0."""
+    import torch.distributed as dist_
+
+    if not hasattr(source, "placements"):
+        return dist_.get_rank() == 0
+    from torch.distributed.tensor import Replicate
+
+    coordinate = source.device_mesh.get_coordinate()
+    return all(coordinate[d] == 0 for d, p in enumerate(source.placements) if isinstance(p, Replicate))
+
+
 # torch.compile and opcheck trace the in-place ops through these shape-only implementations.
 if _HAS_EXTENSION:
 
@@ -248,3 +306,7 @@ if _HAS_EXTENSION:
     @torch.library.register_fake("fedkseed::noise_")
     def _noise_fake(out, seed, offset, dist) -> None:
         return None
+
+    @torch.library.register_fake("fedkseed::project")
+    def _project_fake(params, offsets, seeds, dist) -> torch.Tensor:
+        return seeds.new_empty((seeds.numel(), reference.PROJECT_WIDTH), dtype=torch.int64)

@@ -8,6 +8,7 @@ operations, each separately rounded, in exactly the order of ``csrc/include/fedk
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -127,15 +128,28 @@ def _block_range(offset: int, count: int, shift: int) -> torch.Tensor:
 
 def noise(seed: int, count: int, offset: int = 0, dist: str = "gaussian") -> torch.Tensor:
     """float32 values of z(seed, i) for the global indices i = offset .. offset + count - 1."""
+    return noise_rows([seed], count, offset, dist)[0]
+
+
+def noise_rows(seeds: Sequence[int], count: int, offset: int = 0, dist: str = "gaussian") -> torch.Tensor:
+    """float32 [len(seeds), count]: row k holds z(seeds[k], i) for i = offset .. offset + count - 1
+    (the same operations as for one seed, broadcast over a seed dimension)."""
     tag = S.dist_tag(dist)
-    seed = check_seed(seed)
+    seeds = [check_seed(seed) for seed in seeds]
     if count < 0 or offset < 0 or offset + count > _U64:
         raise ValueError(f"indices offset={offset}, count={count} leave [0, 2^64)")
-    if count == 0:
-        return torch.empty(0, dtype=torch.float32)
+    if count == 0 or not seeds:
+        return torch.empty(len(seeds), 0, dtype=torch.float32)
+    # Keys as [K, 1] tensors of words, so the counters [blocks] broadcast to [K, blocks].
+    key = (
+        torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64).unsqueeze(1),
+        torch.tensor([s >> 32 for s in seeds], dtype=torch.int64).unsqueeze(1),
+    )
+    shift = S.GAUSSIAN_BLOCK_SHIFT if tag == S.TAG_GAUSSIAN else S.RADEMACHER_BLOCK_SHIFT
+    blocks = _block_range(offset, count, shift)
+    counter = [blocks & _MASK32, blocks >> 32, torch.full_like(blocks, tag), torch.zeros_like(blocks)]
+    w = philox4x32(counter, key)
     if tag == S.TAG_GAUSSIAN:
-        shift = S.GAUSSIAN_BLOCK_SHIFT
-        w = philox(seed, _block_range(offset, count, shift), tag)
         values = torch.stack(
             [
                 gaussian_from_words(w[0], w[1], 0),
@@ -143,15 +157,14 @@ def noise(seed: int, count: int, offset: int = 0, dist: str = "gaussian") -> tor
                 gaussian_from_words(w[2], w[3], 0),
                 gaussian_from_words(w[2], w[3], 1),
             ],
-            dim=1,
-        )
+            dim=-1,
+        )  # [K, blocks, 4]
     else:
-        shift = S.RADEMACHER_BLOCK_SHIFT
-        w = torch.stack(philox(seed, _block_range(offset, count, shift), tag), dim=1)
-        bits = (w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [blocks, 4, 32]
+        words = torch.stack(w, dim=-1)  # [K, blocks, 4]
+        bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1  # [K, blocks, 4, 32]
         values = torch.where(bits == 1, 1.0, -1.0).to(torch.float32)
     start = offset & ((1 << shift) - 1)
-    return values.reshape(-1)[start : start + count]
+    return values.reshape(len(seeds), -1)[:, start : start + count]
 
 
 def rounding_words(seed: int, count: int, offset: int = 0) -> torch.Tensor:
@@ -303,3 +316,102 @@ def replay_(
         if rounding_seed is not None:
             y = stochastic_round(y, rounding_words(rounding_seed, n, offset), x.dtype)
         x.copy_(from_float32(y, x.dtype).reshape(x.shape))
+
+
+# ------------------------------------------------------------------------------ projection
+# docs/stream-spec.md#projection: p_k = sum_i x_i z(s_k, i), with float64 products summed in a fixed
+# pairwise tree over each chunk of PROJECT_CHUNK global indices, and the chunk partials summed
+# exactly (then rounded once). The exact sum travels as a fixed-point integer accumulator:
+# PROJECT_LIMBS signed 32-bit digits in int64 (value = sum_j limb[j] * 2^(32 j) * 2^-PROJECT_LSB),
+# then three counters of NaN, +inf and -inf chunk partials. Any order of integer additions gives
+# the same accumulator, so threads, blocks and ranks (one all-reduce) may add theirs in any order.
+PROJECT_CHUNK_SHIFT = 12
+PROJECT_CHUNK = 1 << PROJECT_CHUNK_SHIFT
+PROJECT_LSB = 352  # chunk partials are multiples of 2^-298 (products of two float32): exact here
+PROJECT_LIMBS = 16
+PROJECT_NAN, PROJECT_POS_INF, PROJECT_NEG_INF = PROJECT_LIMBS, PROJECT_LIMBS + 1, PROJECT_LIMBS + 2
+PROJECT_WIDTH = PROJECT_LIMBS + 3
+
+
+def pairwise_tree(values: torch.Tensor) -> torch.Tensor:
+    """The fixed pairwise sum over the last dimension (a power of 2): (v0 + v1) + (v2 + v3) ..."""
+    while values.shape[-1] > 1:
+        values = values[..., 0::2] + values[..., 1::2]
+    return values[..., 0]
+
+
+def project_partials(
+    tensors: Sequence[torch.Tensor], offsets: Sequence[int], seeds: Sequence[int], dist: str = "gaussian"
+) -> tuple[list[int], torch.Tensor]:
+    """(chunk numbers in increasing order, float64 [chunks, K] partials): every chunk of
+    PROJECT_CHUNK global indices that holds an element of ``tensors``, and for each seed the
+    pairwise tree of its float64 products x_i * z(s_k, i), absent elements counting as 0."""
+    slots: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}  # chunk -> (slot, count, x, start)
+    for x, offset in zip(tensors, offsets):
+        n = x.numel()
+        if n == 0:
+            continue
+        values = to_float32(x).double()
+        j = 0
+        while j < n:
+            g = offset + j
+            slot = g & (PROJECT_CHUNK - 1)
+            count = min(n - j, PROJECT_CHUNK - slot)
+            slots.setdefault(g >> PROJECT_CHUNK_SHIFT, []).append((slot, count, values, j))
+            j += count
+    chunks = sorted(slots)
+    partials = torch.zeros(len(chunks), len(seeds), dtype=torch.float64)
+    for first in range(0, len(seeds), 64):  # 64 seeds at a time bound the products' memory
+        batch = seeds[first : first + 64]
+        products = torch.zeros(len(batch), len(chunks), PROJECT_CHUNK, dtype=torch.float64)
+        for row, chunk in enumerate(chunks):
+            for slot, count, values, start in slots[chunk]:
+                z = noise_rows(batch, count, (chunk << PROJECT_CHUNK_SHIFT) + slot, dist).double()
+                products[:, row, slot : slot + count] = values[start : start + count] * z  # exact
+        partials[:, first : first + len(batch)] = pairwise_tree(products).t()
+    return chunks, partials
+
+
+def project_accumulator(partials: torch.Tensor) -> torch.Tensor:
+    """The exact sum of float64 chunk partials [chunks, K] as an int64 [K, PROJECT_WIDTH]
+    accumulator (canonical digits: limbs 0..14 in [0, 2^32), limb 15 signed)."""
+    acc = torch.zeros(partials.shape[1], PROJECT_WIDTH, dtype=torch.int64)
+    for k, column in enumerate(partials.t().tolist()):
+        total = 0
+        for q in column:
+            if math.isnan(q):
+                acc[k, PROJECT_NAN] += 1
+            elif math.isinf(q):
+                acc[k, PROJECT_POS_INF if q > 0 else PROJECT_NEG_INF] += 1
+            else:
+                total += int(q * 2.0**PROJECT_LSB)  # exact: a power-of-2 scaling to an integer
+        for j in range(PROJECT_LIMBS - 1):
+            acc[k, j] = (total >> (32 * j)) & _MASK32
+        acc[k, PROJECT_LIMBS - 1] = total >> (32 * (PROJECT_LIMBS - 1))
+    return acc
+
+
+def finish_projection(acc: torch.Tensor) -> torch.Tensor:
+    """float64 [K] from int64 [K, PROJECT_WIDTH] accumulators (any digit form, e.g. a sum of
+    several): NaN (0x7FF8000000000000) if a chunk partial was NaN or both infinities occurred,
+    else the infinity that occurred, else the exact sum rounded to nearest, ties to even (+0.0
+    when it is zero). Python's int / int division is correctly rounded."""
+    out = []
+    for row in acc.cpu().tolist():
+        if row[PROJECT_NAN] or (row[PROJECT_POS_INF] and row[PROJECT_NEG_INF]):
+            out.append(math.nan)
+        elif row[PROJECT_POS_INF] or row[PROJECT_NEG_INF]:
+            out.append(math.inf if row[PROJECT_POS_INF] else -math.inf)
+        else:
+            total = sum(limb << (32 * j) for j, limb in enumerate(row[:PROJECT_LIMBS]))
+            out.append(total / (1 << PROJECT_LSB))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def project(
+    tensors: Sequence[torch.Tensor], offsets: Sequence[int], seeds: Sequence[int], dist: str = "gaussian"
+) -> torch.Tensor:
+    """p_k = sum_i x_i z(seeds[k], i) over every element of ``tensors`` (docs/stream-spec.md#projection)."""
+    _, partials = project_partials(tensors, offsets, seeds, dist)
+    return finish_projection(project_accumulator(partials))

@@ -92,6 +92,20 @@ def test_conversion_table():
             assert R.f32_to_f16_bits(value).item() == int(fp16, 16), x
 
 
+def test_projection_table():
+    inputs = {
+        "A": ([((torch.arange(10000) % 13 - 6).float() / 8)], [0]),
+        "B": ([torch.ones(5000, dtype=torch.bfloat16)], [2**32 - 1000]),
+    }
+    section = SPEC[SPEC.index('<a id="projection"></a>') :]
+    rows = re.findall(r"^\| ([AB]) \| (gaussian|rademacher) \| (`[^`]+`) \| `([0-9a-f]{16})` \|", section, re.M)
+    assert len(rows) >= 8
+    for name, dist, seed, expected in rows:
+        tensors, offsets = inputs[name]
+        value = R.project(tensors, offsets, [SEED_NAMES[seed]], dist).item()
+        assert struct.unpack("<Q", struct.pack("<d", value))[0] == int(expected, 16), (name, dist, seed)
+
+
 def test_derive_seed_table():
     rows = re.findall(r"^\| `derive_seed\(([^`]*)\)`[^|]*\| `(0x[0-9a-f]+)` \|$", SEEDS_DOC, re.M)
     assert len(rows) >= 8

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include <fedkseed/dtypes.h>
+#include <fedkseed/project.h>
 #include <fedkseed/stream.h>
 
 namespace fedkseed {
@@ -68,10 +69,44 @@ void run_chunk_scalar(const Job& job, const Chunk& chunk, uint32_t* scratch);
 void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch);
 void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch);
 
+// The projection (docs/stream-spec.md#projection): one chunk of project::kChunk global indices at a
+// time. A piece is the part of one tensor inside the chunk, at position `slot` of the chunk.
+struct ProjectPiece {
+  const void* data;
+  int64_t slot;
+  int64_t count;
+  DType dtype;
+};
+
+struct ProjectChunk {
+  uint64_t chunk;     // chunk number: global indices chunk * kChunk .. + kChunk - 1
+  int64_t first;      // its pieces: pieces[first .. first + count - 1]
+  int64_t count;
+};
+
+struct ProjectJob {
+  const SeedKeys* seeds;  // K seeds
+  int64_t num_seeds;
+  uint32_t tag;
+  const ProjectPiece* pieces;
+};
+
+// Add the K chunk partials of `chunk` to acc (int64 [K][project::kWidth]); `scratch` holds
+// kProjectScratchBytes bytes owned by the calling thread, 64-byte aligned (its layout is
+// Kernel::project_chunk's in kernel_body.h).
+void project_chunk_scalar(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc);
+void project_chunk_avx2(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc);
+void project_chunk_avx512(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc);
+
 // Philox blocks each path generates at once (vector lanes x independent vectors in flight).
 constexpr int kBlocksScalar = 1;
 constexpr int kBlocksAvx2 = 16;
 constexpr int kBlocksAvx512 = 32;
+
+// Staged x and z (float[kChunk] each), the tree's levels (double[kChunk / 2 + kChunk / 4]) and one
+// Rademacher tile of the widest path (4 words per block).
+constexpr int64_t kProjectScratchBytes =
+    2 * project::kChunk * 4 + (project::kChunk / 2 + project::kChunk / 4) * 8 + 4 * kBlocksAvx512 * 4;
 
 }  // namespace cpu
 }  // namespace fedkseed

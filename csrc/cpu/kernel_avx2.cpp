@@ -134,6 +134,10 @@ void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch) {
   Kernel<Simd<Avx2>>::run(job, chunk, scratch);
 }
 
+void project_chunk_avx2(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc) {
+  Kernel<Simd<Avx2>>::project_chunk(job, chunk, scratch, acc);
+}
+
 }  // namespace cpu
 }  // namespace fedkseed
 
@@ -144,6 +148,9 @@ void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch) {
 namespace fedkseed {
 namespace cpu {
 void run_chunk_avx2(const Job& job, const Chunk& chunk, uint32_t* scratch) { run_chunk_scalar(job, chunk, scratch); }
+void project_chunk_avx2(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc) {
+  project_chunk_scalar(job, chunk, scratch, acc);
+}
 }  // namespace cpu
 }  // namespace fedkseed
 

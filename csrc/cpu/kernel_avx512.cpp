@@ -136,6 +136,10 @@ void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch) {
   Kernel<Simd<Avx512>>::run(job, chunk, scratch);
 }
 
+void project_chunk_avx512(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc) {
+  Kernel<Simd<Avx512>>::project_chunk(job, chunk, scratch, acc);
+}
+
 }  // namespace cpu
 }  // namespace fedkseed
 
@@ -146,6 +150,9 @@ void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch) {
 namespace fedkseed {
 namespace cpu {
 void run_chunk_avx512(const Job& job, const Chunk& chunk, uint32_t* scratch) { run_chunk_scalar(job, chunk, scratch); }
+void project_chunk_avx512(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc) {
+  project_chunk_scalar(job, chunk, scratch, acc);
+}
 }  // namespace cpu
 }  // namespace fedkseed
 

@@ -182,6 +182,94 @@ struct Kernel {
     }
   }
 
+  // ---------------------------------------------------------------------------- projection
+  // docs/stream-spec.md#projection. The chunk's x is staged once as float32 (absent elements 0),
+  // then per seed its z is generated group by group into zs and the float64 products are summed
+  // by the fixed pairwise tree: the partial goes into the seed's exact accumulator.
+  using ProjectJob = fedkseed::cpu::ProjectJob;
+  using ProjectChunk = fedkseed::cpu::ProjectChunk;
+  using ProjectPiece = fedkseed::cpu::ProjectPiece;
+  static constexpr int64_t kChunk = fedkseed::project::kChunk;
+  static_assert(kChunk % G == 0 && kChunk % 128 == 0, "a chunk is whole groups and Rademacher blocks");
+
+  // Scratch layout (bytes): xs, zs (float[kChunk] each), the tree's levels (double[kChunk / 2] and
+  // double[kChunk / 4]), one Rademacher tile (4 * B words).
+  static constexpr int64_t kScratchBytes = 2 * kChunk * 4 + (kChunk / 2 + kChunk / 4) * 8 + 4 * B * 4;
+  static_assert(kScratchBytes <= fedkseed::cpu::kProjectScratchBytes, "cpu_kernel.h sizes the scratch");
+
+  static void stage(const ProjectPiece& p, float* out) {
+    if (p.dtype == DType::kFloat32) {
+      std::memcpy(out, p.data, p.count * sizeof(float));
+      return;
+    }
+    const uint16_t* h = static_cast<const uint16_t*>(p.data);
+    for (int64_t j = 0; j < p.count; ++j) {
+      out[j] = p.dtype == DType::kBFloat16 ? fedkseed::convert::bf16_to_f32(h[j]) : fedkseed::convert::f16_to_f32(h[j]);
+    }
+  }
+
+  // The pairwise tree of the products x[i] * z[i] (each exact in float64) over the chunk: level
+  // one pairs (0, 1), (2, 3), ..., each later level pairs neighbours again. Every sum is one
+  // float64 add whatever the compiler vectorises, since no sum is regrouped (no -ffast-math).
+  static double dot_tree(const float* __restrict x, const float* __restrict z, double* __restrict a,
+                         double* __restrict b) {
+    for (int64_t m = 0; m < kChunk / 2; ++m) {
+      a[m] = static_cast<double>(x[2 * m]) * static_cast<double>(z[2 * m]) +
+             static_cast<double>(x[2 * m + 1]) * static_cast<double>(z[2 * m + 1]);
+    }
+    double* src = a;
+    double* dst = b;
+    for (int64_t n = kChunk / 4; n >= 1; n >>= 1) {
+      for (int64_t m = 0; m < n; ++m) dst[m] = src[2 * m] + src[2 * m + 1];
+      double* t = src;
+      src = dst;
+      dst = t;
+    }
+    return src[0];
+  }
+
+  static void project_chunk(const ProjectJob& pj, const ProjectChunk& c, void* scratch, int64_t* acc) {
+    namespace pr = fedkseed::project;
+    constexpr int64_t kGroups = kChunk / G;
+    float* xs = static_cast<float*>(scratch);
+    float* zs = xs + kChunk;
+    double* a = reinterpret_cast<double*>(zs + kChunk);
+    double* b = a + kChunk / 2;
+    uint32_t* tile = reinterpret_cast<uint32_t*>(b + kChunk / 4);
+    std::memset(xs, 0, 2 * kChunk * sizeof(float));  // absent elements: x = 0, and z stays 0 there
+    bool present[kGroups] = {};
+    for (int64_t p = c.first; p < c.first + c.count; ++p) {
+      const ProjectPiece& piece = pj.pieces[p];
+      stage(piece, xs + piece.slot);
+      for (int64_t g = piece.slot / G; g <= (piece.slot + piece.count - 1) / G; ++g) present[g] = true;
+    }
+    Job job{};
+    job.num_seeds = 1;
+    job.tag = pj.tag;
+    job.noise = true;
+    const uint64_t base = c.chunk << pr::kChunkShift;
+    for (int64_t k = 0; k < pj.num_seeds; ++k) {
+      job.seeds = pj.seeds + k;
+      uint64_t tile_block = 0;
+      bool have_tile = false;
+      for (int64_t g = 0; g < kGroups; ++g) {
+        if (!present[g]) continue;  // every x there is 0: its products add nothing
+        const uint64_t gs = base + static_cast<uint64_t>(g * G);
+        if (job.tag == st::kTagRademacher) {
+          const uint64_t block = gs >> st::kRademacherBlockShift;
+          if (!have_tile || block - tile_block >= static_cast<uint64_t>(B)) {
+            fill_tile(job, block, tile);
+            tile_block = block;
+            have_tile = true;
+          }
+        }
+        noise_group(job, gs, tile, tile_block, zs + g * G);
+      }
+      int64_t* row = acc + k * pr::kWidth;
+      pr::add_exact(dot_tree(xs, zs, a, b), [row](int j, int64_t v) { row[j] += v; });
+    }
+  }
+
   static void run(const Job& job, const Chunk& c, uint32_t* scratch) {
     switch (c.dtype) {
       case DType::kFloat32:

@@ -76,5 +76,9 @@ void run_chunk_scalar(const Job& job, const Chunk& chunk, uint32_t* scratch) {
   Kernel<Scalar>::run(job, chunk, scratch);
 }
 
+void project_chunk_scalar(const ProjectJob& job, const ProjectChunk& chunk, void* scratch, int64_t* acc) {
+  Kernel<Scalar>::project_chunk(job, chunk, scratch, acc);
+}
+
 }  // namespace cpu
 }  // namespace fedkseed

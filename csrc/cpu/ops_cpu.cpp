@@ -1,4 +1,5 @@
-// CPU implementations of fedkseed::replay_ and fedkseed::noise_ (schemas in csrc/ops.cpp).
+// CPU implementations of fedkseed::replay_, fedkseed::noise_ and fedkseed::project (schemas in
+// csrc/ops.cpp).
 //
 // One call walks every tensor: the concatenated index space is cut into chunks (pieces of one
 // tensor, aligned to kChunk in global index so no Philox block or SIMD group is split twice) and
@@ -9,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -19,6 +22,7 @@
 #include <cpuid.h>
 #endif
 
+#include <fedkseed/project.h>
 #include <fedkseed/stream.h>
 
 #include "cpu_kernel.h"
@@ -225,6 +229,85 @@ void noise_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t offset, in
   run(job, chunks);
 }
 
+using ProjectFn = void (*)(const ProjectJob&, const ProjectChunk&, void*, int64_t*);
+
+ProjectFn project_fn(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return project_chunk_avx512;
+    case Isa::kAvx2:
+      return project_chunk_avx2;
+    default:
+      return project_chunk_scalar;
+  }
+}
+
+// p_k = sum_i x_i z(seeds[k], i) (docs/stream-spec.md#projection), returned as the exact
+// accumulator int64 [K, project::kWidth] (fedkseed/reference.py finish_projection rounds it).
+// The pieces of every tensor are grouped by chunk of global indices, so a chunk shared by
+// several tensors is summed in one tree; chunks go to torch's thread pool, each thread adds into
+// its own accumulator and the threads' accumulators are added at the end (integers: any order).
+at::Tensor project_cpu(at::TensorList params, at::IntArrayRef offsets, const at::Tensor& seeds, int64_t dist) {
+  namespace pr = fedkseed::project;
+  check_dist(dist);
+  TORCH_CHECK(offsets.size() == params.size(), "offsets has ", offsets.size(), " entries for ", params.size(),
+              " params");
+  const at::Tensor seeds_h = host_seeds(seeds, "seeds");
+  const int64_t k = seeds_h.numel();
+  std::vector<std::pair<uint64_t, ProjectPiece>> located;  // (chunk, piece)
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device().is_cpu(), "params[", t, "] is on ", p.device(), "; the CPU kernel takes CPU tensors");
+    TORCH_CHECK(p.is_contiguous(), "params[", t, "] is not contiguous");
+    const DType dtype = dtype_of(p, "params");
+    const uint64_t first = static_cast<uint64_t>(offsets[t]);
+    const uint64_t count = static_cast<uint64_t>(p.numel());
+    TORCH_CHECK(first == 0 || count <= 0 - first, "params[", t, "]: indices offset=", first, ", count=", count,
+                " leave [0, 2^64)");
+    int64_t j = 0;
+    while (j < p.numel()) {
+      const uint64_t g = first + static_cast<uint64_t>(j);
+      const int64_t slot = static_cast<int64_t>(g & static_cast<uint64_t>(pr::kChunk - 1));
+      const int64_t n = std::min(p.numel() - j, pr::kChunk - slot);
+      located.push_back({g >> pr::kChunkShift,
+                         ProjectPiece{static_cast<const char*>(p.data_ptr()) + j * p.element_size(), slot, n, dtype}});
+      j += n;
+    }
+  }
+  std::sort(located.begin(), located.end(),
+            [](const auto& a, const auto& b) { return a.first != b.first ? a.first < b.first : a.second.slot < b.second.slot; });
+  std::vector<ProjectPiece> pieces;
+  std::vector<ProjectChunk> chunks;
+  for (const auto& [chunk, piece] : located) {
+    if (chunks.empty() || chunks.back().chunk != chunk) {
+      chunks.push_back(ProjectChunk{chunk, static_cast<int64_t>(pieces.size()), 0});
+    }
+    pieces.push_back(piece);
+    ++chunks.back().count;
+  }
+  TORCH_CHECK(static_cast<int64_t>(chunks.size()) < pr::kMaxChunks, "project: ", chunks.size(),
+              " chunks exceed the accumulator's limit of 2^31 per call");
+  std::vector<SeedKeys> keys(k);
+  for (int64_t i = 0; i < k; ++i) keys[i] = seed_keys(static_cast<uint64_t>(seeds_h.data_ptr<int64_t>()[i]));
+  const ProjectJob job{keys.data(), k, static_cast<uint32_t>(dist), pieces.data()};
+
+  at::Tensor out = at::zeros({k, pr::kWidth}, at::kLong);
+  if (k == 0 || chunks.empty()) return out;
+  int64_t* total = out.data_ptr<int64_t>();
+  std::mutex merge;
+  const ProjectFn fn = project_fn(active_isa());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> acc(static_cast<size_t>(k * pr::kWidth), 0);
+    void* scratch = std::aligned_alloc(64, kProjectScratchBytes);
+    TORCH_CHECK(scratch != nullptr, "project: out of memory for the scratch");
+    for (int64_t i = begin; i < end; ++i) fn(job, chunks[i], scratch, acc.data());
+    std::free(scratch);
+    const std::lock_guard<std::mutex> lock(merge);
+    for (size_t i = 0; i < acc.size(); ++i) total[i] += acc[i];
+  });
+  return out;
+}
+
 std::string cpu_isa() { return isa_name(active_isa()); }
 
 // Use `name` (capped to what the CPU supports) from now on; returns the path now in use.
@@ -254,4 +337,5 @@ TORCH_LIBRARY_FRAGMENT(fedkseed, m) {
 TORCH_LIBRARY_IMPL(fedkseed, CPU, m) {
   m.impl("replay_", &fedkseed::cpu::replay_cpu);
   m.impl("noise_", &fedkseed::cpu::noise_cpu);
+  m.impl("project", &fedkseed::cpu::project_cpu);
 }
