@@ -128,7 +128,9 @@ def _records(path: pathlib.Path, text: str) -> Iterator[tuple[str, Any]]:
         for index, item in enumerate(items):
             yield f"{path} item {index}", item
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 and other separators
+    # that JSON allows unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             yield f"{path}:{number}", _json(line, f"{path}:{number}", whole_file=False)
 

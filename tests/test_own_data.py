@@ -219,6 +219,16 @@ def test_array_errors_name_the_item_or_line_and_the_format(tmp_path, text, messa
         D.load_examples(str(path))
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    rows = [{"instruction": "Split\u2028here?", "output": "No\x85\x1c."}, {"instruction": "b", "output": "c"}]
+    path = tmp_path / "separators.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, as JSON allows
+    assert D.load_examples(str(path)) == [
+        D.Example(r["instruction"], "", r["output"], D.DEFAULT_CATEGORY) for r in rows
+    ]
+
+
 def test_formats_help_names_every_accepted_field():
     for names, _ in D.FIELDS.values():
         for name in names:
