@@ -1,4 +1,5 @@
-"""GPU backends of fedkseed. The Triton kernels live in ``triton_replay`` and are imported on
+"""GPU backends of fedkseed. The Triton kernels live in ``triton_replay`` and ``triton_project``
+and are imported on
 first use, so ``import fedkseed`` works without triton and ``TRITON_INTERPRET`` is read when a
 kernel is first needed. The CUDA kernels are in ``csrc/cuda`` (served through ``torch.ops``)."""
 
@@ -32,3 +33,10 @@ def noise_(out: torch.Tensor, seed: torch.Tensor, offset: int, tag: int) -> None
     from . import triton_replay
 
     triton_replay.noise_(out, seed, offset, tag)
+
+
+def project(tensors, offsets, seeds: torch.Tensor, tag: int) -> torch.Tensor:
+    """See ``triton_project.project``."""
+    from . import triton_project
+
+    return triton_project.project(tensors, offsets, seeds, tag)
