@@ -19,6 +19,15 @@ Under FSDP2 the ParamSet holds each rank's local shards with their global elemen
 the unsharded step would, and a History recorded on any rank replays on one device to the
 gathered weights bit for bit. The forward's parameter all-gathers are FSDP2's own; the ZO step
 adds only the loss all-reduce. Works with gloo (CPU tensors) and NCCL (CUDA) alike.
+
+A closure that is not a DistributedLoss one (``opt.step(lambda: model(**batch).loss)``, the
+idiom of an FSDP loop) would give each rank its own loss and so its own update: the ranks'
+shards or replicas would silently drift apart. ZOSGD therefore reduces such a closure's loss
+itself whenever it runs in a process group of more than one rank (``loss_reduction="mean"``,
+the default: the plain mean over the ranks, 16 bytes per evaluation through a DistributedLoss
+of weight 1), and never reduces a DistributedLoss closure a second time. Use DistributedLoss
+for token weighting, and ``loss_reduction="none"`` only for independent runs that happen to
+share a process group (sharded parameters refuse it).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class DistributedLoss:
                 self._reshard()
             return self.reduce(loss, weight)
 
+        evaluate.distributed_loss = self  # type: ignore[attr-defined]  # ZOSGD reduces it no further
         return evaluate
 
     def reduce(self, loss: Any, weight: Weight = 1.0) -> float:
@@ -107,6 +117,17 @@ class DistributedLoss:
     def _reshard(self) -> None:
         if self.module is not None:
             reshard_fsdp(self.module)
+
+
+def is_reduced(closure: Callable[[], Any]) -> bool:
+    """Whether ``closure`` came from :meth:`DistributedLoss.wrap` (its loss is already the same
+    on every rank)."""
+    return isinstance(getattr(closure, "distributed_loss", None), DistributedLoss)
+
+
+def is_multi_rank(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether torch.distributed is initialised with more than one rank in ``group``."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def _scalar(value: Any, name: str, device: torch.device) -> torch.Tensor:

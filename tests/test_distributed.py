@@ -9,6 +9,10 @@ One launch of two ranks runs both jobs; the tests check what they wrote:
 (b) replicated data parallelism: identical weights on every rank after every step, and the
     loss each step uses is the token-weighted mean of the ranks' losses.
 (c) the bytes each step communicates, measured at the dispatcher, are asserted and printed.
+(d) the idiom of an FSDP loop, ``opt.step(lambda: model(**batch).loss)`` with each rank's own
+    batch and no DistributedLoss: ZOSGD reduces the loss over the ranks itself (a mean), so the
+    ranks take one step and rank 0's History replays to the gathered weights; with
+    ``loss_reduction="none"`` ranks run their own steps, which sharded parameters refuse.
 
 The ranks meet through a file in the output folder (no port to race for) and talk over
 loopback. Run a rank by hand: ``RANK=0 python tests/test_distributed.py OUT_DIR``.
@@ -89,6 +93,62 @@ def run_job(model: torch.nn.Module, params, dloss, rank: int) -> dict:
         out["digests"].append(digests)
     opt.settle()  # the last fused pass left the next step's +eps on the weights (shards)
     out["history"] = opt.history.to_bytes()
+    return out
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on each decoder layer and the root, dim-0 shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def plain_closure_job(model: torch.nn.Module, rank: int, **options) -> dict:
+    """STEPS ZOSGD steps given the module, each with a plain closure of this rank's batch."""
+    from fedkseed import ZOSGD
+    from fedkseed.distributed import CommMeter
+
+    opt = ZOSGD(model, **ZO, **options)
+    out: dict = {"loss": [], "local": [], "calls": []}
+    for step in range(STEPS):
+        ids = batch_for(step, rank)
+        local: list[float] = []
+
+        def closure(ids=ids, local=local):
+            loss = model(input_ids=ids, labels=ids).loss
+            local.append(float(loss))
+            return loss
+
+        with CommMeter() as meter:
+            out["loss"].append(opt.step(closure))
+        out["local"].append(local)
+        out["calls"].append(meter.calls)
+    opt.settle()
+    out["history"] = opt.history.to_bytes()
+    return out
+
+
+def refusals(rank: int) -> dict:
+    """What sharded ZO refuses, identically on every rank (so no rank is left waiting)."""
+    from fedkseed import ZOSGD, ParamSet
+
+    model = shard(build_model())
+    params = ParamSet(model)
+    out = {}
+    try:
+        ZOSGD(params, **ZO, loss_reduction="none")
+    except ValueError as e:
+        out["none over shards"] = str(e)
+    opt = ZOSGD(params, **ZO)  # the shards as tensors: ZOSGD cannot reshard the model itself
+    ids = batch_for(0, rank)
+    try:
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    except ValueError as e:
+        out["plain closure over tensors"] = str(e)
+    out["steps"] = opt.steps
     return out
 
 
@@ -177,6 +237,14 @@ def worker(out_dir: pathlib.Path) -> None:
         fully_shard(fresh)
         History.from_bytes(result["fsdp"]["history"]).apply_(ParamSet(fresh))
         result["fsdp_replayed_on_shards"] = [p.full_tensor() for p in fresh.parameters()]
+
+        # (d) a plain closure, each rank its own batch: ZOSGD reduces the loss itself.
+        model = shard(build_model())
+        result["plain"] = plain_closure_job(model, rank)
+        result["plain_weights"] = [p.full_tensor() for p in model.parameters()]
+        model = build_model()
+        result["independent"] = plain_closure_job(model, rank, loss_reduction="none")
+        result["refusals"] = refusals(rank)
 
         result["edge"] = edge_cases(rank)
         result["placements"] = placement_cases()
@@ -325,6 +393,38 @@ def test_bytes_per_step(ranks):
         f"\nbytes per ZO step per rank: replicated {ranks[0]['replicated']['bytes'][0]}; "
         f"FSDP2 {ranks[0]['fsdp']['bytes'][0]} (the model holds {full.numel * 4} B)"
     )
+
+
+def test_a_plain_closure_under_fsdp2_is_reduced_by_zosgd(ranks):
+    """Issue 18, finding 9: each rank's own batch, no DistributedLoss. The step loss is the
+    mean of the ranks' losses on every rank, the ranks record one History, and it replays on
+    one process to the gathered weights bit for bit."""
+    from fedkseed.models import TINY_SHAPE
+
+    a, b = ranks[0]["plain"], ranks[1]["plain"]
+    assert a["history"] == b["history"] and a["loss"] == b["loss"]
+    for step in range(STEPS):
+        assert a["local"][step][0] != b["local"][step][0]  # the ranks' own losses differ
+        assert a["loss"][step] == (a["local"][step][0] + b["local"][step][0]) / 2
+        # one 16-byte all-reduce per evaluation, none more: the same as DistributedLoss
+        assert a["calls"][step] == {"allreduce_": 2, "_allgather_base_": 2 * (1 + TINY_SHAPE["num_hidden_layers"])}
+    assert bits_equal(replayed(a["history"]), ranks[0]["plain_weights"])
+    assert bits_equal(ranks[0]["plain_weights"], ranks[1]["plain_weights"])
+
+
+def test_loss_reduction_none_runs_each_rank_on_its_own(ranks):
+    a, b = ranks[0]["independent"], ranks[1]["independent"]
+    assert all(calls == {} for calls in a["calls"] + b["calls"])  # nothing communicated
+    assert a["loss"] != b["loss"] and a["history"] != b["history"]
+    assert a["loss"] == [local[0] for local in a["local"]]  # each rank's own L+
+
+
+def test_sharded_zo_refuses_what_would_diverge_or_read_stale_weights(ranks):
+    for result in ranks:
+        refused = result["refusals"]
+        assert "DistributedLoss" in refused["none over shards"], refused
+        assert "DistributedLoss(module=" in refused["plain closure over tensors"], refused
+        assert refused["steps"] == 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .. import stream as S
+from ..distributed import DistributedLoss, is_multi_rank, is_reduced
 from ..ops import ParamsLike, resolve_backend
 from ..paramset import ParamSet, reshard_fsdp
 from ..seeds import check_seed, derive_seed, draw_index
@@ -34,6 +35,7 @@ from .step import (
 
 STATE_FORMAT = 2
 DECAY_RULES = ("auto", "all", "none")
+LOSS_REDUCTIONS = ("mean", "none")
 _GROUP_KEYS = ("params", "param_names", "lr", "weight_decay", "decay")
 
 
@@ -63,6 +65,16 @@ class ZOSGD(torch.optim.Optimizer):
     module, the closure runs with the module in eval mode (no dropout noise in the two losses,
     as MeZO does). Those hooks are removed by ``close()`` (which settles first) or when the
     optimizer is garbage-collected.
+
+    On more than one rank (torch.distributed initialised, ``group`` of more than one rank:
+    FSDP2 shards, or replicas), every rank must step with the same loss, or the ranks' weights
+    drift apart. A closure from :class:`fedkseed.distributed.DistributedLoss` already gives
+    that (with token weighting); any other closure's loss is averaged over the ranks by ZOSGD
+    (``loss_reduction="mean"``, 16 bytes per evaluation). ``loss_reduction="none"`` keeps each
+    rank's own loss, for independent runs sharing a process group; sharded parameters refuse it.
+    Over FSDP2 shards given as tensors (a ParamSet), ZOSGD cannot reshard the model between the
+    evaluations, so a plain closure is refused: give ZOSGD the model, or use
+    ``DistributedLoss(module=model)``.
     """
 
     def __init__(
@@ -85,6 +97,8 @@ class ZOSGD(torch.optim.Optimizer):
         window: int = 8,
         sign: bool = False,
         fuse: bool = True,
+        loss_reduction: str = "mean",
+        group: Any = None,
     ) -> None:
         lr = check_real("lr", lr)
         weight_decay = check_real("weight_decay", weight_decay)
@@ -119,6 +133,15 @@ class ZOSGD(torch.optim.Optimizer):
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if loss_reduction == "none" and self.params.sharded:
+            raise ValueError(
+                "loss_reduction='none' with sharded parameters: the shards of one model must step with "
+                "one loss; leave the default (the mean over the ranks) or use DistributedLoss"
+            )
+        self.loss_reduction, self.group = loss_reduction, group
+        self._reducer: DistributedLoss | None = None  # the mean over the ranks, made when first needed
         self.steps = 0
         self.pending: int | None = None  # seed whose +eps the weights carry (a fused pass)
         self.last: ZOStepResult | None = None
@@ -172,6 +195,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         if self._closed:
             raise RuntimeError("this ZOSGD is closed: build a new optimizer to train further")
+        closure = self._agreed(closure)
         lrs, decays = self._group_coefficients()
         probes = self.seeds_for(self.steps)
         if self.pending is not None and self.pending != probes[0]:
@@ -207,6 +231,20 @@ class ZOSGD(torch.optim.Optimizer):
         self.pending = next_seed
         self.last = result
         return result.loss_plus
+
+    def _agreed(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure``, made to give every rank the same loss when there is more than one rank
+        (the mean over them), unless it already does (DistributedLoss) or reduction is off."""
+        if self.loss_reduction == "none" or is_reduced(closure) or not is_multi_rank(self.group):
+            return closure
+        if self.params.sharded and self.module is None:
+            raise ValueError(
+                "ZOSGD over sharded tensors cannot reshard their model between evaluations: wrap the "
+                "closure with DistributedLoss(module=model).wrap(...) or give ZOSGD the model"
+            )
+        if self._reducer is None:
+            self._reducer = DistributedLoss(self.group, module=self.module)
+        return self._reducer.wrap(closure)
 
     def settle(self) -> None:
         """Take back the pending +eps perturbation of the next step (one pass, recorded), so
