@@ -1,35 +1,52 @@
-"""What one malicious client does to a FedKSeed run, with and without the server's bound.
+"""What malicious clients do to a FedKSeed run, in the default aggregation and in the robust mode.
 
     python benchmarks/robustness.py                  # SmolLM2-135M-Instruct, FAQ data
-    python benchmarks/robustness.py --model tiny --rounds 1 --local-steps 4 --k 32   # a smoke run
+    python benchmarks/robustness.py --model tiny --rounds 2 --local-steps 4 --k 32   # a smoke run
 
 Every run is a real simulation (``fedkseed.experiment.simulate``, the local engine): 4 clients,
-all 4 sampled every round, one of them Byzantine (``--byzantine 1``): it trains, then sends the
-attack's upload through the real encoder to the real server path. Attacks (``fed/attacks.py``):
-``scale`` multiplies its values by 1e6, ``sign-flip`` negates them, ``random`` sends large noise.
-Each aggregation is compared with its own clean run (no attacker, same seed, same split):
+all 4 sampled every round. Byzantine clients (``--byzantine``) train, then send the attack's
+upload through the real encoder to the real server path (``fed/attacks.py``): ``scale`` (x1e6),
+``sign-flip`` (negated), ``sign-flip-bound`` (negated and scaled to exactly the server's bound,
+the strongest sign-flipper), ``random`` (huge noise), ``vanish`` (1e-30s). Scenarios: clean; 1 of
+4 with each attack in every round; 2 of 4 with ``vanish`` in round 1 only (``--attack-rounds 1``).
+Modes:
 
-- default: ``--aggregate mean --clip auto`` (each upload's norm bounded by 3x the round's median);
-- unbounded: ``--aggregate mean --clip off``, FedKSeed's plain weighted mean.
+- default: ``--aggregate mean --clip auto`` (each upload's per-step RMS at most 2x the lower
+  median over clients, one value each: ``fed/robust.py``);
+- robust: ``--shared-seeds --aggregate median --clip auto`` (every client of a round uses the
+  same seeds, so each seed's median outvotes one client of four).
 
-A run "holds" when its final eval loss is finite and within 2% of the clean run's.
+Each run is compared with its own mode's clean run (same seed, same split, same eval examples):
+"gain kept" = (before - attacked) / (before - clean), where "before" is the base model's eval
+loss; its interval is a paired bootstrap over the eval examples (the training run itself is
+n = 1 per cell). "moved" counts the rounds after round 1 whose eval loss changed (a frozen run
+moves in none). "honest scaled" is the number of honest uploads the bound scaled down and the
+smallest factor applied to one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import itertools
 import pathlib
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 
-AGGREGATIONS = {"default (mean, clip auto)": dict(aggregate="mean", clip="auto"),
-                "unbounded (mean, clip off)": dict(aggregate="mean", clip="off")}  # fmt: skip
-ATTACKS = ("scale", "sign-flip", "random")
-TOLERANCE = 0.02
+import numpy as np
+
+MODES = {
+    "default": dict(aggregate="mean", clip="auto", shared_seeds=False),
+    "robust": dict(aggregate="median", clip="auto", shared_seeds=True),
+}
+# (label, byzantine clients per round, attack, attack rounds)
+SCENARIOS = [("clean", 0, "scale", "all")]
+SCENARIOS += [(f"1 of 4: {a}", 1, a, "all") for a in ("scale", "sign-flip", "random", "sign-flip-bound", "vanish")]
+SCENARIOS += [("2 of 4: vanish in round 1", 2, "vanish", "1")]
+GOAL = 0.8  # the robust mode's goal: keep 80% of the clean gain with 1 attacker of 4
+RESAMPLES = 2000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -37,13 +54,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # A model that has learned something: a wrecked model must score worse than a clean one
     # (the random-weight "tiny" model already predicts uniformly, as a wrecked model may).
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-5)  # the demo's settings
     parser.add_argument("--eps", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", default="64")
+    parser.add_argument("--eval-examples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attacks", nargs="+", default=["scale", "sign-flip"], choices=ATTACKS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--output", default="runs/robustness")
     return parser.parse_args(argv)
 
@@ -53,47 +73,99 @@ def base_config(args: argparse.Namespace):
 
     return SimConfig(
         model=args.model, clients=4, clients_per_round=4, rounds=args.rounds, local_steps=args.local_steps,
-        k=args.k, lr=args.lr, eps=args.eps, seed=args.seed, eval_examples=16, rouge_examples="0",
-        overwrite=True,
+        k=args.k, lr=args.lr, eps=args.eps, batch_size=args.batch_size, max_length=args.max_length,
+        seed=args.seed, eval_examples=args.eval_examples, rouge_examples="0", overwrite=True,
     )  # fmt: skip
 
 
-def eval_losses(config) -> tuple[float, float]:
-    """(final eval loss, worst eval loss of any round) of a run."""
+@dataclasses.dataclass
+class Run:
+    before: float
+    final: float
+    worst: float
+    before_per_example: np.ndarray
+    final_per_example: np.ndarray
+    moved: int  # rounds after round 1 whose eval loss changed
+    honest_scaled: list[float]  # the factors applied to honest uploads
+    cpu_s: float
+
+
+def run(config) -> Run:
     from fedkseed.experiment import simulate
+    from fedkseed.fed import byzantine_clients
+    from fedkseed.fed.attacks import parse_rounds
 
+    started = time.process_time()
     results = simulate(config, progress=False)
-    return float(results.final["eval_loss_after"]), max(float(r["eval_loss"]) for r in results.rounds)
+    cpu = time.process_time() - started
+    final, rounds = results.final, results.rounds
+    losses = [float(r["eval_loss"]) for r in rounds]
+    attack_rounds = parse_rounds(config.attack_rounds)
+    scaled = []
+    for r in rounds:
+        attacking = config.byzantine and (attack_rounds is None or r["round"] in attack_rounds)
+        bad = byzantine_clients(config.seed, r["round"], r["clients"], config.byzantine) if attacking else []
+        scaled += [float(f) for c, f in r["clipped"].items() if int(c) not in bad]
+    return Run(
+        before=float(final["eval_loss_before"]),
+        final=float(final["eval_loss_after"]),
+        worst=max(losses),
+        before_per_example=np.asarray(final["eval_loss_before_per_example"], dtype=np.float64),
+        final_per_example=np.asarray(final["eval_loss_after_per_example"], dtype=np.float64),
+        moved=sum(b != a for a, b in itertools.pairwise(losses)),
+        honest_scaled=scaled,
+        cpu_s=cpu,
+    )
 
 
-def fmt(loss: float) -> str:
-    return f"{loss:.4f}" if abs(loss) < 1e4 else f"{loss:.3g}"
+def gain_kept(attacked: Run, clean: Run, seed: int = 0) -> tuple[float, float, float]:
+    """(before - attacked) / (before - clean) and its 95% paired bootstrap interval over the
+    eval examples."""
+    a = clean.before_per_example - attacked.final_per_example
+    c = clean.before_per_example - clean.final_per_example
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.size, size=(RESAMPLES, a.size))
+    ratios = a[picks].mean(axis=1) / c[picks].mean(axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return (clean.before - attacked.final) / (clean.before - clean.final), float(low), float(high)
 
 
 def measure(args: argparse.Namespace) -> list[list[str]]:
-    """One row per (aggregation, attack): final and worst-round eval loss, the final one's change
-    from the clean run, verdict."""
     base, root = base_config(args), pathlib.Path(args.output)
     rows = []
-    for label, settings in AGGREGATIONS.items():
-        name = settings["clip"]
-        clean_config = dataclasses.replace(base, **settings, output=str(root / f"{name}-clean"))
-        clean, worst = eval_losses(clean_config)
-        rows.append([label, "none", fmt(clean), fmt(worst), "", ""])
-        for attack in args.attacks:
-            attacked = dataclasses.replace(
-                clean_config, byzantine=1, attack=attack, output=str(root / f"{name}-{attack}")
+    for mode in args.modes:
+        settings = MODES[mode]
+        clean = None
+        for label, byzantine, attack, rounds in SCENARIOS:
+            name = f"{mode}-{label.replace(' ', '').replace(':', '-').replace(',', '')}"
+            config = dataclasses.replace(
+                base, **settings, byzantine=byzantine, attack=attack, attack_rounds=rounds, output=str(root / name)
             )
-            loss, worst = eval_losses(attacked)
-            change = (loss - clean) / clean
-            holds = math.isfinite(loss) and abs(change) <= TOLERANCE
-            verdict = "holds" if holds else "FAILS"
-            rows.append([label, f"1 of 4: {attack}", fmt(loss), fmt(worst), f"{change:+.2%}", verdict])
+            result = run(config)
+            clean = clean or result
+            kept, low, high = gain_kept(result, clean)
+            scaled = result.honest_scaled
+            honest = f"{len(scaled)} (min {min(scaled):.2g})" if scaled else "0"
+            rows.append(
+                [
+                    mode,
+                    label,
+                    f"{result.final:.4f}",
+                    f"{result.worst:.4f}",
+                    f"{kept:.0%} [{low:.0%}, {high:.0%}]",
+                    f"{result.moved}/{args.rounds - 1}",
+                    honest,
+                    f"{result.cpu_s:.0f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    rows.insert(0, ["", "base model", f"{clean.before:.4f}", "", "", "", "", ""])
     return rows
 
 
 def table(rows: list[list[str]]) -> str:
-    header = ["aggregation", "attackers", "final eval loss", "worst round", "vs clean", f"within {TOLERANCE:.0%}"]
+    header = ["mode", "attackers", "final eval loss", "worst round", "gain kept [95%]", "moved", "honest scaled"]
+    header.append("CPU s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -105,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     print("`" + f"python benchmarks/robustness.py {command}".strip() + "`")
-    shape = f"{args.rounds} rounds x {args.local_steps} local steps, K = {args.k}"
-    print(f"({args.model}, {shape}; wall time {wall:.0f} s)")
+    shape = f"{args.rounds} rounds x {args.local_steps} local steps x 4 clients, K = {args.k}"
+    print(f"({args.model}, {shape}, batch {args.batch_size} x {args.max_length} tokens; wall time {wall:.0f} s)")
     print()
     print(table(rows))
     return 0
