@@ -135,6 +135,27 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails(run_copy, tmp_path, 
     assert not list(run_copy.glob(".replaced-*"))  # the old run was put back, nothing kept aside
 
 
+def test_a_failed_overwrite_keeps_both_runs_once_the_new_one_has_a_checkpoint(run_copy):
+    """The claim's rules on a real folder: the replaced run waits in .replaced-*; a run that
+    fails after its first checkpoint keeps it (and stays resumable); the next run of the
+    folder that finishes deletes it."""
+    from fedkseed.experiment.config import SimConfig
+    from fedkseed.experiment.folder import claim_output
+
+    old = snapshot(run_copy)
+    config = SimConfig(model="tiny", output=str(run_copy), overwrite=True)
+    with pytest.raises(KeyboardInterrupt), claim_output(config) as claim:
+        assert claim.replaced is not None and sorted(run_copy.iterdir()) == [claim.replaced]
+        (run_copy / "state.npz").write_bytes(b"the new run's first checkpoint")
+        raise KeyboardInterrupt
+    assert snapshot(claim.replaced) == old  # the old run, whole
+    assert (run_copy / "state.npz").read_bytes() == b"the new run's first checkpoint"
+    with claim_output(SimConfig(model="tiny", output=str(run_copy), overwrite=True)) as second:
+        (run_copy / "metrics.json").write_text("{}")
+    assert not claim.replaced.exists() and second.replaced is None
+    assert sorted(p.name for p in run_copy.iterdir()) == ["metrics.json"]
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
     err = error_of(simulate(tmp_path, 1, "--resume", "--overwrite"), capsys)
     assert "--resume" in err and "--overwrite" in err
