@@ -122,3 +122,26 @@ def test_backends_agree_on_a_large_set():
             outs.append([_bits(t) for t in tensors])
         for a, b in zip(*outs):
             assert torch.equal(a, b), dist
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_project_backends_agree_on_a_large_set(dist):
+    """fedkseed.project (docs/stream-spec.md#projection) on CUDA and compiled Triton against the
+    CPU kernels (bit-identical to the reference in test_project.py) on a set of several chunks
+    per tensor, mixed dtypes, a chunk shared by two tensors and K = 300: the same float64 bits."""
+    gen = torch.Generator().manual_seed(3)
+    base = [
+        torch.randn(n, generator=gen).to(d)
+        for n, d in ((300_017, torch.float32), (200_003, torch.bfloat16), (100_001, torch.float16))
+    ]
+    offsets = [5, 300_022, (1 << 40) + 7]
+    seeds = torch.randint(-(1 << 62), 1 << 62, (300,), generator=gen)
+    cpu = ParamSet(base)
+    cpu.offsets = offsets
+    want = ops.project(cpu, seeds, dist=dist, backend="cpu")
+    for backend in GPU_BACKENDS:
+        _available(backend)
+        pset = ParamSet([b.cuda() for b in base])
+        pset.offsets = offsets
+        got = ops.project(pset, seeds.cuda(), dist=dist, backend=backend)
+        assert torch.equal(got.view(torch.int64), want.view(torch.int64)), backend

@@ -125,7 +125,7 @@ def test_header_constants_match_the_reference():
 
 
 # ------------------------------------------------------------------------------ every backend
-BACKEND_CASES = ["cpu-scalar", "cpu-avx2", "cpu-avx512", "triton"]
+BACKEND_CASES = ["cpu-scalar", "cpu-avx2", "cpu-avx512", "triton", "cuda"]
 
 
 @pytest.fixture(params=BACKEND_CASES)
