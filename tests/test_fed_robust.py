@@ -1,6 +1,7 @@
 """Bounded influence: norm bound, robust per-seed aggregates, a table that stays finite, and the
 attack simulation through the real encoder and server path."""
 
+import json
 import math
 
 import numpy as np
@@ -514,3 +515,30 @@ def test_crafted_server_state_is_one_line_value_error_and_changes_nothing(name):
             assert all(np.array_equal(value[k], after["pool"][k]) for k in value)
         else:
             assert np.array_equal(np.asarray(value, dtype=object), np.asarray(after[key], dtype=object)), key
+
+
+# ------------------------------------------------------------------------------- the CLI options
+def test_shared_seeds_and_attack_rounds_reach_the_run(tmp_path):
+    """--shared-seeds reaches the FedSpec; --attack-rounds 1 makes the --byzantine clients attack
+    in round 1 only: two of four vanishing there cost that round, and round 2 is honest and
+    unbounded (end to end: the CLI, the local engine, the real encoder and server)."""
+    from fedkseed.cli import main
+    from fedkseed.errors import UsageError
+    from fedkseed.experiment import SimConfig
+
+    assert SimConfig(shared_seeds=True, attack_rounds=" 3,1 ").spec().shared_seeds
+    assert SimConfig(attack_rounds=" 3,1 ").attack_rounds == "1,3" and not SimConfig().spec().shared_seeds
+    with pytest.raises(UsageError, match="--attack-rounds must be 'all' or comma-separated round numbers"):
+        SimConfig(attack_rounds="0")
+    output = tmp_path / "run"
+    argv = ["simulate", "--model", "tiny", "--clients", "4", "--clients-per-round", "4", "--rounds", "2"]
+    argv += ["--local-steps", "8", "--k", "64", "--eval-examples", "2", "--rouge-examples", "0", "--quiet"]
+    argv += ["--byzantine", "2", "--attack", "vanish", "--attack-rounds", "1", "--shared-seeds"]
+    assert main([*argv, "--output", str(output)]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["config"]["shared_seeds"] and metrics["config"]["attack_rounds"] == "1"
+    first, second = metrics["rounds"]
+    colluders = set(byzantine_clients(0, 1, [0, 1, 2, 3], 2))
+    assert first["rms_bound"] < 1e-28  # two of four at 1e-30: round 1's lower median is theirs
+    assert {int(c) for c in first["clipped"]} == {0, 1, 2, 3} - colluders
+    assert second["rms_bound"] > 1e-6 and all(f >= 0.5 for f in second["clipped"].values())
