@@ -14,7 +14,8 @@ Modes:
 - default: ``--aggregate mean --clip auto`` (each upload's per-step RMS at most 2x the lower
   median over clients, one value each: ``fed/robust.py``);
 - robust: ``--shared-seeds --aggregate median --clip auto`` (every client of a round uses the
-  same seeds, so each seed's median outvotes one client of four).
+  same seeds, so each seed's median outvotes one client of four);
+- shared-mean: ``--shared-seeds --aggregate mean``, clean only: what shared seeds alone cost.
 
 Each run is compared with its own mode's clean run (same seed, same split, same eval examples):
 "gain kept" = (before - attacked) / (before - clean), where "before" is the base model's eval
@@ -40,6 +41,7 @@ import numpy as np
 MODES = {
     "default": dict(aggregate="mean", clip="auto", shared_seeds=False),
     "robust": dict(aggregate="median", clip="auto", shared_seeds=True),
+    "shared-mean": dict(aggregate="mean", clip="auto", shared_seeds=True),  # clean only: shared seeds' own cost
 }
 # (label, byzantine clients per round, attack, attack rounds)
 SCENARIOS = [("clean", 0, "scale", "all")]
@@ -63,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", default="64")
     parser.add_argument("--eval-examples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["default", "robust"], choices=list(MODES))
     parser.add_argument("--output", default="runs/robustness")
     return parser.parse_args(argv)
 
@@ -136,7 +138,7 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
     for mode in args.modes:
         settings = MODES[mode]
         clean = None
-        for label, byzantine, attack, rounds in SCENARIOS:
+        for label, byzantine, attack, rounds in SCENARIOS[:1] if mode == "shared-mean" else SCENARIOS:
             name = f"{mode}-{label.replace(' ', '').replace(':', '-').replace(',', '')}"
             config = dataclasses.replace(
                 base, **settings, byzantine=byzantine, attack=attack, attack_rounds=rounds, output=str(root / name)
