@@ -76,7 +76,7 @@ def test_simulate_writes_every_output(full_run):
             assert report["n"] == len(report["per_example"]) == 2  # --rouge-examples 2
             assert report["low"] <= report["mean"] <= report["high"]
     assert "(L+ + L-)/2" in final["train_loss_meaning"]
-    assert final["data"]["heldout"].startswith("categories: ") and final["data"]["dropped_by_max_length"] == 0
+    assert final["data"]["heldout"].startswith("categories: ") and final["data"]["max_length"] == 64
     assert (full_run / "delta.fks").stat().st_size < 200  # K = 16: the seed table, a few bytes
 
 
@@ -261,7 +261,7 @@ def _records(count, long_every=0):
     return records
 
 
-def test_own_json_array_without_categories_is_held_out_at_random_and_drops_are_counted(tmp_path, caplog):
+def test_own_json_array_without_categories_is_held_out_at_random_and_truncations_are_counted(tmp_path, caplog):
     from fedkseed import data as D
 
     path = tmp_path / "alpaca_data.json"
@@ -276,17 +276,9 @@ def test_own_json_array_without_categories_is_held_out_at_random_and_drops_are_c
     split = D.split_data(examples, 4, 0.5, 0, 1)  # what the run did, recomputed
     long_kept = sum(1 for c in split.clients for e in c if "permit" in e.instruction)
     assert split.note and split.note in said and final["data"]["heldout"] == split.note
-    assert final["data"]["dropped_by_max_length"] == long_kept > 0
-    assert f"dropped {long_kept} examples" in said
+    # Long prompts are truncated (from the left), never dropped; the short answers stay whole.
+    assert final["data"]["prompts_truncated"] == long_kept > 0 and final["data"]["answers_cut"] == 0
     assert final["rouge_l_after"]["rouge"]["n"] == len(split.heldout) == 8  # 10% of 80, every one scored
-
-
-def test_too_many_max_length_drops_are_an_error(tmp_path, capsys):
-    path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in _records(80, long_every=2)))
-    code = main(["simulate", *TINY, "--data", str(path), "--output", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "--max-length" in err
 
 
 def test_low_precision_model_is_trained_and_saved_in_its_dtype(tmp_path):

@@ -67,8 +67,11 @@ def _int_of(t):
     return {4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()]
 
 
+TIMINGS = {"seconds", "client_seconds", "client_cpu_seconds", "client_peak_mib"}  # measured, not computed
+
+
 def without_seconds(rounds: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rounds]
 
 
 # ------------------------------------------------------------------------ run configuration

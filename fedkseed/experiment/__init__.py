@@ -2,10 +2,12 @@
 
 config.py      SimConfig / ApplyConfig: fields, help, choices, protocols (demo, paper),
                validation (the CLI is generated from them)
+methods.py     the federated methods (fedkseed, fedit, fedavg) and what the first-order ones train
 folder.py      the output folder's rules: refuse a used folder, --resume/--overwrite,
                writability, stale temporaries (checked before anything is loaded)
 prepare.py     model, data split, server, clients and evaluation batches of a run
 evaluate.py    eval loss and Rouge-L (both scorers, intervals) of the global model
+usage.py       a client's local work measured: wall and CPU seconds, peak added memory
 checkpoint.py  state.npz: what --resume continues from
 runbook.py     RunBook: the bookkeeping every engine shares (resume, per-round records,
                checkpoints, the final block)

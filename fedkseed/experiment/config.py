@@ -29,6 +29,7 @@ from ..fed.wire import PRECISIONS
 from ..models import DTYPES
 from ..ops import BACKENDS
 from . import engines
+from .methods import FIRST_ORDER, FIRST_ORDER_LR, METHODS
 
 # The protocols: the settings --protocol fills in where the command line leaves them unset.
 # "demo": a visible improvement of SmolLM2-135M in a few minutes on a 2-core CPU (measured: 300
@@ -125,8 +126,11 @@ def _auto_or_length(value: Any) -> str:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """A FedKSeed run simulated on one machine."""
+    """A federated fine-tuning run simulated on one machine."""
 
+    method: str = option(
+        "fedkseed", "federated method: fedkseed (ZO, K seeds), fedit (LoRA adapters averaged), fedavg", lambda: METHODS
+    )
     protocol: str = option("demo", f"where unset settings come from: demo, or paper ({PAPER_RULES})", PROTOCOLS.keys)
     model: str = option("smollm2-135m", "smollm2-135m, tiny or a local HF model folder")
     data: str = option("faq", "faq, faq-sv or a JSON / JSON Lines file of Alpaca or Dolly records (see below)")
@@ -134,13 +138,18 @@ class SimConfig:
     clients: int = option(20, "number of clients")
     clients_per_round: int = option(2, "clients sampled per round")
     rounds: int = option(5, "federated rounds")
-    local_steps: int | None = option(None, "ZO steps per client and round")
+    local_steps: int | None = option(None, "local optimizer steps (batches) per client and round")
     k: int | None = option(None, "candidate seeds")
     pro: bool = option(False, "FedKSeed-Pro seed probabilities")
     dist: str | None = option(None, "perturbation distribution", lambda: tuple(S.DISTRIBUTIONS))
-    lr: float | None = option(None, "learning rate")
+    lr: float | None = option(
+        None, "learning rate; fedit and fedavg default to 1e-4 and 1e-5 (AdamW) whatever the protocol"
+    )
     eps: float | None = option(None, "perturbation scale")
-    weight_decay: float = option(0.0, "decoupled weight decay of the local ZO steps")
+    weight_decay: float = option(0.0, "decoupled weight decay of the local steps (ZO steps, or AdamW's)")
+    lora_rank: int = option(8, "fedit: LoRA rank")
+    lora_alpha: float = option(16.0, "fedit: LoRA alpha (the adapter is scaled by alpha / rank)")
+    lora_targets: str = option("q_proj,v_proj", "fedit: comma-separated names of the modules LoRA adapts")
     aggregate: str = option("mean", "per-seed aggregate of the round's uploads", lambda: AGGREGATES)
     clip: str = option(
         "auto", "bound on an upload's per-step RMS: auto (2x the median over clients, one value each), a number, or off"
@@ -173,6 +182,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:  # first: the defaults below come from it
             raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.lr is None and self.method in FIRST_ORDER_LR:
+            object.__setattr__(self, "lr", FIRST_ORDER_LR[self.method])
         for name, value in PROTOCOLS[self.protocol].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -210,6 +221,7 @@ class SimConfig:
         except ValueError as error:
             raise UsageError(f"--{error}".replace("--attack rounds", "--attack-rounds")) from None
         object.__setattr__(self, "attack_rounds", ALL if rounds is None else ",".join(map(str, rounds)))
+        self._check_method()
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other: continue the run, or replace it")
         _validate_choices(self)
@@ -217,6 +229,37 @@ class SimConfig:
             self.spec()
         except ValueError as error:
             raise UsageError(str(error)) from None
+
+    def _check_method(self) -> None:
+        """What only FedKSeed does, refused for the first-order methods (one line each)."""
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        targets = tuple(t.strip() for t in str(self.lora_targets).split(","))
+        if not all(targets):
+            raise UsageError(f"--lora-targets must be comma-separated module names, got {self.lora_targets!r}")
+        object.__setattr__(self, "lora_targets", ",".join(targets))
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise UsageError(f"--lora-rank must be an integer >= 1, got {self.lora_rank!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UsageError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.method not in FIRST_ORDER:
+            return
+        refused = {
+            "--pro": self.pro,
+            f"--byzantine {self.byzantine}": self.byzantine,
+            f"--aggregate {self.aggregate}": self.aggregate != "mean",
+            f"--dtype {self.dtype}": self.dtype != "fp32",
+        }
+        for what, given in refused.items():
+            if given:
+                raise UsageError(
+                    f"{what} is FedKSeed's (--method fedkseed); --method {self.method} trains float32 weights "
+                    "and averages them"
+                )
+
+    @property
+    def first_order(self) -> bool:
+        return self.method in FIRST_ORDER
 
     def _holdout(self) -> str:
         """--holdout as given on the command line: a count ("2") or names ("a,b")."""

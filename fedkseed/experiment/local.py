@@ -6,45 +6,48 @@ import logging
 import time
 
 from ..fed import byzantine_clients
-from ..fed.attacks import parse_rounds
 from .config import SimConfig
 from .outputs import Results
 from .prepare import prepare
 from .runbook import RunBook
+from .usage import Usage, measure
 
 log = logging.getLogger("fedkseed.experiment")
 
 
 def run_local(config: SimConfig, *, progress: bool = True) -> Results:
-    """The local engine: every client in this process, one shared Replica (each client still
-    merges its own catch-up table; the replica rebuilds only when the table changes).
+    """The local engine: every client in this process, one shared model (FedKSeed: one shared
+    Replica; each client still merges its own catch-up table and the replica rebuilds only when
+    the table changes; first-order methods: each client loads the global tensors it downloads).
+    Each client's local work is measured (``usage.measure``) for metrics.json.
 
     With ``--byzantine N``, N of each round's sampled clients (drawn from the run's seed) train
     and then send ``--attack``'s adversarial upload, through the real encoder to the real
-    server path: the server treats them like any other upload. ``--attack-rounds`` limits
-    the attack to some rounds."""
+    server path: the server treats them like any other upload."""
     setup = prepare(config)
     book = RunBook(setup, progress=progress)
     server = setup.server
-    attack_rounds = parse_rounds(config.attack_rounds)  # None: every round
-    if book.resumed:
+    if book.resumed and setup.replica is not None:
         for client in setup.clients:  # the current table agrees with the table a client
             client.table = server.table.copy()  # holds on every entry its catch-up leaves out
             client.synced = int(server.synced[client.client_id])
     while server.round < config.rounds:
         started = time.perf_counter()
         sampled = server.begin_round()
-        attacking = config.byzantine and (attack_rounds is None or server.round + 1 in attack_rounds)
-        bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if attacking else []
+        bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if config.byzantine else []
         failures: list[Exception] = []
+        usage: list[Usage] = []
         for c in sampled:
             download = server.download(c)
+            attack = {"attack": config.attack} if c in bad else {}  # only FedKSeed simulates attacks
             try:
-                upload = setup.clients[c].train(download, attack=config.attack if c in bad else None)
+                with measure(setup.model.device) as used:
+                    upload = setup.clients[c].train(download, **attack)
             except Exception as error:  # a failed client loses nothing: it is simply absent
                 log.warning("round %d: client %d failed: %s", server.round + 1, c, error)
                 failures.append(error)
             else:
+                usage.append(used)
                 server.receive(upload)
             book.bar.update(config.local_steps)
         if len(failures) == len(sampled):
@@ -53,5 +56,5 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
             raise RuntimeError(f"round {server.round + 1}: every sampled client failed; first: {failures[0]!r}") from (
                 failures[0]
             )
-        book.record(server.end_round(), started)
+        book.record(server.end_round(), started, usage)
     return book.finish()

@@ -2,7 +2,9 @@
 order:
 
     delta.fks         the seed table: what ``fedkseed apply`` rebuilds the model from
-    model/            the final model (safetensors in the run's dtype, config, tokenizer)
+                      (FedKSeed only: the first-order methods have no seed table)
+    model/            the final model (safetensors in the run's dtype, config, tokenizer;
+                      FedIT's adapters merged into the base weights)
     losses.png        train and eval loss per round
     metrics.json      config, one entry per round, the final block (before/after metrics);
                       written last, it is the "run complete" marker
@@ -28,6 +30,14 @@ TRAIN_LOSS_MEANING = (
     "weights w +/- eps*z as its local training moves them), weighted across clients like their "
     "uploads; eval loss is the global model's"
 )
+FIRST_ORDER_TRAIN_LOSS_MEANING = (
+    "mean over each sampled client's local first-order steps of the batch loss before the step, "
+    "weighted across clients like their uploads; eval loss is the global model's"
+)
+
+
+def train_loss_meaning(method: str) -> str:
+    return TRAIN_LOSS_MEANING if method == "fedkseed" else FIRST_ORDER_TRAIN_LOSS_MEANING
 
 
 @dataclass
@@ -35,7 +45,7 @@ class Results:
     config: SimConfig
     rounds: list[dict[str, Any]]
     final: dict[str, Any]
-    delta: bytes
+    delta: bytes | None  # None: a first-order method (no seed table)
     model: Any
     tokenizer: Any
 
@@ -47,7 +57,8 @@ def write_outputs(results: Results) -> None:
     output = pathlib.Path(results.config.output)
     output.mkdir(parents=True, exist_ok=True)
     unmark_complete(output)
-    save_atomically(output / DELTA_FILE, lambda p: p.write_bytes(results.delta))
+    if results.delta is not None:
+        save_atomically(output / DELTA_FILE, lambda p: p.write_bytes(results.delta))
     save_model(results.model, results.tokenizer, output / MODEL_DIR)
     plot_losses(results.rounds, results.final, output / PLOT_FILE)
     metrics = {"config": dataclasses.asdict(results.config), "rounds": results.rounds, "final": results.final}
@@ -72,12 +83,17 @@ def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathl
     ax.plot(
         [0, *xs], [final["eval_loss_before"]] + [r["eval_loss"] for r in rounds], "o-", label="eval loss (global model)"
     )
-    ax.plot(xs, [r["train_loss"] for r in rounds], "s--", label="train loss: mean (L+ + L-)/2 of local ZO steps")
+    zo = final.get("method", "fedkseed") == "fedkseed"
+    label = "mean (L+ + L-)/2 of local ZO steps" if zo else "mean batch loss of local steps"
+    ax.plot(xs, [r["train_loss"] for r in rounds], "s--", label=f"train loss: {label}")
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
-    ax.set_title("FedKSeed")
+    ax.set_title(
+        {"fedkseed": "FedKSeed", "fedit": "FedIT (LoRA)", "fedavg": "FedAvg"}.get(final.get("method"), "FedKSeed")
+    )
     ax.legend(fontsize="small")
-    fig.text(0.01, 0.01, "train loss is measured at perturbed weights during local training", fontsize="x-small")
+    note = "at perturbed weights" if zo else "before each step's update"
+    fig.text(0.01, 0.01, f"train loss is measured {note} during local training", fontsize="x-small")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     save_atomically(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

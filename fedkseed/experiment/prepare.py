@@ -1,5 +1,7 @@
 """Preparation of a run from its config: model, data split, server, clients, evaluation batches.
-Every engine prepares the same way (the Flower ClientApp too, in each of its processes)."""
+Every engine prepares the same way (the Flower ClientApp too, in each of its processes), for
+every method: FedKSeed's ``Server``/``Client`` over a ``Replica``, or the first-order methods'
+``FirstOrderServer``/``FirstOrderClient`` over the tensors they train (``methods``)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import torch
 from .. import data as D
 from ..errors import UsageError
 from ..fed import Client, Replica, Server
+from ..fed.firstorder import FirstOrderClient, FirstOrderServer, load_weights
 from ..paramset import ParamSet
 from .config import SimConfig
+from .methods import first_order_model
 
 log = logging.getLogger("fedkseed.experiment")
 EVAL_BATCH = 8  # evaluation examples per forward pass
@@ -23,18 +27,36 @@ EVAL_BATCH = 8  # evaluation examples per forward pass
 class Setup:
     """Everything a run prepares from its config: model, data, server and clients. ``data`` says
     how the examples were divided (for metrics.json): held-out categories or the random
-    hold-out, the max length and what it truncated, examples per client."""
+    hold-out, the max length and what it truncated, examples per client. ``fingerprint`` is the
+    base model's weights digest. FedKSeed has a ``replica``; the first-order methods have
+    ``trainable`` (name -> the model's tensors that they train and average)."""
 
     config: SimConfig
     model: Any
     tokenizer: Any
     fingerprint: str
-    server: Server
-    replica: Replica
-    clients: list[Client]
+    server: Server | FirstOrderServer
+    replica: Replica | None
+    clients: list[Client] | list[FirstOrderClient]
     eval_data: list[dict[str, torch.Tensor]]
     heldout: list[D.Example]
     data: dict[str, Any] = field(default_factory=dict)
+    trainable: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def load_global(self) -> None:
+        """Make ``model`` the server's current global model (FedKSeed: the canonical build
+        of its seed table; first-order methods: its averaged tensors)."""
+        if self.replica is not None:
+            self.replica.build(self.server.table)
+        else:
+            load_weights(self.trainable, self.server.weights)
+
+    def digest(self) -> str:
+        """The weights digest of what the clients train from (FedKSeed: every weight; the
+        first-order methods: the trained tensors), for the Flower engine's consistency check."""
+        if self.replica is not None:
+            return self.replica.params.fingerprint(values=True)
+        return ParamSet(list(self.trainable.items())).fingerprint(values=True)
 
 
 def prepare(config: SimConfig) -> Setup:
@@ -56,14 +78,25 @@ def prepare(config: SimConfig) -> Setup:
     log.log(logging.WARNING if truncated else logging.INFO, "%s", line)
     per_client, evaluation = _carve_eval(split.clients, config.eval_examples)
     encoded = [D.encode(tokenizer, ex, max_length) for ex in per_client]
+    fingerprint = ParamSet.of(model).fingerprint(values=True)
     spec = config.spec()
-    server = Server(spec, [int(e["input_ids"].shape[0]) for e in encoded])
-    replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
-    clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
+    sizes = [int(e["input_ids"].shape[0]) for e in encoded]
+    replica: Replica | None = None
+    trainable: dict[str, torch.Tensor] = {}
+    if config.first_order:
+        model, trainable = _first_order_model(config, model)
+        initial = {name: t.detach().cpu().numpy().copy() for name, t in trainable.items()}
+        server: Server | FirstOrderServer = FirstOrderServer(spec, sizes, initial)
+        clients: list[Any] = [
+            FirstOrderClient(i, spec, model, trainable, e, D.response_loss) for i, e in enumerate(encoded)
+        ]
+    else:
+        server = Server(spec, sizes)
+        replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
+        clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
     eval_data = [
         D.encode(tokenizer, evaluation[i : i + EVAL_BATCH], max_length) for i in range(0, len(evaluation), EVAL_BATCH)
     ]
-    fingerprint = ParamSet.of(model).fingerprint(values=True)
     data = {
         "examples": len(examples),
         "heldout": split.note or f"categories: {', '.join(split.heldout_categories) or '(none)'}",
@@ -74,7 +107,23 @@ def prepare(config: SimConfig) -> Setup:
         "heldout_prompts_truncated": heldout_fitted.prompts_truncated,
         "examples_per_client": [len(ex) for ex in per_client],
     }
-    return Setup(config, model, tokenizer, fingerprint, server, replica, clients, eval_data, split.heldout, data)
+    return Setup(
+        config, model, tokenizer, fingerprint, server, replica, clients, eval_data, split.heldout, data, trainable
+    )
+
+
+def _first_order_model(config: SimConfig, model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    try:
+        return first_order_model(
+            model,
+            config.method,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            targets=tuple(config.lora_targets.split(",")),
+            seed=config.seed,
+        )
+    except ValueError as error:  # e.g. --lora-targets naming no module of the model
+        raise UsageError(f"--method {config.method}: {str(error).splitlines()[0]}") from None
 
 
 def _carve_eval(per_client: list[list[D.Example]], count: int) -> tuple[list[list[D.Example]], list[D.Example]]:

@@ -6,7 +6,7 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,14 +15,18 @@ from ..errors import UsageError
 from ..fed import RoundSummary
 from .checkpoint import STATE_FILE, inputs_of, load_state, save_state
 from .evaluate import eval_losses, rouge
-from .outputs import TRAIN_LOSS_MEANING, Results, unmark_complete
+from .methods import final_model
+from .outputs import Results, train_loss_meaning, unmark_complete
 from .prepare import Setup
+from .usage import Usage, round_usage
 
 
 class RunBook:
     """The bookkeeping every engine shares around its rounds: resume from the checkpoint or
     measure the "before" metrics, one record per round (evaluated, checkpointed, printed), and
-    the final block. Engines only move the bytes between ``Server`` and clients."""
+    the final block. Engines only move the bytes between the server and clients (any method:
+    ``Setup.load_global`` makes the model the server's global model) and measure each client's
+    local work (``usage.measure``)."""
 
     def __init__(self, setup: Setup, *, progress: bool) -> None:
         from tqdm import tqdm
@@ -42,7 +46,7 @@ class RunBook:
                     f"--resume: {self.output / STATE_FILE} does not fit this run's server "
                     f"({type(error).__name__}: {error})"
                 ) from None
-        setup.replica.build(server.table)
+        setup.load_global()
         if state is not None:
             self.rounds, self.before = state["rounds"], state["before"]
         else:
@@ -57,7 +61,7 @@ class RunBook:
             unit="step",
             desc="fedkseed",
         )
-        self.bar.write(f"train loss: {TRAIN_LOSS_MEANING}", file=sys.stdout)
+        self.bar.write(f"train loss: {train_loss_meaning(config.method)}", file=sys.stdout)
         _row(self.bar, None)
         _row(
             self.bar,
@@ -71,10 +75,11 @@ class RunBook:
             },
         )
 
-    def record(self, summary: RoundSummary, started: float) -> dict[str, Any]:
-        """Evaluate the new global model, checkpoint the run and print the round's row."""
+    def record(self, summary: RoundSummary, started: float, usage: Sequence[Usage]) -> dict[str, Any]:
+        """Evaluate the new global model, checkpoint the run and print the round's row.
+        ``usage``: what each client that trained this round measured (``usage.measure``)."""
         setup = self.setup
-        setup.replica.build(setup.server.table)
+        setup.load_global()
         record = {
             "round": summary.round,
             "train_loss": summary.train_loss,
@@ -86,6 +91,7 @@ class RunBook:
             "rms_bound": None if math.isinf(summary.bound) else summary.bound,  # None: unbounded
             "clipped": {str(c): f for c, f in summary.clipped.items()},
             "rejected": {str(c): reason for c, reason in summary.rejected.items()},
+            **round_usage(usage),
             "seconds": time.perf_counter() - started,
         }
         self.rounds.append(record)
@@ -107,10 +113,11 @@ class RunBook:
         """The final block (before/after metrics, each with its n) and the run's results."""
         self.bar.close()
         setup, config = self.setup, self.setup.config
-        setup.replica.build(setup.server.table)
+        setup.load_global()
         loss, per_example = eval_losses(setup.model, setup.eval_data)
         rouge_after = rouge(setup)
         final = {
+            "method": config.method,
             "eval_loss_before": self.before["eval_loss"],
             "eval_loss_after": loss,
             "eval_examples": len(per_example),
@@ -119,11 +126,13 @@ class RunBook:
             "rouge_l_before": self.before["rouge_l"],
             "rouge_l_after": rouge_after,
             "heldout_examples": 0 if rouge_after is None else next(iter(rouge_after.values()))["n"],
-            "train_loss_meaning": TRAIN_LOSS_MEANING,
+            "train_loss_meaning": train_loss_meaning(config.method),
             "data": setup.data,
             "fingerprint": setup.fingerprint,
         }
-        return Results(config, self.rounds, final, setup.server.delta(setup.fingerprint), setup.model, setup.tokenizer)
+        # delta.fks is FedKSeed's (a seed table); the first-order methods' product is the model.
+        delta = None if config.first_order else setup.server.delta(setup.fingerprint)
+        return Results(config, self.rounds, final, delta, final_model(setup.model, config.method), setup.tokenizer)
 
 
 def _mean(values: Iterable[float]) -> float:

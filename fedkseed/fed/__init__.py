@@ -41,6 +41,9 @@ median outvotes a client), the table stays finite. Attack simulation: ``attacks`
 (``ATTACKS``, ``byzantine_clients``, ``attack``).
 
 Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).
+
+The first-order baselines (``firstorder``: ``FirstOrderServer`` / ``FirstOrderClient``, FedIT and
+FedAvg) have the same round interface and exchange the array message of ``fed.arrays``.
 """
 
 from .attacks import ATTACKS, attack, byzantine_clients

@@ -63,7 +63,7 @@ def serve(
     def on_round(summary: RoundSummary, round_log: RoundLog, started: float) -> str:
         transport.append(dataclasses.asdict(round_log))
         book.bar.update(book.steps_per_round)
-        book.record(summary, started)
+        book.record(summary, started, [])  # client usage: not yet reported over Flower
         save_atomically(book.output / FLOWER_FILE, lambda p: p.write_text(json.dumps(transport, indent=2) + "\n"))
         return replica.params.fingerprint(values=True)
 

@@ -1,0 +1,167 @@
+"""The array message of the first-order methods (FedIT, FedAvg): named float32 tensors plus a
+small header, as compact checked bytes (normative description: docs/formats.md#arrays).
+
+    "FKA" | kind (1 B: "G" global weights, server -> client; "L" local weights, client ->
+    server) | u8 version | u32 round | u32 client id | u32 local steps | f32 mean train loss
+    | u32 count | count x (u16 name length | name, UTF-8 | u32 data length | data) | u32 CRC-32
+    of everything before it
+
+Each ``data`` is the tensor in NumPy's ``.npy`` format (``numpy.save``, ``allow_pickle=False``,
+little-endian float32, C order): byte for byte what Flower's ``Array.from_numpy_ndarray`` puts
+in an ``ArrayRecord``, so the Flower engine carries the arrays of this message verbatim and both
+engines count the same bytes. The decoder checks magic, kind, version, CRC, every length, the
+names against the layout the reader expects (names, order, shapes) and that every value is a
+finite float32, before any of it is used (``WireError``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .wire import WireError
+
+MAGIC = b"FKA"
+VERSION = 1
+KIND_GLOBAL, KIND_LOCAL = b"G", b"L"
+_HEADER = struct.Struct("<3scBIIIfI")  # magic, kind, version, round, client, steps, loss, count
+_NAME = struct.Struct("<H")
+_DATA = struct.Struct("<I")
+_CRC = struct.Struct("<I")
+DTYPE = np.dtype("<f4")
+
+Layout = Mapping[str, tuple[int, ...]]  # name -> shape, in message order
+
+
+@dataclass
+class ArrayMessage:
+    kind: bytes
+    round: int
+    client_id: int
+    steps: int = 0
+    loss: float = math.nan
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as little-endian float32 in ``.npy`` format (what ``numpy.save`` writes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=DTYPE), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_parts(header: ArrayMessage, parts: Mapping[str, bytes]) -> bytes:
+    """The message of ``header`` (its arrays ignored) whose arrays are the ready ``.npy`` blobs
+    ``parts`` (the Flower engine re-frames the blobs it received, unchanged)."""
+    if header.kind not in (KIND_GLOBAL, KIND_LOCAL):
+        raise ValueError(f"unknown array message kind {header.kind!r}")
+    out = [
+        _HEADER.pack(
+            MAGIC,
+            header.kind,
+            VERSION,
+            header.round,
+            header.client_id,
+            header.steps,
+            header.loss,
+            len(parts),
+        )
+    ]
+    for name, data in parts.items():
+        encoded = name.encode()
+        out += [_NAME.pack(len(encoded)), encoded, _DATA.pack(len(data)), data]
+    body = b"".join(out)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def encode(message: ArrayMessage) -> bytes:
+    return encode_parts(message, {name: npy_bytes(a) for name, a in message.arrays.items()})
+
+
+def split(data: bytes, kind: bytes) -> tuple[ArrayMessage, dict[str, bytes]]:
+    """(the header, name -> ``.npy`` blob) of a message of ``kind``: frame, CRC and lengths
+    checked, arrays not yet parsed (``decode`` parses them)."""
+    if len(data) < _HEADER.size + _CRC.size:
+        raise WireError(f"array message of {len(data)} bytes is shorter than its header")
+    body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
+    if zlib.crc32(body) != crc:
+        raise WireError("array message fails its CRC-32 check (corrupted or truncated)")
+    magic, got_kind, version, round_, client, steps, loss, count = _HEADER.unpack_from(body)
+    if magic != MAGIC:
+        raise WireError(f"not an array message (magic {magic!r})")
+    if got_kind != kind:
+        raise WireError(f"array message of kind {got_kind!r}, expected {kind!r}")
+    if version != VERSION:
+        raise WireError(f"array message version {version}; this reader reads version {VERSION}")
+    parts: dict[str, bytes] = {}
+    at = _HEADER.size
+    for _ in range(count):
+        name_length = _read(body, at, _NAME)
+        at += _NAME.size
+        try:
+            name = body[at : at + name_length].decode()
+        except UnicodeDecodeError:
+            raise WireError("array name is not UTF-8") from None
+        if len(name.encode()) != name_length or name in parts:
+            raise WireError(f"array name {name!r} is truncated or repeated")
+        at += name_length
+        size = _read(body, at, _DATA)
+        at += _DATA.size
+        if at + size > len(body):
+            raise WireError(f"array {name!r} claims {size} bytes, the message holds {len(body) - at}")
+        parts[name] = body[at : at + size]
+        at += size
+    if at != len(body):
+        raise WireError(f"array message has {len(body) - at} bytes after its last array")
+    return ArrayMessage(got_kind, round_, client, steps, loss), parts
+
+
+def decode(data: bytes, kind: bytes, layout: Layout) -> ArrayMessage:
+    """A checked message of ``kind`` holding exactly the arrays of ``layout`` (same names, same
+    order, same shapes), every value a finite float32."""
+    message, parts = split(data, kind)
+    if list(parts) != list(layout):
+        missing = [n for n in layout if n not in parts]
+        extra = [n for n in parts if n not in layout]
+        raise WireError(
+            f"array message holds other tensors than expected (missing {missing[:3]}, unexpected {extra[:3]}, "
+            "or another order)"
+        )
+    for name, blob in parts.items():
+        array = _parse(name, blob)
+        if array.shape != tuple(layout[name]):
+            raise WireError(f"array {name!r} has shape {array.shape}, expected {tuple(layout[name])}")
+        if not np.isfinite(array).all():
+            raise WireError(f"array {name!r} holds NaN or infinite values")
+        message.arrays[name] = array
+    return message
+
+
+def _parse(name: str, blob: bytes) -> np.ndarray:
+    buffer = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version != (1, 0):  # what numpy.save writes for these arrays
+            raise ValueError(f".npy version {version}, expected (1, 0)")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+    except Exception as error:  # numpy raises ValueError/EOFError/SyntaxError on bad headers
+        raise WireError(f"array {name!r} is not a .npy array ({error})") from None
+    if dtype != DTYPE or fortran:
+        raise WireError(f"array {name!r} is {dtype} ({'Fortran' if fortran else 'C'} order), expected <f4 C order")
+    count = math.prod(shape)
+    payload = blob[buffer.tell() :]
+    if len(payload) != count * DTYPE.itemsize:
+        raise WireError(f"array {name!r} carries {len(payload)} bytes for shape {shape}")
+    return np.frombuffer(payload, dtype=DTYPE).reshape(shape).copy()
+
+
+def _read(body: bytes, at: int, form: struct.Struct) -> int:
+    if at + form.size > len(body):
+        raise WireError("array message is truncated")
+    return form.unpack_from(body, at)[0]
