@@ -169,6 +169,27 @@ def simulate_command(args: argparse.Namespace, run: Run, output: pathlib.Path, *
     ]  # fmt: skip
 
 
+def expected_config(args: argparse.Namespace, run: Run) -> dict:
+    """The settings a finished run in ``run``'s folder must have been made with (metrics.json's config)."""
+    config = {
+        "seed": run.seed,
+        "rounds": run.rounds,
+        "method": run.method.flags[run.method.flags.index("--method") + 1],
+        "pro": "--pro" in run.method.flags,
+        "local_steps": args.local_steps,
+        "clients": args.clients,
+        "clients_per_round": args.clients_per_round,
+        "batch_size": args.batch_size,
+        "holdout": args.holdout,
+        "eval_examples": args.eval_examples,
+        "max_new_tokens": args.max_new_tokens,
+        "max_length": str(args.max_length),
+    }
+    if run.method.zero_order:
+        config.update(k=args.k, dist=args.dist, lr=args.lr, eps=args.eps)
+    return config
+
+
 def metrics_of(folder: pathlib.Path) -> dict | None:
     """The finished run in ``folder`` (its metrics.json), or None."""
     path = folder / "metrics.json"
@@ -180,8 +201,15 @@ def execute(args: argparse.Namespace, root: pathlib.Path, run: Run) -> str:
     checkpoint, continue a cpu run from a copy of its examples run's checkpoint, or start anew."""
     output = root / run.folder
     done = metrics_of(output)
-    if done is not None and done["config"]["rounds"] == run.rounds and done["config"]["seed"] == run.seed:
-        return "reused"
+    if done is not None:
+        differ = {
+            k: (done["config"].get(k), v) for k, v in expected_config(args, run).items() if done["config"].get(k) != v
+        }
+        if not differ:
+            return "reused"
+        # Never replaced silently: a finished run is somebody's result.
+        shown = "; ".join(f"{k} {have!r} (wanted {want!r})" for k, (have, want) in differ.items())
+        raise SystemExit(f"compare: {output} holds a finished run with other settings: {shown}; use another --output")
     resume = (output / "state.npz").is_file() and done is None
     if run.budget == "cpu" and not resume:
         base = root / Run(run.method, run.seed, "examples", args.rounds).folder
