@@ -103,10 +103,8 @@ constexpr int kBlocksScalar = 1;
 constexpr int kBlocksAvx2 = 16;
 constexpr int kBlocksAvx512 = 32;
 
-// Staged x and z (float[kChunk] each), the tree's levels (double[kChunk / 2 + kChunk / 4]) and one
-// Rademacher tile of the widest path (4 words per block).
-constexpr int64_t kProjectScratchBytes =
-    2 * project::kChunk * 4 + (project::kChunk / 2 + project::kChunk / 4) * 8 + 4 * kBlocksAvx512 * 4;
+// Staged x (float[kChunk]) and one Rademacher tile of the widest path (4 words per block).
+constexpr int64_t kProjectScratchBytes = project::kChunk * 4 + 4 * kBlocksAvx512 * 4;
 
 }  // namespace cpu
 }  // namespace fedkseed

@@ -183,18 +183,15 @@ struct Kernel {
   }
 
   // ---------------------------------------------------------------------------- projection
-  // docs/stream-spec.md#projection. The chunk's x is staged once as float32 (absent elements 0),
-  // then per seed its z is generated group by group into zs and the float64 products are summed
-  // by the fixed pairwise tree: the partial goes into the seed's exact accumulator.
+  // docs/stream-spec.md#projection: chunk partials by the fixed pairwise tree, per seed.
   using ProjectJob = fedkseed::cpu::ProjectJob;
   using ProjectChunk = fedkseed::cpu::ProjectChunk;
   using ProjectPiece = fedkseed::cpu::ProjectPiece;
   static constexpr int64_t kChunk = fedkseed::project::kChunk;
   static_assert(kChunk % G == 0 && kChunk % 128 == 0, "a chunk is whole groups and Rademacher blocks");
 
-  // Scratch layout (bytes): xs, zs (float[kChunk] each), the tree's levels (double[kChunk / 2] and
-  // double[kChunk / 4]), one Rademacher tile (4 * B words).
-  static constexpr int64_t kScratchBytes = 2 * kChunk * 4 + (kChunk / 2 + kChunk / 4) * 8 + 4 * B * 4;
+  // Scratch layout (bytes): xs (float[kChunk]), then one Rademacher tile (4 * B words).
+  static constexpr int64_t kScratchBytes = kChunk * 4 + 4 * B * 4;
   static_assert(kScratchBytes <= fedkseed::cpu::kProjectScratchBytes, "cpu_kernel.h sizes the scratch");
 
   static void stage(const ProjectPiece& p, float* out) {
@@ -208,35 +205,44 @@ struct Kernel {
     }
   }
 
-  // The pairwise tree of the products x[i] * z[i] (each exact in float64) over the chunk: level
-  // one pairs (0, 1), (2, 3), ..., each later level pairs neighbours again. Every sum is one
-  // float64 add whatever the compiler vectorises, since no sum is regrouped (no -ffast-math).
-  static double dot_tree(const float* __restrict x, const float* __restrict z, double* __restrict a,
-                         double* __restrict b) {
-    for (int64_t m = 0; m < kChunk / 2; ++m) {
-      a[m] = static_cast<double>(x[2 * m]) * static_cast<double>(z[2 * m]) +
-             static_cast<double>(x[2 * m + 1]) * static_cast<double>(z[2 * m + 1]);
+  // The pairwise tree over v[0 .. n - 1] (n a power of 2): each level pairs neighbours, (v0 + v1),
+  // (v2 + v3), ..., into a new array (so the compiler can vectorise it). Every sum is one float64
+  // add however the loops are vectorised, since no sum is regrouped (no -ffast-math).
+  template <int64_t n>
+  static double tree(const double* __restrict v) {
+    if constexpr (n == 1) {
+      return v[0];
+    } else {
+      alignas(64) double half[n / 2];
+      for (int64_t m = 0; m < n / 2; ++m) half[m] = v[2 * m] + v[2 * m + 1];
+      return tree<n / 2>(half);
     }
-    double* src = a;
-    double* dst = b;
-    for (int64_t n = kChunk / 4; n >= 1; n >>= 1) {
-      for (int64_t m = 0; m < n; ++m) dst[m] = src[2 * m] + src[2 * m + 1];
-      double* t = src;
-      src = dst;
-      dst = t;
-    }
-    return src[0];
   }
 
+  // One group's subtree: the G products x[i] * z[i] (each exact in float64), summed by the tree.
+  static double group_sum(const float* __restrict x, const float* __restrict z) {
+    if constexpr (G == 1) {
+      return static_cast<double>(x[0]) * static_cast<double>(z[0]);
+    } else {
+      alignas(64) double half[G / 2];
+      for (int m = 0; m < G / 2; ++m) {
+        half[m] = static_cast<double>(x[2 * m]) * static_cast<double>(z[2 * m]) +
+                  static_cast<double>(x[2 * m + 1]) * static_cast<double>(z[2 * m + 1]);
+      }
+      return tree<G / 2>(half);
+    }
+  }
+
+  // The chunk's x is staged once as float32 (absent elements 0); per seed each group's z is
+  // generated into a small buffer and its subtree summed while it is in L1, then the group sums
+  // (groups are aligned subtrees of the chunk's tree) are summed by the rest of the tree and the
+  // chunk partial goes into the seed's exact accumulator.
   static void project_chunk(const ProjectJob& pj, const ProjectChunk& c, void* scratch, int64_t* acc) {
     namespace pr = fedkseed::project;
     constexpr int64_t kGroups = kChunk / G;
     float* xs = static_cast<float*>(scratch);
-    float* zs = xs + kChunk;
-    double* a = reinterpret_cast<double*>(zs + kChunk);
-    double* b = a + kChunk / 2;
-    uint32_t* tile = reinterpret_cast<uint32_t*>(b + kChunk / 4);
-    std::memset(xs, 0, 2 * kChunk * sizeof(float));  // absent elements: x = 0, and z stays 0 there
+    uint32_t* tile = reinterpret_cast<uint32_t*>(xs + kChunk);
+    std::memset(xs, 0, kChunk * sizeof(float));
     bool present[kGroups] = {};
     for (int64_t p = c.first; p < c.first + c.count; ++p) {
       const ProjectPiece& piece = pj.pieces[p];
@@ -248,11 +254,14 @@ struct Kernel {
     job.tag = pj.tag;
     job.noise = true;
     const uint64_t base = c.chunk << pr::kChunkShift;
+    alignas(64) float z[G];
+    alignas(64) double sums[kGroups];
     for (int64_t k = 0; k < pj.num_seeds; ++k) {
       job.seeds = pj.seeds + k;
       uint64_t tile_block = 0;
       bool have_tile = false;
       for (int64_t g = 0; g < kGroups; ++g) {
+        sums[g] = 0.0;
         if (!present[g]) continue;  // every x there is 0: its products add nothing
         const uint64_t gs = base + static_cast<uint64_t>(g * G);
         if (job.tag == st::kTagRademacher) {
@@ -263,10 +272,11 @@ struct Kernel {
             have_tile = true;
           }
         }
-        noise_group(job, gs, tile, tile_block, zs + g * G);
+        noise_group(job, gs, tile, tile_block, z);
+        sums[g] = group_sum(xs + g * G, z);
       }
       int64_t* row = acc + k * pr::kWidth;
-      pr::add_exact(dot_tree(xs, zs, a, b), [row](int j, int64_t v) { row[j] += v; });
+      pr::add_exact(tree<kGroups>(sums), [row](int j, int64_t v) { row[j] += v; });
     }
   }
 
