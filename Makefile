@@ -41,10 +41,12 @@ dist: install
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > build/torch-constraint.txt
 	$(PY) -m pip wheel --no-deps --build-constraint build/torch-constraint.txt -w dist .
 
-# CPU benchmark tables (fused kernels and ZO step against MeZO-style, same run); on a GPU
+# CPU benchmark tables (fused kernels and ZO step against MeZO-style, projection against
+# torch.normal + torch.dot, same run); on a GPU
 # machine also run benchmarks/bench_gpu.py. Figures are recorded in benchmarks/RESULTS.md.
 bench: build
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_project.py
 	$(PY) benchmarks/bench_zo.py
 
 demo: build
