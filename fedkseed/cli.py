@@ -1,4 +1,5 @@
-"""The ``fedkseed`` command: ``simulate`` (a FedKSeed run) and ``apply`` (delta -> model).
+"""The ``fedkseed`` command: ``simulate`` (a federated run: FedKSeed, FedIT or FedAvg) and ``apply``
+(FedKSeed's delta -> model).
 
 The arguments are generated from the experiment's config dataclasses (field name, type,
 default, help and choices), so an option is defined once, in ``fedkseed.experiment.config``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import types
@@ -19,8 +21,10 @@ from .errors import UsageError
 from .experiment.config import ApplyConfig, SimConfig, choices_of, flag, protocol_defaults
 
 SIMULATE_DESCRIPTION = (
-    "Federated ZO fine-tuning (FedKSeed) of a causal LM, simulated on this machine. Writes "
-    "delta.fks, model/, losses.png, a resumable state.npz and, last, metrics.json to --output."
+    "Federated fine-tuning of a causal LM, simulated on this machine: FedKSeed (ZO, K seeds; "
+    "--pro: FedKSeed-Pro) or the first-order baselines FedIT (LoRA adapters averaged) and FedAvg "
+    "(--method). Writes delta.fks (FedKSeed only), model/, losses.png, a resumable state.npz and, "
+    "last, metrics.json to --output. --print-config prints the resolved settings and exits."
 )
 
 
@@ -78,13 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sim = commands.add_parser(
         "simulate",
-        help="run FedKSeed on one machine",
+        help="run a federated method (FedKSeed, FedIT, FedAvg) on one machine",
         description=SIMULATE_DESCRIPTION,
         epilog="--data: " + data.DATA_FORMATS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(sim, SimConfig)
     sim.add_argument("--quiet", action="store_true", help="no progress bar")  # how to print, not what to run
+    sim.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (protocol and method defaults filled in) as JSON and exit; loads nothing",
+    )
     app = commands.add_parser("apply", help=ApplyConfig.__doc__, description=ApplyConfig.__doc__)
     add_config_arguments(app, ApplyConfig)
     return parser
@@ -107,12 +116,21 @@ def final_line(final: dict[str, Any], output: str) -> str:
     return "; ".join(parts) + f"; outputs in {output}"
 
 
+def resolved_settings(config: SimConfig) -> dict[str, Any]:
+    """What ``--print-config`` prints: the config as metrics.json records it, plus the settings
+    every party shares (``FedSpec``, with the protocol's rules: weighting, batching)."""
+    return {"config": dataclasses.asdict(config), "spec": config.spec().to_dict()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_transformers()
     try:
+        if args.command == "simulate" and args.print_config:
+            print(json.dumps(resolved_settings(config_from_args(SimConfig, args)), indent=2))
+            return 0
+        _quiet_transformers()
         if args.command == "simulate":
             from .experiment.run import simulate
 

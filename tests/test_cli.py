@@ -192,7 +192,7 @@ def test_options_are_generated_from_the_config_and_its_owners():
     for command, config_class in (("simulate", SimConfig), ("apply", ApplyConfig)):
         actions = {a.dest: a for a in subcommands[command]._actions if a.dest != "help"}
         fields = dataclasses.fields(config_class)
-        assert set(actions) - {"quiet"} == {f.name for f in fields}
+        assert set(actions) - {"quiet", "print_config"} == {f.name for f in fields}  # how to print, not what to run
         for f in fields:
             action = actions[f.name]
             assert action.option_strings == ["--" + f.name.replace("_", "-")]
@@ -204,6 +204,7 @@ def test_options_are_generated_from_the_config_and_its_owners():
     assert tuple(simulate["precision"].choices) == wire.PRECISIONS
     assert tuple(simulate["dist"].choices) == tuple(stream.DISTRIBUTIONS)
     assert tuple(simulate["engine"].choices) == engines.names()
+    assert tuple(simulate["method"].choices) == ("fedkseed", "fedit", "fedavg")
 
 
 def test_robustness_and_training_options_reach_the_spec():

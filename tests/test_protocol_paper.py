@@ -4,14 +4,19 @@ batches, and Rouge-L scores every held-out example both ways with n and an inter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
 from fedkseed import data as D
 from fedkseed.cli import main
-from fedkseed.experiment.config import PROTOCOLS, SimConfig
+from fedkseed.experiment.config import PROTOCOLS, SimConfig, flag
 from fedkseed.metrics import SCORERS, bootstrap_interval
 
 # Small where the test needs speed (rounds, steps, K); everything else left to the protocol.
@@ -87,3 +92,68 @@ def test_rouge_l_scores_every_heldout_example_both_ways(paper_run):
             again = bootstrap_interval(entry["per_example"])
             assert (entry["mean"], entry["low"], entry["high"]) == (again.mean, again.low, again.high)
             assert entry["low"] <= entry["mean"] <= entry["high"]
+
+
+# ---------------------------------------------------------------- the documented preset
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol-paper.md"
+SOURCE = "https://github.com/alibaba/FederatedScope/tree/FedKSeed"
+
+
+def _documented() -> dict[str, str]:
+    """option (``--clients``) or FedSpec field (``spec.weighting``) -> the value in the docs table."""
+    rows = re.findall(r"^\| [^|]+ \| `([^`]+)` \| `([^`]+)` \| [^|]+ \|$", DOC.read_text(), re.M)
+    return dict(rows)
+
+
+def _same(actual, documented: str) -> bool:
+    if isinstance(actual, bool) or isinstance(actual, str):
+        return str(actual).lower() == documented
+    return type(actual)(documented) == actual  # int("200"), float("3e-7")
+
+
+def test_paper_preset_is_the_documented_official_setup():
+    """Every value of the docs table is what --protocol paper resolves to, and every setting the
+    protocol sets is in the table (a new one must be documented with its source)."""
+    assert SOURCE in DOC.read_text()
+    documented = _documented()
+    config = SimConfig(protocol="paper")
+    spec = config.spec()
+    assert {flag(name) for name in PROTOCOLS["paper"]} <= set(documented)
+    assert len(documented) >= 20
+    for where, value in documented.items():
+        actual = getattr(spec, where[5:]) if where.startswith("spec.") else getattr(config, where[2:].replace("-", "_"))
+        assert _same(actual, value), (where, actual, value)
+    # The issue's list, independently of the table: 200 clients, 10 per round, tau 200, K 4096,
+    # lr 3e-7, eps 5e-4, Gaussian, batch 1, 60 rounds (Dolly-style data), max length 1024,
+    # every held-out example with 128 new tokens, no upload bound, fp32 table.
+    assert (config.clients, config.clients_per_round, config.local_steps, config.k) == (200, 10, 200, 4096)
+    assert (config.lr, config.eps, config.dist, config.batch_size, config.rounds) == (3e-7, 5e-4, "gaussian", 1, 60)
+    assert (str(config.max_length), config.rouge_examples, config.max_new_tokens) == ("1024", "all", 128)
+    assert (config.clip, config.precision, spec.clip) == ("off", "fp32", "off")
+    demo = SimConfig()
+    assert (demo.clients, demo.clients_per_round, demo.rounds, demo.clip, demo.precision) == (20, 2, 5, "auto", "fp16")
+
+
+def test_print_config_prints_the_resolved_settings_and_loads_nothing(tmp_path):
+    """In a fresh process: the JSON is the resolved config (flags win over the protocol), no
+    model library is imported and the output folder is not claimed."""
+    output = tmp_path / "never"
+    code = (
+        "import sys\n"
+        "from fedkseed.cli import main\n"
+        f"argv = ['simulate', '--protocol', 'paper', '--k', '64', '--output', {str(output)!r}]\n"
+        "code = main([*argv, '--print-config'])\n"
+        "loaded = [m for m in ('transformers', 'peft', 'flwr', 'safetensors') if m in sys.modules]\n"
+        "assert code == 0 and not loaded, (code, loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    printed = json.loads(result.stdout)
+    expected = SimConfig(protocol="paper", k=64, output=str(output))
+    assert printed["config"] == json.loads(json.dumps(dataclasses.asdict(expected)))
+    assert printed["spec"] == json.loads(json.dumps(expected.spec().to_dict()))
+    assert (printed["config"]["k"], printed["spec"]["weighting"], printed["spec"]["batching"]) == (
+        64,
+        "batches",
+        "epochs",
+    )
+    assert not output.exists()
