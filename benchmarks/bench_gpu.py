@@ -2,7 +2,7 @@
 passes the anchors use (torch.manual_seed + per-parameter torch.normal + add), all in one run.
 
     python benchmarks/bench_gpu.py [--shapes smollm2,llama1.3b] [--dtypes bf16,fp32] [--ks 16,256,4096]
-                                   [--zo] [--json PATH]
+                                   [--project-ks 16,256,4096] [--project-dtypes bf16] [--zo] [--json PATH]
 
 Measures, per parameter-set shape and dtype:
 - device-to-device copy bandwidth of a buffer of the same size (the memory roof);
@@ -10,6 +10,8 @@ Measures, per parameter-set shape and dtype:
   speed-up over one MeZO-style pass (target >= 10x);
 - replay_ of K seeds: normals/s (target >= 5e11/s on H100 for Gaussian) and speed-up over K
   MeZO-style passes (target >= 20x at K = 256);
+- project (docs/stream-spec.md#projection) of K seeds: normals/s and speed-up over K passes of
+  torch.normal + torch.dot (the Ferret baseline; measured at K <= 256, scaled above);
 and prints a roofline line per replay: bytes moved, normals generated, the memory-bound time at
 the measured copy bandwidth and the generation-bound time at the best normals/s seen.
 With --zo: one ZO (MeZO) step of a SmolLM2-135M-shaped Llama in bfloat16 (random weights,
@@ -72,7 +74,61 @@ def mezo_passes(tensors: list[torch.Tensor], k: int) -> None:
         mezo_pass(tensors, s, 1e-6)
 
 
-def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str], record: list[dict]) -> list[str]:
+def normal_dot(tensors: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+    """The Ferret-style projection: per seed, materialise z with torch.normal, then torch.dot."""
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+        for p in tensors:
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            total += torch.dot(p.reshape(-1), z.reshape(-1)).double()
+        out.append(total)
+    return torch.stack(out).cpu()
+
+
+def bench_project(pset: ParamSet, ks: list[int], backends: list[str], base: dict) -> tuple[list[str], list[dict]]:
+    """fedkseed.project (gaussian) at each K against torch.normal + torch.dot per seed; the baseline
+    is timed at K <= 256 and scaled linearly in K above (each seed is an independent pass)."""
+    n = pset.numel
+    per_seed = timed(lambda: normal_dot(pset.tensors, [1, 2, 3, 4]), repeats=3) / 4
+    lines, rows = [f"normal + dot baseline: {per_seed * 1e3:.2f} ms per seed"], []
+    for k in ks:
+        baseline = timed(lambda k=k: normal_dot(pset.tensors, list(range(k))), repeats=1) if k <= 256 else per_seed * k
+        seeds = torch.arange(1, k + 1, dtype=torch.int64, device="cuda")
+        for backend in backends:
+            project = functools.partial(fedkseed.project, pset, seeds, backend=backend)
+            t = timed(project, repeats=3 if k * n > 1e11 else 5)
+            rows.append(
+                {
+                    **base,
+                    "backend": backend,
+                    "op": f"project gaussian K={k}",
+                    "k": k,
+                    "ms": t * 1e3,
+                    "gb_per_s": 0.0,
+                    "copy_share": 0.0,
+                    "per_s": k * n / t,
+                    "speedup_vs_mezo": baseline / t,  # here: vs torch.normal + torch.dot
+                    "baseline_ms": baseline * 1e3,
+                    "baseline_measured": k <= 256,
+                }
+            )
+            lines.append(
+                f"{backend:8} {'project K=' + str(k):22} {t * 1e3:10.2f} {'':>8} {'':>7} {k * n / t:10.2e} "
+                f"{baseline / t:7.1f}x vs normal+dot{'' if k <= 256 else ' (baseline scaled)'}"
+            )
+    return lines, rows
+
+
+def bench(
+    shape_name: str,
+    dtype_name: str,
+    ks: list[int],
+    backends: list[str],
+    record: list[dict],
+    project_ks: list[int] | None = None,
+) -> list[str]:
     dtype = DTYPES[dtype_name]
     pset = ParamSet(make_params(SHAPES[shape_name](), dtype, "cuda"))
     n, size = pset.numel, torch.finfo(dtype).bits // 8
@@ -138,6 +194,11 @@ def bench(shape_name: str, dtype_name: str, ks: list[int], backends: list[str], 
             f"{backend:8} {op:22} {t * 1e3:10.2f} {bw / 1e9:8.0f} {100 * bw / copy_bw:6.0f}% {rate:10.2e} "
             + (f"{speedup:7.1f}x" if speedup else f"{'':>8}")
         )
+    if project_ks:
+        base = {"shape": shape_name, "dtype": dtype_name, "copy_gb_per_s": copy_bw / 1e9, "mezo_pass_ms": mezo_s * 1e3}
+        project_lines, project_rows = bench_project(pset, project_ks, backends, base)
+        lines += project_lines
+        record += project_rows
     for backend, op, t, _bw, _rate, _speedup, k in rows:
         if op.startswith("replay_"):
             dist = op.split()[1]
@@ -193,6 +254,8 @@ def main() -> int:
     parser.add_argument("--shapes", default="smollm2,llama1.3b")
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--ks", default="16,256,4096")
+    parser.add_argument("--project-ks", default="16,256,4096", help="K of fedkseed.project ('' for none)")
+    parser.add_argument("--project-dtypes", default="bf16", help="dtypes the projection is timed on")
     parser.add_argument("--zo", action="store_true", help="also time a ZO step against two forward passes")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args()
@@ -208,10 +271,12 @@ def main() -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, backends: {', '.join(backends)}")
     ks = [int(k) for k in args.ks.split(",")]
+    project_ks = [int(k) for k in args.project_ks.split(",") if k]
     record: list[dict] = []
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
-            print("\n".join(bench(shape, dtype, ks, backends, record)), flush=True)
+            pks = project_ks if dtype in args.project_dtypes.split(",") else None
+            print("\n".join(bench(shape, dtype, ks, backends, record, pks)), flush=True)
             torch.cuda.empty_cache()
     zo = []
     if args.zo:

@@ -8,8 +8,8 @@ The machine's image already holds torch, triton and nvcc; nothing is installed. 
      sync, compiled Triton vs CUDA) and the all-backend bit-identity tests (branch cases, special
      values), which run the CUDA kernels and compiled Triton on a GPU;
   4. benchmarks/bench_gpu.py on the SmolLM2-135M shape (perturb_ vs copy bandwidth, replay_
-     normals/s at K = 16, 256, 4096, speed-ups over MeZO-style passes, a bf16 ZO step against two
-     forward passes).
+     normals/s at K = 16, 256, 4096, speed-ups over MeZO-style passes, project at K = 16, 256, 4096
+     in bf16 against torch.normal + torch.dot per seed, a bf16 ZO step against two forward passes).
 Each step has its own time limit, all within BUDGET_S, and a failing step does not stop the others. Without a GPU
 (a dry run) the extension in place (CPU) is used, the CUDA kernels are compiled but not run
 (when nvcc is there), the tests run on the CPU backends and the GPU steps are reported as
@@ -29,7 +29,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["tests/test_gpu.py", "tests/test_branches.py", "tests/test_special_values.py", "tests/test_triton_backend.py"]
+TESTS = [
+    "tests/test_gpu.py",
+    "tests/test_branches.py",
+    "tests/test_special_values.py",
+    "tests/test_triton_backend.py",
+    "tests/test_project.py",
+]
 # On a CPU dry run the Triton interpreter is slow; its branch tests run in the CPU suite anyway.
 DRY_RUN_TEST_FILTER = "not triton"
 # The whole run must fit a GPU slot (~15 min with start-up): every step's limit is cut to what is
@@ -122,9 +128,12 @@ def markdown(report: dict) -> str:
         ]
         for r in bench["kernels"]:
             speedup = f"{r['speedup_vs_mezo']:.1f}x" if r["speedup_vs_mezo"] else ""
+            copy = f"{100 * r['copy_share']:.0f}%"
+            if r["op"].startswith("project"):  # its baseline is torch.normal + torch.dot per seed
+                copy, speedup = "-", f"{speedup} vs normal+dot" + ("" if r["baseline_measured"] else " (scaled)")
             lines.append(
                 f"| {r['shape']} | {r['dtype']} | {r['backend']} | {r['op']} | {r['ms']:.2f} | "
-                f"{100 * r['copy_share']:.0f}% | {r['per_s']:.2e} | {speedup} |"
+                f"{copy} | {r['per_s']:.2e} | {speedup} |"
             )
         for z in bench.get("zo_step", []):
             lines.append(
@@ -172,11 +181,15 @@ def main(argv: list[str]) -> int:
                     "bf16,fp32",
                     "--ks",
                     "16,256,4096",
+                    "--project-ks",
+                    "16,256,4096",
+                    "--project-dtypes",
+                    "bf16",
                     "--zo",
                     "--json",
                     bench_json,
                 ],
-                150,
+                200,
             )
         )
         steps.append(run_step("tests (GPU)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], BUDGET_S))
