@@ -212,6 +212,54 @@ def test_chunk_aligned_shards_sum_to_the_unsharded_bits(which, dist):
     assert torch.allclose(sharded([0, 5000, full.numel()]), want, rtol=0, atol=1e-13 * magnitude)
 
 
+def _sharded_worker(rank: int, world: int, folder: str) -> None:
+    """One rank: real DTensor shards (gloo), projected by fedkseed.project with its all-reduce."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(8, 1024, generator=gen)  # 4 rows per rank: shard boundary at 4096
+        b = torch.randn(7, 300, generator=gen).bfloat16()  # rows 4/3: a boundary inside a chunk
+        c = torch.randn(50, generator=gen)  # replicated: counted once
+        placed = {
+            "a": distribute_tensor(a, mesh, [Shard(0)]),
+            "b": distribute_tensor(b, mesh, [Shard(0)]),
+            "c": distribute_tensor(c, mesh, [Replicate()]),
+        }
+        seeds = seeds_of(3)
+        out = {}
+        for name, keys in (("aligned", "ac"), ("split", "abc")):
+            out[name] = fedkseed.project(ParamSet([(k, placed[k]) for k in keys]), seeds)
+            out[name + "_unsharded"] = fedkseed.project(ParamSet([{"a": a, "b": b, "c": c}[k] for k in keys]), seeds)
+        torch.save(out, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cpu_kernel
+def test_sharded_dtensors_all_reduce(tmp_path):
+    """Two gloo ranks holding Shard(0)/Replicate DTensors: every rank returns the same bits; they
+    equal the unsharded result when the shard boundaries are multiples of 4096, and agree to
+    rounding when a boundary splits a chunk (docs/stream-spec.md#projection)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in ("aligned", "split"):
+        assert f64_bits(ranks[0][name]) == f64_bits(ranks[1][name]), name
+    assert f64_bits(ranks[0]["aligned"]) == f64_bits(ranks[0]["aligned_unsharded"])
+    assert torch.allclose(ranks[0]["split"], ranks[0]["split_unsharded"], rtol=1e-12, atol=1e-9)
+
+
 # ------------------------------------------------------------------------------ special inputs
 NONFINITE = [[float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("inf")], [1e38, 3e38]]
 

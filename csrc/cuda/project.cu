@@ -117,10 +117,9 @@ at::Tensor project_cuda(at::TensorList params, at::IntArrayRef offsets, const at
               "fedkseed: dist must be 0 (gaussian) or 1 (rademacher), got ", dist);
   TORCH_CHECK(offsets.size() == params.size(), "fedkseed: offsets has ", offsets.size(), " entries for ",
               params.size(), " params");
-  TORCH_CHECK(!params.empty(), "fedkseed: project needs at least one tensor on the GPU");
-  const at::Device device = params[0].device();
-  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.device() == device,
-              "fedkseed: seeds must be an int64 tensor on ", device);
+  // The seeds' device: a rank of a sharded set may hold no tensor of its own to project.
+  const at::Device device = seeds.device();
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, "fedkseed: seeds must be an int64 tensor, got ", seeds.scalar_type());
   const int64_t k = seeds.numel();
   // The chunks holding an element, in order; each tensor's chunks are consecutive among them.
   std::vector<uint64_t> chunks;
