@@ -143,15 +143,24 @@ def decode(data: bytes, kind: bytes, layout: Layout) -> ArrayMessage:
     return message
 
 
-def _parse(name: str, blob: bytes) -> np.ndarray:
-    buffer = io.BytesIO(blob)
+def npy_shape(blob: bytes) -> tuple[int, ...]:
+    """The shape a ``.npy`` blob of this format declares (its header only is read)."""
+    return _header("array", io.BytesIO(blob))[0]
+
+
+def _header(name: str, buffer: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
         version = np.lib.format.read_magic(buffer)
         if version != (1, 0):  # what numpy.save writes for these arrays
             raise ValueError(f".npy version {version}, expected (1, 0)")
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        return np.lib.format.read_array_header_1_0(buffer)
     except Exception as error:  # numpy raises ValueError/EOFError/SyntaxError on bad headers
         raise WireError(f"array {name!r} is not a .npy array ({error})") from None
+
+
+def _parse(name: str, blob: bytes) -> np.ndarray:
+    buffer = io.BytesIO(blob)
+    shape, fortran, dtype = _header(name, buffer)
     if dtype != DTYPE or fortran:
         raise WireError(f"array {name!r} is {dtype} ({'Fortran' if fortran else 'C'} order), expected <f4 C order")
     count = math.prod(shape)

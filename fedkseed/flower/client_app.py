@@ -1,9 +1,12 @@
-"""fedkseed's ClientApp: a thin shell over ``fedkseed.fed.Client``.
+"""fedkseed's ClientApp: a thin shell over ``fedkseed.fed.Client`` (or, for the first-order
+methods, ``fed.firstorder.FirstOrderClient``; ``payloads`` says how each method's messages ride
+in the records).
 
 A node enrols once (``query``: it receives the run's SimConfig and answers with its client id,
 its ``partition-id``), then trains when sampled (``train``: download bytes in, upload bytes
-out). What the client must remember between rounds, its copy of the seed table and the round
-it holds, lives in the node's Flower ``Context.state``, because the process that runs the
+out, and what the local work cost). What a FedKSeed client must remember between rounds, its copy
+of the seed table and the round it holds, lives in the node's Flower ``Context.state`` (a
+first-order client keeps nothing: each download holds the whole global tensors), because the process that runs the
 ClientApp may change from one message to the next (a Ray actor in simulation, a fresh
 ``flwr-clientapp`` process per message in deployment). Model and data are rebuilt per process
 by ``fedkseed.experiment.prepare``, the same preparation as the local engine's, and cached.
@@ -19,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import protocol as P
+from .payloads import payloads_for, usage_record
 
 if TYPE_CHECKING:
     from ..experiment.prepare import Setup
@@ -62,15 +66,22 @@ def train(msg: Message, context: Context) -> Message:
     """Catch up from the download (report the digest of the model built), train, upload."""
     if P.NODE_STATE not in context.state:
         raise RuntimeError("this node has not enrolled in the run (no query message received)")
+    from ..experiment.usage import measure
+
     state = context.state[P.NODE_STATE]
     setup = _setup(str(state[P.SIM_CONFIG]))
+    payloads = payloads_for(setup.config.method)
     client = setup.clients[int(state[P.CLIENT_ID])]
-    client.table = np.frombuffer(state["table"], dtype=np.float32).copy()
-    client.synced = int(state["synced"])
-    download = msg.content[P.CONFIG][P.DOWNLOAD]
+    seeds = setup.replica is not None  # FedKSeed: the client's table persists in the node state
+    if seeds:
+        client.table = np.frombuffer(state["table"], dtype=np.float32).copy()
+        client.synced = int(state["synced"])
+    download = payloads.download_bytes(msg.content)
     client.catch_up(download)
-    digest = setup.replica.params.fingerprint(values=True)
-    upload = client.train(download)  # merges the same download again: a no-op rebuild
-    state["table"], state["synced"] = client.table.tobytes(), client.synced
-    reply = ConfigRecord({P.UPLOAD: upload, P.MODEL_DIGEST: digest})
-    return Message(RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: reply}), reply_to=msg)
+    digest = setup.digest()
+    with measure(setup.model.device) as used:  # the work the local engine measures too
+        upload = client.train(download)  # catches up again: the same weights, rebuilt or reloaded
+    if seeds:
+        state["table"], state["synced"] = client.table.tobytes(), client.synced
+    content = payloads.upload_content(upload, {P.MODEL_DIGEST: digest, **usage_record(used)})
+    return Message(content, reply_to=msg)

@@ -1,12 +1,18 @@
 """What travels between fedkseed's ServerApp and ClientApp, and the run configuration.
 
-Messages (every one carries an empty ``ArrayRecord``: weights never travel, only the wire
-format's bytes and a few scalars in a ``ConfigRecord``):
+Messages (FedKSeed: every one carries an empty ``ArrayRecord``: weights never travel, only the
+wire format's bytes and a few scalars in a ``ConfigRecord``):
 
     query  server -> node   {"sim-config": JSON of the SimConfig}        enrolment
            node -> server   {"client-id": int}
     train  server -> node   {"download": bytes (wire.Download)}
-           node -> server   {"upload": bytes (wire.Upload), "model-digest": str}
+           node -> server   {"upload": bytes (wire.Upload), "model-digest": str,
+                             "client-seconds", "client-cpu-seconds", "client-peak-mib": float}
+
+The first-order methods (``--method fedit|fedavg``) send tensors instead: a train message's
+``ArrayRecord`` holds the global tensors, a reply's the client's, and the ``ConfigRecord`` the
+array message's header (``payloads``: "kind", "round", "client-id", "steps", "loss") beside the
+digest and the cost fields.
 
 A node claims the client whose id is its ``partition-id`` node-config value (Flower's
 convention: the simulation engine sets it; a deployed SuperNode gets ``--node-config
@@ -14,7 +20,8 @@ partition-id=N``). In deployment with ``node-keys`` the claim must match the id 
 public key is bound to (``identity.NodeKeys``).
 
 ``model-digest`` is ``ParamSet.fingerprint(values=True)`` of the weights the client trained
-from (layout and bytes), which must be the server's global model bit for bit.
+from (layout and bytes; first-order methods: of the trained tensors), which must be the
+server's global model bit for bit.
 
 A deployed SuperNode starts a fresh process for every message, so this module (imported by the
 ClientApp) defers the heavy imports to the functions that need them.

@@ -26,9 +26,11 @@ from ..experiment.folder import claim_output
 from ..experiment.outputs import Results, write_outputs
 from ..experiment.prepare import Setup, prepare
 from ..experiment.runbook import RunBook
+from ..experiment.usage import Usage
 from ..fed import RoundSummary
 from . import protocol as P
 from .identity import NodeKeys
+from .payloads import payloads_for
 from .strategy import FedKSeedStrategy, RoundLog
 
 FLOWER_FILE = "flower.json"
@@ -55,23 +57,24 @@ def serve(
     grid: Grid, setup: Setup, *, min_nodes: int, timeout: float, progress: bool, keys: NodeKeys | None = None
 ) -> Results:
     """Run the remaining rounds over Flower's grid with the local engine's bookkeeping;
-    ``keys`` binds client ids to node public keys (None: to the nodes' partition-id)."""
+    ``keys`` binds client ids to node public keys (None: to the nodes' partition-id). The
+    clients' local work is measured where it runs and reported in their replies."""
     book = RunBook(setup, progress=progress)
-    server, replica = setup.server, setup.replica
     transport: list[dict] = []
 
     def on_round(summary: RoundSummary, round_log: RoundLog, started: float) -> str:
         transport.append(dataclasses.asdict(round_log))
         book.bar.update(book.steps_per_round)
-        book.record(summary, started, [])  # client usage: not yet reported over Flower
+        book.record(summary, started, [Usage(**u) for u in round_log.usage.values()])
         save_atomically(book.output / FLOWER_FILE, lambda p: p.write_text(json.dumps(transport, indent=2) + "\n"))
-        return replica.params.fingerprint(values=True)
+        return setup.digest()
 
     wait_for_nodes(grid, min_nodes, timeout, keys)
+    payloads = payloads_for(setup.config.method)
     strategy = FedKSeedStrategy(
-        server, P.config_to_json(setup.config), replica.params.fingerprint(values=True), on_round, timeout, keys
+        setup.server, P.config_to_json(setup.config), setup.digest(), on_round, timeout, keys, payloads
     )
-    strategy.start(grid, ArrayRecord(), num_rounds=setup.config.rounds - server.round, timeout=timeout)
+    strategy.start(grid, ArrayRecord(), num_rounds=setup.config.rounds - setup.server.round, timeout=timeout)
     return book.finish()
 
 

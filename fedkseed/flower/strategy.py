@@ -1,4 +1,6 @@
-"""FedKSeedStrategy: ``fedkseed.fed.Server`` as a Flower Message-API strategy.
+"""FedKSeedStrategy: ``fedkseed.fed.Server`` (or, for the first-order methods, a
+``fed.firstorder.FirstOrderServer``) as a Flower Message-API strategy; how each method's
+messages ride in the records is ``payloads``.
 
 One Flower round is one Server round: ``configure_train`` enrols nodes that appeared since the
 last round, opens the round (the run's deterministic client sample, as in the local engine) and
@@ -35,8 +37,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..fed import RoundSummary, Server, draw_schedule, wire
+from ..fed.firstorder import FirstOrderServer
 from . import protocol as P
 from .identity import NodeKeys
+from .payloads import ArrayPayloads, SeedPayloads, usage_of
 
 ALREADY_SERVED = "is already served by another node"
 
@@ -55,6 +59,7 @@ class RoundLog:
     refused: dict[int, str] = field(default_factory=dict)  # online node id -> why it has no client id
     global_digest: str = ""  # the model the clients had to train from
     client_digests: dict[int, str] = field(default_factory=dict)  # what they reported
+    usage: dict[int, dict[str, float]] = field(default_factory=dict)  # client id -> its local work's cost
 
 
 def replies_by_node(sent: list[Message], replies: Iterable[Message]) -> dict[int, Message]:
@@ -67,17 +72,20 @@ def replies_by_node(sent: list[Message], replies: Iterable[Message]) -> dict[int
 class FedKSeedStrategy(Strategy):
     """``on_round(summary, log, started)`` runs after each round; it rebuilds the global model
     and returns its digest, which the next round's clients must report. ``keys``: the
-    deployment's key list (None: ids are the nodes' own ``partition-id``)."""
+    deployment's key list (None: ids are the nodes' own ``partition-id``). ``payloads``: how
+    the method's messages travel (default: FedKSeed's)."""
 
     def __init__(
         self,
-        server: Server,
+        server: Server | FirstOrderServer,
         config_json: str,
         global_digest: str,
         on_round: Callable[[RoundSummary, RoundLog, float], str],
         timeout: float,
         keys: NodeKeys | None = None,
+        payloads: SeedPayloads | ArrayPayloads | None = None,
     ) -> None:
+        self.payloads = payloads or SeedPayloads()
         self.server, self.config_json, self.global_digest = server, config_json, global_digest
         self.on_round, self.timeout, self.keys = on_round, timeout, keys
         self.client_of: dict[int, int] = {}  # node id -> the client id it is bound to
@@ -90,16 +98,16 @@ class FedKSeedStrategy(Strategy):
 
     def summary(self) -> None:
         spec = self.server.spec
+        seeds = f"K = {spec.k}, {spec.precision}" if isinstance(self.server, Server) else "first-order local steps"
         log(
             INFO,
-            "\t├── FedKSeed: K = %d, %d of %d clients per round, %d local steps, %s",
-            spec.k,
+            "\t├── fedkseed: %d of %d clients per round, %d local steps, %s",
             spec.clients_per_round,
             spec.num_clients,
             spec.local_steps,
-            spec.precision,
+            seeds,
         )
-        log(INFO, "\t└── payloads: wire-format bytes in a ConfigRecord (no arrays)")
+        log(INFO, "\t└── payloads: %s", self.payloads.description)
 
     # --------------------------------------------------------------------------- enrolment
     def _enroll(self, grid: Grid, round_log: RoundLog) -> None:
@@ -146,8 +154,9 @@ class FedKSeedStrategy(Strategy):
                 self._refuse(round_log, node, reason, standing=not reason.endswith(ALREADY_SERVED))
                 continue
             self.client_of[node] = client
-            # A node that (re)joins holds no table: its first download is a full catch-up.
-            self.server.synced[client] = 0
+            if isinstance(self.server, Server):
+                # A node that (re)joins holds no table: its first download is a full catch-up.
+                self.server.synced[client] = 0
             round_log.enrolled.append(client)
             log(INFO, "round %d: node %d enrolled as client %d", round_log.round, node, client)
 
@@ -200,10 +209,9 @@ class FedKSeedStrategy(Strategy):
             if node is None:
                 round_log.absent.append(client)
                 continue
-            payload = ConfigRecord({P.DOWNLOAD: self.server.download(client)})
             self._sent.append(
                 Message(
-                    RecordDict({P.ARRAYS: ArrayRecord(), P.CONFIG: payload}),
+                    self.payloads.download_content(self.server.download(client)),
                     node,
                     MessageType.TRAIN,
                     group_id=str(round_log.round),
@@ -249,6 +257,9 @@ class FedKSeedStrategy(Strategy):
                 )
                 continue
             upload, digest = self._payload(reply)
+            usage = usage_of(reply.content)
+            if usage is not None:
+                round_log.usage[client] = usage
             if upload is None:
                 self._reject(round_log, client, node, "reply carries no upload bytes")
                 continue
@@ -281,21 +292,18 @@ class FedKSeedStrategy(Strategy):
         to), or None: it must be readable and name that client, so a node cannot take another
         client's place (the Server then checks it as that client's, schedule included)."""
         try:
-            named = wire.decode_upload(upload, self.server.spec.k, self._schedules).client_id
+            named = self.payloads.sender(upload, self.server.spec.k, self._schedules)
         except wire.WireError as error:
             return str(error)
         if named != client:
             return f"the node of client {client} sent an upload for client {named}"
         return None
 
-    @staticmethod
-    def _payload(reply: Message) -> tuple[bytes | None, str]:
+    def _payload(self, reply: Message) -> tuple[bytes | None, str]:
         try:
-            record = reply.content[P.CONFIG]
-            upload, digest = record[P.UPLOAD], str(record[P.MODEL_DIGEST])
+            return self.payloads.upload_bytes(reply.content), str(reply.content[P.CONFIG][P.MODEL_DIGEST])
         except (KeyError, TypeError):
             return None, ""
-        return (upload if isinstance(upload, bytes) else None), digest
 
     @staticmethod
     def _reject(round_log: RoundLog, client: int, node: int | None, reason: str) -> None:
