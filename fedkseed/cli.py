@@ -113,6 +113,8 @@ def final_line(final: dict[str, Any], output: str) -> str:
         )
     else:
         parts.append("Rouge-L not scored (no held-out examples or --rouge-examples 0)")
+    if "dp" in final:
+        parts.append(f"client-level DP: epsilon {final['dp']['epsilon']:.3f} at delta {final['dp']['delta']:.3g}")
     return "; ".join(parts) + f"; outputs in {output}"
 
 

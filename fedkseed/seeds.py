@@ -34,6 +34,8 @@ DOMAINS: dict[str, bytes] = {
     "batch": b"fks-batch",  # FedKSeed: row j of a local batch (seed, round, client, step, j)
     "epoch": b"fks-epoch",  # FedKSeed: the row order of epoch e of a client (seed, client, e, row)
     "attack": b"fks-attack",  # attack simulation: Byzantine picks and random values (seed, round, client, ...)
+    "dp-sample": b"fks-dp-sample",  # DP with --dp-noise-seed (unsafe): Poisson sampling (noise seed, round, client)
+    "dp-noise": b"fks-dp-noise",  # DP with --dp-noise-seed (unsafe): Gaussian noise (noise seed, round, entry, half)
 }
 
 

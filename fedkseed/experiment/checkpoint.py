@@ -196,6 +196,8 @@ def _check_fields(state: dict[str, Any], path: pathlib.Path) -> None:
             record.at(name).real()
         for name in RECORD_COUNTS:
             record.at(name).real(finite=True, minimum=0)
+        if "epsilon" in record.value:  # a DP run's budget spent after the round
+            record.at("epsilon").real(finite=True, minimum=0)
         record.json_value()
     before = _Field(path, "before", state["before"]).of(dict, "an object")
     before.at("eval_loss").real()

@@ -24,6 +24,7 @@ from .. import stream as S
 from ..errors import UsageError
 from ..fed import FedSpec
 from ..fed.attacks import ATTACKS, parse_rounds
+from ..fed.privacy import DEFAULT_CLIP_PER_STEP, DELTA_EXPONENT, Privacy
 from ..fed.robust import AGGREGATES, parse_clip
 from ..fed.wire import PRECISIONS
 from ..models import DTYPES
@@ -174,6 +175,18 @@ class SimConfig:
     byzantine: int = option(0, "clients of each round's sample that send adversarial uploads (simulation)")
     attack: str = option("scale", "what the --byzantine clients send", lambda: ATTACKS)
     attack_rounds: str = option("all", "rounds in which the --byzantine clients attack: all, or e.g. 1 or 1,3")
+    dp_epsilon: float | None = option(
+        None, "client-level differential privacy of the released seed table: the run's epsilon (docs/privacy.md)"
+    )
+    dp_delta: float | None = option(None, f"DP: delta (default clients^-{DELTA_EXPONENT:g})")
+    dp_clip: float | None = option(
+        None,
+        f"DP: L2 bound on each client's upload, its per-seed sums (default {DEFAULT_CLIP_PER_STEP:g} * "
+        "sqrt(local steps)); replaces --clip",
+    )
+    dp_noise_seed: int | None = option(
+        None, "DP: derive the client sampling and the noise from this seed (reproducible; UNSAFE outside simulations)"
+    )
     alpha: float = option(0.5, "Dirichlet concentration over categories")
     holdout: str = option("1", "held-out categories for new-task Rouge-L: a count, or comma-separated names")
     seed: int = option(0, "seed of every draw of the run")
@@ -198,6 +211,8 @@ class SimConfig:
             raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.lr is None and self.method in FIRST_ORDER_LR:
             object.__setattr__(self, "lr", FIRST_ORDER_LR[self.method])
+        if self.clip is None and self.dp_epsilon is not None:  # not the protocol's: --dp-clip replaces it
+            object.__setattr__(self, "clip", "auto")
         for name, value in PROTOCOLS[self.protocol].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -243,6 +258,7 @@ class SimConfig:
             self.spec()
         except ValueError as error:
             raise UsageError(str(error)) from None
+        self._check_privacy()
 
     def _check_method(self) -> None:
         """What only FedKSeed does, refused for the first-order methods (one line each)."""
@@ -270,6 +286,38 @@ class SimConfig:
                     f"{what} is FedKSeed's (--method fedkseed); --method {self.method} trains float32 weights "
                     "and averages them"
                 )
+
+    def _check_privacy(self) -> None:
+        """--dp-*: checked by ``Privacy`` itself (its errors name the option); the defaults it
+        resolves (delta, clip) are recorded here, so metrics.json shows what ran."""
+        if self.dp_epsilon is None:
+            names = ("dp_delta", "dp_clip", "dp_noise_seed")
+            dependent = [flag(name) for name in names if getattr(self, name) is not None]
+            if dependent:
+                raise UsageError(f"{dependent[0]} needs --dp-epsilon (the privacy budget that turns DP on)")
+            return
+        if self.first_order:
+            raise UsageError(
+                f"--dp-epsilon is FedKSeed's (--method fedkseed): its noise goes on the seed table; --method "
+                f"{self.method} averages weights"
+            )
+        if self.clip != "auto":
+            raise UsageError(
+                f"--clip {self.clip} is refused with --dp-epsilon: DP bounds every upload itself (its L2 norm "
+                "to --dp-clip), which replaces --clip; leave --clip unset"
+            )
+        try:
+            privacy = self.privacy()
+        except ValueError as error:
+            raise UsageError(f"--{error}") from None
+        object.__setattr__(self, "dp_delta", privacy.delta)
+        object.__setattr__(self, "dp_clip", privacy.clip)
+
+    def privacy(self) -> Privacy | None:
+        """The run's DP mechanism (``--dp-epsilon``), or None."""
+        if self.dp_epsilon is None:
+            return None
+        return Privacy(self.spec(), self.rounds, self.dp_epsilon, self.dp_delta, self.dp_clip, self.dp_noise_seed)
 
     @property
     def first_order(self) -> bool:

@@ -50,7 +50,7 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
                 usage.append(used)
                 server.receive(upload)
             book.bar.update(config.local_steps)
-        if len(failures) == len(sampled):
+        if sampled and len(failures) == len(sampled):  # DP's Poisson sampling may draw nobody
             # Every client failing is a bug or a broken setup, not a fault to ride out: stop
             # before the checkpoint records an empty round (the last round's files stay).
             raise RuntimeError(f"round {server.round + 1}: every sampled client failed; first: {failures[0]!r}") from (

@@ -91,7 +91,7 @@ def prepare(config: SimConfig) -> Setup:
             FirstOrderClient(i, spec, model, trainable, e, D.response_loss) for i, e in enumerate(encoded)
         ]
     else:
-        server = Server(spec, sizes)
+        server = Server(spec, sizes, config.privacy())
         replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
         clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
     eval_data = [

@@ -62,7 +62,8 @@ class RunBook:
             desc="fedkseed",
         )
         self.bar.write(f"train loss: {train_loss_meaning(config.method)}", file=sys.stdout)
-        _row(self.bar, None)
+        self.dp = config.dp_epsilon is not None  # the table gets an epsilon column
+        _row(self.bar, None, self.dp)
         _row(
             self.bar,
             {
@@ -72,7 +73,9 @@ class RunBook:
                 "bytes_up_per_client": 0,
                 "bytes_down_per_client": 0,
                 "seconds": 0.0,
+                "epsilon": 0.0,
             },
+            self.dp,
         )
 
     def record(self, summary: RoundSummary, started: float, usage: Sequence[Usage]) -> dict[str, Any]:
@@ -93,6 +96,7 @@ class RunBook:
             "rejected": {str(c): reason for c, reason in summary.rejected.items()},
             **round_usage(usage),
             "seconds": time.perf_counter() - started,
+            **({"epsilon": summary.epsilon} if self.dp else {}),  # spent after this round
         }
         self.rounds.append(record)
         unmark_complete(self.output)
@@ -106,7 +110,7 @@ class RunBook:
                 "before": self.before,
             },
         )
-        _row(self.bar, record)
+        _row(self.bar, record, self.dp)
         return record
 
     def finish(self) -> Results:
@@ -130,6 +134,8 @@ class RunBook:
             "data": setup.data,
             "fingerprint": setup.fingerprint,
         }
+        if self.dp:
+            final["dp"] = setup.server.privacy.report(setup.server.round)
         # delta.fks is FedKSeed's (a seed table); the first-order methods' product is the model.
         delta = None if config.first_order else setup.server.delta(setup.fingerprint)
         return Results(config, self.rounds, final, delta, final_model(setup.model, config.method), setup.tokenizer)
@@ -140,12 +146,14 @@ def _mean(values: Iterable[float]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def _row(bar: Any, record: dict[str, Any] | None) -> None:
+def _row(bar: Any, record: dict[str, Any] | None, dp: bool) -> None:
     if record is None:
         line = f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'up B':>7}  {'down B':>7}  {'seconds':>7}"
+        line += f"  {'epsilon':>7}" if dp else ""
     else:
         line = (
             f"{record['round']:>5}  {record['train_loss']:>10.4f}  {record['eval_loss']:>9.4f}  "
             f"{record['bytes_up_per_client']:>7.0f}  {record['bytes_down_per_client']:>7.0f}  {record['seconds']:>7.1f}"
         )
+        line += f"  {record['epsilon']:>7.3f}" if dp else ""
     bar.write(line, file=sys.stdout)

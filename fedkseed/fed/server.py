@@ -10,12 +10,16 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import robust, wire
 from .seedpool import SeedPool, draw_schedule, sample_clients
 from .spec import FedSpec
+
+if TYPE_CHECKING:
+    from .privacy import Privacy
 
 log = logging.getLogger("fedkseed.fed")
 
@@ -42,6 +46,7 @@ class RoundSummary:
     rms: dict[int, float] = field(default_factory=dict)  # per-step RMS of each accepted upload
     bound: float = float("inf")  # the round's bound on it (inf: none); norm <= bound * sqrt(steps)
     clipped: dict[int, float] = field(default_factory=dict)  # client -> scale factor (< 1) applied
+    epsilon: float | None = None  # under DP (``privacy``): the epsilon spent after this round
 
 
 class Server:
@@ -63,15 +68,20 @@ class Server:
     ``changed[k]`` is the round in which entry k last changed, and ``synced[c]`` the table
     state client c holds: its download is the entries changed since. ``client_rms[c]`` is the
     per-step RMS of client c's latest accepted upload before any bound (0: none yet), from which
-    ``clip="auto"`` derives each round's bound (``robust.rms_bound``).
+    ``clip="auto"`` derives each round's bound (``robust.rms_bound``). With ``privacy``
+    (client-level DP, ``fed/privacy.py``) clients are Poisson-sampled, each upload is clipped
+    to L2 norm ``privacy.clip`` and weighted 1 / clients_per_round, and the round's noise is
+    added before the table is published.
     """
 
-    def __init__(self, spec: FedSpec, client_sizes: Sequence[int]) -> None:
+    def __init__(self, spec: FedSpec, client_sizes: Sequence[int], privacy: Privacy | None = None) -> None:
         if len(client_sizes) != spec.num_clients:
             raise ValueError(f"client_sizes has {len(client_sizes)} entries for {spec.num_clients} clients")
         if any(int(n) < 1 for n in client_sizes):
             raise ValueError("every client needs at least one example")
-        self.spec = spec
+        if privacy is not None and privacy.spec != spec:
+            raise ValueError("privacy was set up for another FedSpec")
+        self.spec, self.privacy = spec, privacy
         self.pool = SeedPool(spec.seed, spec.k)
         self.sizes = [int(n) for n in client_sizes]
         self.units = [spec.weight_units(n) for n in self.sizes]
@@ -96,7 +106,9 @@ class Server:
             raise RuntimeError(f"round {self.round + 1} is already open")
         r = self.round + 1
         spec = self.spec
-        if clients is None:
+        if clients is None and self.privacy is not None:
+            chosen = self.privacy.sample(r)  # secret: not derived from the run's seed
+        elif clients is None:
             chosen = sample_clients(spec.seed, r, spec.num_clients, spec.clients_per_round)
         else:
             chosen = sorted({int(c) for c in clients})
@@ -169,14 +181,17 @@ class Server:
         total = sum(self.units[c] for c in accepted)
         steps = {c: _steps_taken(self._uploads[c]) for c in accepted}
         summary.rms = {c: robust.per_step_rms(self._uploads[c].values, steps[c]) for c in accepted}
-        summary.bound = robust.rms_bound(summary.rms, self.client_rms, self.spec.clip)
+        dp = self.privacy
+        summary.bound = math.inf if dp else robust.rms_bound(summary.rms, self.client_rms, self.spec.clip)
         parts, losses = [], []
         for c in accepted:
             upload = self._uploads[c]
-            weight = self.units[c] / total
-            values, factor = robust.bounded(upload.values, summary.bound * np.sqrt(max(steps[c], 1)))
+            weight = dp.weight if dp else self.units[c] / total
+            limit = dp.clip if dp else summary.bound * np.sqrt(max(steps[c], 1))
+            values, factor = robust.bounded(upload.values, limit)
             if factor < 1.0:
                 summary.clipped[c] = factor
+            if factor < 1.0 and not dp:  # under DP, clipping is the mechanism, not an event
                 log.warning(
                     "round %d: client %d's upload scaled by %.3g to the per-step RMS bound %.6g",
                     summary.round,
@@ -190,6 +205,8 @@ class Server:
             if np.isfinite(upload.loss):
                 losses.append((weight, upload.loss))
         robust.accumulate(self.accumulated, parts, self.spec.aggregate)
+        if dp:
+            summary.epsilon = dp.release(self.accumulated, summary.round)
         for c in accepted:  # unbounded: an honest upload scaled down in this round counts at its size
             self.client_rms[c] = summary.rms[c]
         if robust.clamp_table(self.accumulated, self.spec.lr32):
@@ -288,6 +305,7 @@ class Server:
             "synced": self.synced.copy(),
             "pool": self.pool.state_dict(),
             "client_rms": self.client_rms.copy(),
+            **({"privacy": self.privacy.state_dict()} if self.privacy else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -295,6 +313,10 @@ class Server:
         replaced: a value no run can produce is a one-line ValueError naming it."""
         try:
             loaded = self._checked_state(state)
+            if (self.privacy is None) != ("privacy" not in state):
+                raise ValueError("the saved server state and this run differ in whether DP (privacy) is on")
+            if self.privacy is not None:
+                self.privacy.load_state_dict(state["privacy"])  # checks before it replaces anything
         except (KeyError, TypeError, IndexError, OverflowError) as error:
             missing = f"lacks {error}" if isinstance(error, KeyError) else f"is malformed ({error})"
             raise ValueError(f"the saved server state {missing}".splitlines()[0]) from None

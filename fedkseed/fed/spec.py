@@ -9,7 +9,7 @@ from .. import stream as S
 from ..seeds import U64
 from ..zo.passes import float32
 from .robust import AGGREGATES, parse_clip
-from .wire import MAX_K, PRECISIONS
+from .wire import MAX_K, MAX_STEPS, PRECISIONS
 
 WEIGHTINGS = ("examples", "batches")
 BATCHINGS = ("draws", "epochs")
@@ -68,6 +68,8 @@ class FedSpec:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         if self.k > MAX_K:
             raise ValueError(f"k must be <= {MAX_K} (the wire format's limit), got {self.k}")
+        if self.local_steps > MAX_STEPS:
+            raise ValueError(f"local_steps must be <= {MAX_STEPS} (the wire format's limit), got {self.local_steps}")
         for name in ("lr", "eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
