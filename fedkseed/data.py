@@ -533,9 +533,9 @@ def generate(
     max_length: int | None = None,
 ) -> list[str]:
     """Greedy answers to ``examples`` (batched, left-padded prompts), special tokens stripped.
-    With ``max_length``, each prompt is the one :func:`encode` scores that example's answer
-    after (:func:`fit_example`: truncated from the left when prompt and reference answer exceed
-    it), so generation starts from what training and the eval loss see."""
+    With ``max_length``, each prompt is fitted as :func:`encode` fits it (:func:`fit_example`:
+    truncated from the left when it and the reference answer exceed ``max_length``), so a
+    held-out answer is generated from the same tokens its loss would be scored after."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
