@@ -248,3 +248,22 @@ def test_simulate_with_dp_end_to_end(tmp_path, capsys):
     assert main([*args, "--resume", "--rounds", "3"]) == 2
     error = capsys.readouterr().err.strip()
     assert "--rounds 3 exceeds the 2 rounds" in error and "\n" not in error
+
+
+def test_flower_engine_releases_the_local_engines_tables_under_dp(tmp_path):
+    """DP lives in the Server, so the Flower engine runs it too: with the same noise seed, the
+    same Poisson samples (round 2 samples nobody: only noise is released), tables and records."""
+    pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedkseed[flower]'")
+    from fedkseed.experiment.local import run_local
+    from fedkseed.flower.engine import run_flower
+
+    options = dict(model="tiny", clients=4, clients_per_round=2, rounds=3, local_steps=3, k=32, seed=3)
+    options |= dict(eval_examples=4, rouge_examples="0", batch_size=2, max_length=48, dp_epsilon=4.0, dp_noise_seed=22)
+    local = run_local(SimConfig(engine="local", output=str(tmp_path / "local"), **options), progress=False)
+    flower = run_flower(SimConfig(engine="flower", output=str(tmp_path / "flower"), **options), progress=False)
+    assert [r["clients"] for r in local.rounds] == [[2, 3], [], [1, 2, 3]]
+    assert flower.delta == local.delta and flower.final == local.final
+    timings = {"seconds", "client_seconds", "client_cpu_seconds", "client_peak_mib"}
+    strip = [[{k: v for k, v in r.items() if k not in timings} for r in run.rounds] for run in (local, flower)]
+    assert json.dumps(strip[0]) == json.dumps(strip[1])
+    assert local.rounds[1]["epsilon"] > local.rounds[0]["epsilon"] and "dp" in flower.final
