@@ -8,7 +8,16 @@ before it; on the CPU, the process's resident set size (``/proc/self/statm``) sa
 first handed back to the OS (glibc ``malloc_trim``), so memory an earlier client left in the
 allocator does not hide this client's own use. A peak shorter than the sampling period can be
 missed, and RSS counts every thread of the process: a figure for comparing methods on one
-machine, not an allocator trace.
+machine, not an allocator trace. What is measured is the client's whole round (``train``):
+decoding its download, the local steps and encoding its upload, so a first-order client's
+figure includes the tensors it receives and sends (FedAvg: two copies of the weights), beside
+gradients and optimizer state. The model the process already holds is not counted.
+
+CPU seconds count every thread, including OpenMP worker threads that spin while they wait for
+work (libgomp's default): on a busy 2-core machine 10 AdamW steps of the tiny model took 2.4-3.3x
+the CPU time with torch's 2 threads spinning as with ``OMP_WAIT_POLICY=PASSIVE``, for the same
+work. Set ``OMP_WAIT_POLICY=PASSIVE`` in the environment (before Python starts: OpenMP reads it
+once) when CPU seconds are compared.
 """
 
 from __future__ import annotations
