@@ -30,7 +30,6 @@ from test_flower import (
     Federation,
     assert_same_weights,
     local_from_received,
-    run_config,
     saved_weights,
 )
 
@@ -58,6 +57,13 @@ def federation(flwr, tmp_path):
         fed.close()
 
 
+def settings_run_config(config: SimConfig, **engine_options) -> dict:
+    """The run config of the settings this module sets (TINY, the sizes, the output); the app
+    config's defaults, SimConfig's, give the rest."""
+    keys = [*TINY, "clients", "clients_per_round", "rounds", "seed", "output"]
+    return {k.replace("_", "-"): getattr(config, k) for k in keys} | engine_options
+
+
 # ------------------------------------------------------------- restarts, refusals, crashes
 def test_a_refused_node_restarted_with_its_right_partition_id_takes_part(federation, tmp_path):
     """node1 starts declaring partition-id 0 while its key is bound to client 1: refused, and the
@@ -75,7 +81,7 @@ def test_a_refused_node_restarted_with_its_right_partition_id_takes_part(federat
     federation.add_node("node0", 0)
     federation.add_node("node1", 0)  # the wrong id: its key is bound to client 1
     options = {"min-nodes": 2, "round-timeout": 120.0, "node-keys": str(keys)}
-    federation.run(APP_DIR, run_config(config, **options), timeout=330)
+    federation.run(APP_DIR, settings_run_config(config, **options), timeout=330)
     reason = "it claims client 0, its public key is bound to client 1"
     federation.wait_for("run", rf"node {ids['node1']} refused: {reason}")
     federation.stop("node1")  # SIGTERM: the SuperNode deactivates itself ...
