@@ -65,45 +65,57 @@ def settings_run_config(config: SimConfig, **engine_options) -> dict:
 
 
 # ------------------------------------------------------------- restarts, refusals, crashes
-def test_a_refused_node_restarted_with_its_right_partition_id_takes_part(federation, tmp_path):
-    """node1 starts declaring partition-id 0 while its key is bound to client 1: refused, and the
+def test_refused_and_restarted_nodes_enrol_afresh(federation, tmp_path):
+    """Three clients, two per round (the run's sample: [1, 2], [1, 2], [0, 1]).
+    node1 starts declaring partition-id 0 while its key is bound to client 1: refused, and the
     log says why client 1 has no node. Stopped (SIGTERM) and restarted at once with the right id,
-    it keeps its node id, is evaluated afresh and trains in the following rounds; the model is
-    the local engine's built from exactly the accepted updates. Then node0 is killed (SIGKILL)
-    and restarted at once: Flower refuses to activate it while it still counts as online (exit
-    code 305), and the SuperLink's log says so, as docs/flower.md describes."""
+    it keeps its node id, is evaluated afresh and trains from the next round. node0, enrolled
+    and idle in round 2, restarts then (SIGTERM, started again at once: same node id, state
+    gone): round 3 sees the new activation, releases its binding, enrols it afresh and it trains
+    from a full catch-up. The model is the local engine's built from exactly the accepted
+    updates. Then node0 is killed (SIGKILL) and started again at once: Flower refuses to activate
+    it while it still counts as online (exit code 305), and the SuperLink's log says why, as
+    docs/flower.md describes."""
     config = SimConfig(
-        engine="flower", output=str(tmp_path / "out"), clients=2, clients_per_round=2, rounds=3, seed=4, **TINY
+        engine="flower", output=str(tmp_path / "out"), clients=3, clients_per_round=2, rounds=3, seed=0, **TINY
     )
     started = time.perf_counter()
-    ids = federation.register(["node0", "node1"])
-    keys = federation.node_keys({"node0": 0, "node1": 1})
+    ids = federation.register(["node0", "node1", "node2"])
+    keys = federation.node_keys({"node0": 0, "node1": 1, "node2": 2})
     federation.add_node("node0", 0)
     federation.add_node("node1", 0)  # the wrong id: its key is bound to client 1
-    options = {"min-nodes": 2, "round-timeout": 120.0, "node-keys": str(keys)}
+    federation.add_node("node2", 2)
+    options = {"min-nodes": 3, "round-timeout": 120.0, "node-keys": str(keys)}
     federation.run(APP_DIR, settings_run_config(config, **options), timeout=330)
     reason = "it claims client 0, its public key is bound to client 1"
     federation.wait_for("run", rf"node {ids['node1']} refused: {reason}")
     federation.stop("node1")  # SIGTERM: the SuperNode deactivates itself ...
     federation.add_node("node1", 1)  # ... so it can start again at once
+    federation.wait_for("node2", r"ROUND 2\].{0,400}Receiving: train message")  # round 2 has enrolled
+    federation.stop("node0")
+    federation.add_node("node0", 0)
     federation.wait_run()
-    print(f"refused node restarted, 3 rounds: {time.perf_counter() - started:.1f} s")
+    print(f"refused and restarted nodes, 3 rounds: {time.perf_counter() - started:.1f} s")
 
     transport = json.loads((tmp_path / "out" / "flower.json").read_text())
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert transport[0]["refused"] == {str(ids["node1"]): reason} and transport[0]["absent"] == [1]
     why = f"sampled clients without a node: [1]; node {ids['node1']} has no client id: {reason}"
     assert why in federation.log("run")
-    back = next(r for r, record in enumerate(transport) if 1 in record["enrolled"])  # KeyError-free: must exist
-    assert back >= 1 and transport[back]["nodes"] == {"0": ids["node0"], "1": ids["node1"]}  # the same node id
+    back = next(r for r, record in enumerate(transport) if 1 in record["enrolled"])
+    assert back in (1, 2) and transport[back]["nodes"]["1"] == ids["node1"]  # the same node id
     assert not transport[back]["refused"]
+    assert transport[2]["departed"] == [0] and 0 in transport[2]["enrolled"]  # released, enrolled afresh
+    assert transport[2]["nodes"]["0"] == ids["node0"]
+    assert f"round 3: node {ids['node0']} (client 0) restarted" in federation.log("run")
     accepted = [r["clients"] for r in metrics["rounds"]]
-    assert accepted == [[0]] * back + [[0, 1]] * (config.rounds - back)
+    assert accepted == [[2], [1, 2] if back == 1 else [2], [0, 1]]
 
     server, digests, model, fingerprint = local_from_received(dataclasses.replace(config, engine="local"), accepted)
     for r, record in enumerate(transport):
         assert record["global_digest"] == digests[r]
-    assert transport[back]["client_digests"]["1"] == digests[back]  # its catch-up rebuilt the model
+    assert transport[back]["client_digests"]["1"] == digests[back]  # catch-ups rebuilt the model
+    assert transport[2]["client_digests"]["0"] == digests[2]
     assert_same_weights(saved_weights(tmp_path / "out"), model)
     assert (tmp_path / "out" / "delta.fks").read_bytes() == server.delta(fingerprint)
 
