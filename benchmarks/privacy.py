@@ -71,7 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / args.output
     out.mkdir(parents=True, exist_ok=True)
-    settings = [(seed, eps) for eps in [None, *args.epsilons] for seed in args.seeds]
+    # seed by seed: a run cut short still leaves every epsilon of the first seeds (rerun with those --seeds)
+    settings = [(seed, eps) for seed in args.seeds for eps in [None, *args.epsilons]]
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
