@@ -134,18 +134,23 @@ def main() -> None:
         "schedule could touch, so the noise falls below the signal when "
         f"|U| sigma^2 C^2 / (m min(C, r sqrt(tau))^2) < 1. Here r = {median_rms:.1f}, C = {clip:.1f}, "
         f"min(C, r sqrt(tau)) = {norm:.1f}; at q = 0.1 (N = 10 m), {rounds} rounds, tau = {steps}, K = {k}, "
-        "delta = N^-1.1, |U| its expected size:\n"
+        "delta = N^-1.1, |U| its expected size (with --shared-seeds every client of a round uses the "
+        "round's one schedule, so |U| is at most tau; the signal estimate ignores that clients' values on a "
+        "shared seed add up coherently, so it is conservative there):\n"
     )
-    cells = " | ".join(f"sigma (eps {e:g}) | noise / signal (eps {e:g})" for e in args.epsilons)
+    cells = " | ".join(
+        f"sigma (eps {e:g}) | noise / signal (eps {e:g}) | same, --shared-seeds (eps {e:g})" for e in args.epsilons
+    )
     print(f"| clients per round m | N | |U| | {cells} |".replace("|U|", "\\|U\\|"))
-    print("|---|---|---|" + "---|---|" * len(args.epsilons))
+    print("|---|---|---|" + "---|---|---|" * len(args.epsilons))
     for m in (2, 10, 50, 100, 200, 500, 1000, 2000):
         total = 10 * m
         touchable = k * (1 - (1 - 1 / k) ** (total * steps))  # expected size of the union of schedules
         row = [str(m), str(total), f"{touchable:.0f}"]
         for e in args.epsilons:
             sigma = calibrate(0.1, rounds, e, default_delta(total))
-            row += [f"{sigma:.3f}", f"{touchable * sigma**2 * clip**2 / (m * norm**2):.3g}"]
+            ratio = sigma**2 * clip**2 / (m * norm**2)  # per touchable entry
+            row += [f"{sigma:.3f}", f"{touchable * ratio:.3g}", f"{min(steps, k) * ratio:.3g}"]
         print("| " + " | ".join(row) + " |")
 
 
