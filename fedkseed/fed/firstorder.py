@@ -17,7 +17,9 @@ and aggregation weights are FedKSeed's own (``seedpool.sample_clients``, ``local
 
 Seam for other first-order methods (e.g. Ferret: local steps, then a projection of the update):
 ``local_batch_rows`` and ``first_order_steps`` are the local training, usable on their own;
-``FirstOrderClient.upload_of`` turns the trained tensors into the upload.
+``FirstOrderClient.train`` is ``catch_up`` (the global tensors), ``local_steps`` and
+``upload_of(download, losses)``, which a subclass may replace (it has the global tensors the
+client started from in ``download.arrays`` and its trained ones in ``tensors``).
 """
 
 from __future__ import annotations
@@ -135,18 +137,25 @@ class FirstOrderClient:
 
     def train(self, download: bytes) -> bytes:
         d = self.catch_up(download)
-        rows = local_batch_rows(self.spec, d.round, self.client_id, self.num_examples)
-        params = list(self.tensors.values())
-        losses = first_order_steps(
-            self.model, params, (take_rows(self.data, r) for r in rows), self.loss, self.optimizer(params)
-        )
-        return self.upload_of(d.round, len(rows), losses)
+        return self.upload_of(d, self.local_steps(d.round))
 
-    def upload_of(self, round_: int, steps: int, losses: Sequence[float]) -> bytes:
-        """The upload: this client's trained tensors and its mean train loss."""
+    def local_steps(self, round_: int) -> list[float]:
+        """``spec.local_steps`` optimizer steps on this client's batches of ``round_``; the
+        finite losses (``first_order_steps``)."""
+        rows = local_batch_rows(self.spec, round_, self.client_id, self.num_examples)
+        params = list(self.tensors.values())
+        batches = (take_rows(self.data, r) for r in rows)
+        return first_order_steps(self.model, params, batches, self.loss, self.optimizer(params))
+
+    def upload_of(self, download: arrays.ArrayMessage, losses: Sequence[float]) -> bytes:
+        """The upload after training from ``download``: this client's trained tensors and its
+        mean train loss."""
         local = {name: t.detach().cpu().numpy() for name, t in self.tensors.items()}
         loss = float(np.mean(losses)) if losses else math.nan
-        return arrays.encode(arrays.ArrayMessage(arrays.KIND_LOCAL, round_, self.client_id, steps, loss, local))
+        message = arrays.ArrayMessage(
+            arrays.KIND_LOCAL, download.round, self.client_id, self.spec.local_steps, loss, local
+        )
+        return arrays.encode(message)
 
 
 class FirstOrderServer:
