@@ -168,22 +168,26 @@ def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
         assert not record["rejected"] and not record["failed"] and not record["refused"]
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedavg"])
+@pytest.mark.parametrize("method", ["fedit", "fedavg", "shared-seeds"])
 def test_first_order_methods_on_flower_are_bit_identical_to_local(flwr, tmp_path, method):
     """--method fedit / fedavg over Flower's simulation runtime (tensors in an ArrayRecord): the
     same model bits, the same per-round records (bytes included: both engines count the array
-    message) as the local engine, and each round's client cost measured in the ClientApps."""
+    message) as the local engine, and each round's client cost measured in the ClientApps.
+    "shared-seeds": FedKSeed with --shared-seeds, whose uploads the strategy must read against
+    the Server's shared schedule, not each client's own."""
     from fedkseed.flower.engine import run_flower
 
-    options = dict(TINY, method=method, clients=3, clients_per_round=2, rounds=2, local_steps=2, seed=1)
+    chosen = dict(method="fedkseed", shared_seeds=True) if method == "shared-seeds" else dict(method=method)
+    options = dict(TINY, **chosen, clients=3, clients_per_round=2, rounds=2, local_steps=2, seed=1)
     options["rouge_examples"] = "0"
     local = run_local(SimConfig(engine="local", output=str(tmp_path / "local"), **options), progress=False)
     flower = run_flower(SimConfig(engine="flower", output=str(tmp_path / "flower"), **options), progress=False)
     assert_same_weights(weights(flower.model), weights(local.model))
     assert without_seconds(flower.rounds) == without_seconds(local.rounds)
-    assert flower.final == local.final and flower.delta is local.delta is None
+    assert flower.final == local.final and flower.delta == local.delta
+    assert (local.delta is None) == (method != "shared-seeds")
     for record in flower.rounds:
-        assert record["bytes_up_per_client"] > 0 and len(record["clients"]) == 2
+        assert record["bytes_up_per_client"] > 0 and len(record["clients"]) == 2 and not record["rejected"]
         assert record["client_seconds"] > 0 and record["client_cpu_seconds"] > 0 and record["client_peak_mib"] > 0
 
 

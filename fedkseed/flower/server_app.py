@@ -86,20 +86,22 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment: the SimConfig comes from the run config; outputs go to its ``output``."""
     config, options = P.config_from_run_config(context.run_config)
     log(INFO, "fedkseed: %s", config)
-    claim_output(config)  # refuse a used folder (unless resume/overwrite) before any work
-    keys = None
-    if options[P.NODE_KEYS]:
-        keys = NodeKeys.load(options[P.NODE_KEYS], config.clients)
-        log(INFO, "fedkseed: client ids bound to the %d node keys of %s", len(keys), options[P.NODE_KEYS])
-    else:
-        log(WARNING, "fedkseed: no node-keys: client ids are what nodes declare (partition-id), unauthenticated")
-    results = serve(
-        grid,
-        prepare(config),
-        min_nodes=options[P.MIN_NODES],
-        timeout=options[P.ROUND_TIMEOUT],
-        progress=False,
-        keys=keys,
-    )
-    write_outputs(results)
+    # Refuse a used folder (unless resume/overwrite) before any work; a replaced run is deleted
+    # only once this one's outputs are written, and put back if it fails before a checkpoint.
+    with claim_output(config):
+        keys = None
+        if options[P.NODE_KEYS]:
+            keys = NodeKeys.load(options[P.NODE_KEYS], config.clients)
+            log(INFO, "fedkseed: client ids bound to the %d node keys of %s", len(keys), options[P.NODE_KEYS])
+        else:
+            log(WARNING, "fedkseed: no node-keys: client ids are what nodes declare (partition-id), unauthenticated")
+        results = serve(
+            grid,
+            prepare(config),
+            min_nodes=options[P.MIN_NODES],
+            timeout=options[P.ROUND_TIMEOUT],
+            progress=False,
+            keys=keys,
+        )
+        write_outputs(results)
     log(INFO, "fedkseed: outputs written to %s", config.output)

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from ..fed import RoundSummary, Server, draw_schedule, wire
+from ..fed import RoundSummary, Server, wire
 from ..fed.firstorder import FirstOrderServer
 from . import protocol as P
 from .identity import NodeKeys
@@ -226,9 +226,10 @@ class FedKSeedStrategy(Strategy):
         """Open the Server's round; keep each sampled client's seed schedule, which uploads
         may refer to instead of listing their seeds."""
         sampled = self.server.begin_round()
-        spec, r = self.server.spec, self.server.round + 1
-        probabilities = self.server.probabilities() if spec.pro else None
-        self._schedules = {c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, probabilities) for c in sampled}
+        # The Server's own schedules (Pro probabilities and --shared-seeds included); first-order
+        # servers have none: their uploads name no seeds.
+        schedule = getattr(self.server, "schedule", None)
+        self._schedules = {c: schedule(c) for c in sampled} if schedule is not None else {}
         return sampled
 
     def aggregate_train(
