@@ -6,13 +6,14 @@ Every message is framed the same way (little-endian throughout)::
     "FKS" | kind (1 B: "U" upload, "P" per-step upload, "D" download, "T" seed table / delta
     file) | u8 version | body | u32 CRC-32 of everything before it
 
-and the decoder checks magic, kind, version, CRC and that the body ends exactly where the CRC
-begins, so a truncated, padded or corrupted message is rejected (``WireError``) before any of
-it is used. Integers in bodies are unsigned LEB128 varints. Decoders take the K the reader
-expects and refuse another before reading further, refuse a step count above ``MAX_STEPS``,
-and allocate only in proportion to the message's length: no field can make them reserve
-memory the bytes do not back. A decoder's peak memory is a small multiple of the message
-(index sets and schedules are decoded in fixed-size chunks; tests/test_fuzz.py measures it).
+(fields and framing through :mod:`fedkseed.binio`), and the decoder checks magic, kind,
+version, CRC and that the body ends exactly where the CRC begins, so a truncated, padded or
+corrupted message is rejected (``WireError``) before any of it is used. Integers in bodies are
+unsigned LEB128 varints. Decoders take the K the reader expects and refuse another before
+reading further, refuse a step count above ``MAX_STEPS``, and allocate only in proportion to
+the message's length: no field can make them reserve memory the bytes do not back. A decoder's
+peak memory is a small multiple of the message (index sets and schedules are decoded in
+fixed-size chunks; tests/test_fuzz.py measures it).
 
 Bodies (``index set`` and ``values`` are defined below):
 
@@ -37,13 +38,12 @@ with bit_length(K - 1) bits each.
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import binio
 from .. import stream as S
 
 MAGIC = b"FKS"
@@ -93,90 +93,27 @@ def quantize(values: np.ndarray, precision: str, exponent: int = 0) -> np.ndarra
     return codes.astype(np.float32) * np.float32(2.0**exponent)
 
 
-# ------------------------------------------------------------------------------- primitives
-class _Writer:
+# ------------------------------------------------------------------------------------ frame
+class _Writer(binio.Writer):
+    """A message of ``kind`` under construction, its frame header written."""
+
     def __init__(self, kind: bytes) -> None:
-        self.parts = [MAGIC, kind, bytes([VERSION])]
-
-    def raw(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def varint(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"varint must be >= 0, got {value}")
-        out = bytearray()
-        while True:
-            byte = value & 0x7F
-            value >>= 7
-            out.append(byte | (0x80 if value else 0))
-            if not value:
-                break
-        self.parts.append(bytes(out))
-
-    def finish(self) -> bytes:
-        body = b"".join(self.parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+        super().__init__(MAGIC, kind, bytes([VERSION]))
 
 
-class _Reader:
-    def __init__(self, data: bytes, kinds: bytes, what: str) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
-        data = bytes(data)  # no copy when it already is bytes
-        self.what = what
-        if len(data) < len(MAGIC) + 2 + 4:
-            raise WireError(f"{what}: {len(data)} bytes is shorter than any message")
-        if data[:3] != MAGIC:
-            raise WireError(f"{what}: bad magic {data[:3]!r}")
-        if len(data[3:4]) != 1 or data[3:4] not in [kinds[i : i + 1] for i in range(len(kinds))]:
-            raise WireError(f"{what}: message kind {data[3:4]!r}, expected one of {kinds!r}")
-        self.kind = data[3:4]
-        if data[4] != VERSION:
-            raise WireError(f"{what}: unsupported version {data[4]} (this build reads {VERSION})")
-        (crc,) = struct.unpack("<I", data[-4:])
-        self.data = memoryview(data)[:-4]  # fields are views into the message, never copies
-        if zlib.crc32(self.data) != crc:
-            raise WireError(f"{what}: CRC mismatch (truncated or corrupted)")
-        self.pos = 5
-
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def need(self, n: int) -> None:
-        """Refuse, before allocating for them, ``n`` bytes that the message does not hold."""
-        if n > self.remaining():
-            raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
-
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
-            raise WireError(f"{self.what}: truncated (needs {n} more bytes at offset {self.pos})")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def varint(self) -> int:
-        value = shift = 0
-        while True:
-            byte = self.u8()
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise WireError(f"{self.what}: varint too long")
-
-    def u8(self) -> int:
-        if self.pos >= len(self.data):
-            raise WireError(f"{self.what}: truncated (needs 1 more bytes at offset {self.pos})")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
-
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise WireError(f"{self.what}: {len(self.data) - self.pos} unexpected bytes after the body")
+def _open(data: object, kinds: bytes, what: str) -> tuple[binio.Reader, bytes]:
+    """A reader positioned at the body of a message of one of ``kinds``, and its kind, once its
+    magic, kind, version and CRC are checked."""
+    r = binio.Reader(data, WireError, what)
+    r.open(MAGIC, len(MAGIC) + 2 + binio.CRC.size, "a fedkseed wire message")
+    kind = bytes(r.take(1))
+    if kind not in [kinds[i : i + 1] for i in range(len(kinds))]:
+        raise r.error(f"message kind {kind!r}, expected one of {kinds!r}")
+    version = r.u8()
+    if version != VERSION:
+        raise r.error(f"unsupported version {version} (this build reads {VERSION})")
+    r.unseal()
+    return r, kind
 
 
 # ------------------------------------------------------------------------- index sets, values
@@ -204,14 +141,13 @@ def _write_indices(w: _Writer, indices: np.ndarray, k: int, implied: np.ndarray 
     if idx.size == k:
         w.raw(bytes([_SET_ALL]))
         return
-    sparse = _Writer(b"")
-    sparse.parts = []
+    sparse = binio.Writer()
     sparse.varint(int(idx.size))
     previous = -1
     for i in idx.tolist():
         sparse.varint(i - previous - 1)
         previous = i
-    listed = b"".join(sparse.parts)
+    listed = sparse.getvalue()
     if len(listed) <= (k + 7) // 8:
         w.raw(bytes([_SET_LIST]) + listed)
     else:
@@ -226,17 +162,17 @@ def _check_steps(steps: int, what: str) -> int:
     return steps
 
 
-def _values_follow(r: _Reader, count: int, per_index: int = 0) -> None:
+def _values_follow(r: binio.Reader, count: int, per_index: int = 0) -> None:
     """Refuse ``count`` indices the rest of the message cannot back: their values follow (a form
     byte and at least 2 bytes each), plus ``per_index`` bytes each still to be read."""
     r.need(1 + (2 + per_index) * count)
 
 
-def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.ndarray:
+def _read_indices(r: binio.Reader, k: int, implied: np.ndarray | None = None) -> np.ndarray:
     form = r.u8()
     if form == _SET_SCHEDULE:
         if implied is None:
-            raise WireError(f"{r.what}: refers to a seed schedule the reader does not know")
+            raise r.error("refers to a seed schedule the reader does not know")
         return np.asarray(implied, dtype=np.int64)
     if form == _SET_ALL:
         _values_follow(r, k)
@@ -244,27 +180,27 @@ def _read_indices(r: _Reader, k: int, implied: np.ndarray | None = None) -> np.n
     if form == _SET_BITMAP:
         return _read_bitmap(r, k)
     if form != _SET_LIST:
-        raise WireError(f"{r.what}: unknown index-set form {form}")
+        raise r.error(f"unknown index-set form {form}")
     count = r.varint()
     if count > k:
-        raise WireError(f"{r.what}: {count} indices for K = {k}")
+        raise r.error(f"{count} indices for K = {k}")
     _values_follow(r, count, per_index=1)  # one gap byte at least per index
     out = np.empty(count, dtype=np.int64)
     previous = -1
     for n in range(count):
         previous += r.varint() + 1
         if previous >= k:
-            raise WireError(f"{r.what}: seed index {previous} >= K = {k}")
+            raise r.error(f"seed index {previous} >= K = {k}")
         out[n] = previous
     return out
 
 
-def _read_bitmap(r: _Reader, k: int) -> np.ndarray:
+def _read_bitmap(r: binio.Reader, k: int) -> np.ndarray:
     """A K-bit bitmap's set indices: counted first (so their values must follow before any
     index is built), then unpacked chunk by chunk into the result."""
     bitmap = np.frombuffer(r.take((k + 7) // 8), dtype=np.uint8)
     if k % 8 and bitmap[-1] >> (k % 8):
-        raise WireError(f"{r.what}: bitmap sets bits past K = {k}")
+        raise r.error(f"bitmap sets bits past K = {k}")
     step = _CHUNK // 8
     count = sum(int(_POPCOUNT[bitmap[i : i + step]].sum(dtype=np.int64)) for i in range(0, bitmap.size, step))
     _values_follow(r, count)
@@ -289,24 +225,25 @@ def _write_values(w: _Writer, values: np.ndarray, precision: str, exponent: int)
     codes = (v.astype(np.float64) * 2.0**-exponent).astype(np.float16)
     if not np.array_equal(codes.astype(np.float32) * np.float32(2.0**exponent), v):
         raise ValueError("values are not on the float16 grid of this exponent: quantize() them first")
-    w.raw(bytes([_VALUES_F16]) + struct.pack("<b", exponent) + codes.astype("<f2").tobytes())
+    w.pack("Bb", _VALUES_F16, exponent)
+    w.raw(codes.astype("<f2").tobytes())
 
 
-def _read_values(r: _Reader, count: int) -> np.ndarray:
+def _read_values(r: binio.Reader, count: int) -> np.ndarray:
     form = r.u8()
     if form == _VALUES_F32:
         values = np.frombuffer(r.take(4 * count), dtype="<f4").astype(np.float32)
     elif form == _VALUES_F16:
         (exponent,) = r.unpack("b")
         if exponent < MIN_EXPONENT:
-            raise WireError(f"{r.what}: exponent {exponent} < {MIN_EXPONENT}")
+            raise r.error(f"exponent {exponent} < {MIN_EXPONENT}")
         values = np.frombuffer(r.take(2 * count), dtype="<f2").astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
             values *= np.float32(2.0**exponent)  # in place: no second array of the values
     else:
-        raise WireError(f"{r.what}: unknown value form {form}")
+        raise r.error(f"unknown value form {form}")
     if not np.isfinite(values).all():
-        raise WireError(f"{r.what}: non-finite value")
+        raise r.error("non-finite value")
     return values
 
 
@@ -325,7 +262,7 @@ def _write_packed(w: _Writer, indices: np.ndarray, k: int) -> None:
         w.raw(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
 
 
-def _read_packed(r: _Reader, k: int) -> np.ndarray:
+def _read_packed(r: binio.Reader, k: int) -> np.ndarray:
     width = max(1, (k - 1).bit_length())
     count = _check_steps(r.varint(), f"{r.what}: schedule")
     raw = np.frombuffer(r.take((count * width + 7) // 8), dtype=np.uint8)
@@ -338,7 +275,7 @@ def _read_packed(r: _Reader, k: int) -> np.ndarray:
         words[:, :width] = bits
         out[start : start + n] = np.packbits(words, axis=1, bitorder="little").view("<u4").reshape(n)
     if count and out.max() >= k:
-        raise WireError(f"{r.what}: schedule index {int(out.max())} >= K = {k}")
+        raise r.error(f"schedule index {int(out.max())} >= K = {k}")
     return out
 
 
@@ -408,7 +345,7 @@ def encode_upload(u: Upload, precision: str = "fp16", implied: np.ndarray | None
     _write_header(w, u)
     _write_indices(w, u.indices, u.k, implied)
     _write_quantized(w, values, precision)
-    return w.finish()
+    return w.sealed()
 
 
 def encode_step_upload(u: StepUpload, precision: str = "fp16") -> bytes:
@@ -423,13 +360,13 @@ def encode_step_upload(u: StepUpload, precision: str = "fp16") -> bytes:
     _write_header(w, u)
     _write_indices(w, skipped, u.steps)
     _write_quantized(w, values, precision)
-    return w.finish()
+    return w.sealed()
 
 
 def _write_header(w: _Writer, u: Upload | StepUpload) -> None:
     for value in (u.client_id, u.round, u.k, u.steps):
         w.varint(value)
-    w.raw(struct.pack("<f", u.loss))
+    w.pack("f", u.loss)
 
 
 def _write_quantized(w: _Writer, values: np.ndarray, precision: str) -> None:
@@ -444,18 +381,18 @@ def decode_upload(data: bytes, k: int, schedules: Mapping[int, np.ndarray] | Non
     ``k`` seeds. ``schedules``: client id -> that client's seed schedule this round, for "U"
     uploads that refer to it (index-set form 3)."""
     k = _expected_k(k)
-    r = _Reader(data, KIND_UPLOAD + KIND_STEPS, "upload")
+    r, kind = _open(data, KIND_UPLOAD + KIND_STEPS, "upload")
     client_id, round_, k_sent, steps = (r.varint() for _ in range(4))
     _check_k(k_sent, "upload", k)
     _check_steps(steps, "upload")
     (loss,) = r.unpack("f")
-    if r.kind == KIND_STEPS:
+    if kind == KIND_STEPS:
         r.need(2 * steps)  # the values: 2 bytes per step at least
         skipped = _read_indices(r, steps) if steps else _read_empty_set(r)
         values = _read_values(r, steps)
         r.done()
         if np.any(values[skipped] != 0):
-            raise WireError("upload: a skipped step carries a non-zero value")
+            raise r.error("a skipped step carries a non-zero value")
         return StepUpload(client_id, round_, k, steps, loss, skipped, values)
     schedule = schedules.get(client_id) if schedules is not None else None
     indices = _read_indices(r, k, None if schedule is None else np.unique(schedule))
@@ -464,11 +401,11 @@ def decode_upload(data: bytes, k: int, schedules: Mapping[int, np.ndarray] | Non
     return Upload(client_id, round_, k, steps, loss, indices, values)
 
 
-def _read_empty_set(r: _Reader) -> np.ndarray:
+def _read_empty_set(r: binio.Reader) -> np.ndarray:
     """The index set over zero steps (what a writer emits for an empty range: form 2, "all")."""
     form = r.u8()
     if form not in (_SET_ALL, _SET_LIST) or (form == _SET_LIST and r.varint() != 0):
-        raise WireError(f"{r.what}: a set over zero steps must be empty")
+        raise r.error("a set over zero steps must be empty")
     return np.zeros(0, dtype=np.int64)
 
 
@@ -480,17 +417,17 @@ def encode_download(d: Download, precision: str, exponent: int) -> bytes:
     _write_indices(w, d.indices, d.k)
     _write_values(w, d.values, precision, exponent)
     _write_packed(w, d.schedule, d.k)
-    return w.finish()
+    return w.sealed()
 
 
 def decode_download(data: bytes, k: int) -> Download:
     """A download for a run with ``k`` seeds."""
     k = _expected_k(k)
-    r = _Reader(data, KIND_DOWNLOAD, "download")
+    r, _ = _open(data, KIND_DOWNLOAD, "download")
     round_, since, k_sent = (r.varint() for _ in range(3))
     _check_k(k_sent, "download", k)
     if since >= round_:
-        raise WireError(f"download: since = {since} must precede round = {round_}")
+        raise r.error(f"since = {since} must precede round = {round_}")
     indices = _read_indices(r, k)
     values = _read_values(r, len(indices))
     schedule = _read_packed(r, k)
@@ -501,25 +438,25 @@ def decode_download(data: bytes, k: int) -> Download:
 def encode_table(t: Table, precision: str, exponent: int) -> bytes:
     w = _Writer(KIND_TABLE)
     w.varint(t.k)
-    w.raw(struct.pack("<Qf", t.pool_seed, t.lr) + bytes([S.dist_tag(t.dist)]))
+    w.pack("QfB", t.pool_seed, t.lr, S.dist_tag(t.dist))
     w.varint(t.round)
     w.raw(bytes.fromhex(t.fingerprint))
     _write_indices(w, t.indices, t.k)
     _write_values(w, t.values, precision, exponent)
-    return w.finish()
+    return w.sealed()
 
 
 def decode_table(data: bytes, k: int | None = None) -> Table:
     """The seed table / delta file; ``k``: the K the reader expects (None: any valid K, the
     allocation still bounded by the message's length)."""
-    r = _Reader(data, KIND_TABLE, "delta")
+    r, _ = _open(data, KIND_TABLE, "delta")
     k = _check_k(r.varint(), "delta", None if k is None else _expected_k(k))
     pool_seed, lr = r.unpack("Qf")
     if not (math.isfinite(lr) and lr > 0):
-        raise WireError(f"delta: lr = {lr!r} must be finite and > 0")
+        raise r.error(f"lr = {lr!r} must be finite and > 0")
     tag = r.u8()
     if tag not in _DIST_NAMES:
-        raise WireError(f"delta: unknown distribution tag {tag}")
+        raise r.error(f"unknown distribution tag {tag}")
     round_ = r.varint()
     fingerprint = bytes(r.take(32)).hex()
     indices = _read_indices(r, k)

@@ -24,10 +24,11 @@ layout fingerprint; their classes come from the ParamSet's decay mask, as they w
 Stochastic rounding: pass ``n`` of entry ``j`` uses the rounding seed
 ``rounding_seed(step_rounding_base(rounding_key, j), n)``, exactly as ``ZOSGD`` trained.
 
-Binary format (little-endian, not pickle): docs/formats.md#history. Version 2 carries the
-layout, the classes, general entries and a CRC-32; version 1 (16-byte (seed, alpha, decay)
-records, no checksum) is still read. ``save`` writes a temporary file in the same folder and
-renames it over the target, so no reader sees half a file.
+Binary format (little-endian, not pickle, fields and CRC through :mod:`fedkseed.binio`):
+docs/formats.md#history. Version 2 carries the layout, the classes, general entries and a
+CRC-32; version 1 (16-byte (seed, alpha, decay) records, no checksum) is still read.
+``save`` writes a temporary file in the same folder and renames it over the target, so no
+reader sees half a file.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .. import binio
 from .. import stream as S
 from ..atomic import save_atomically
 from ..ops import ParamsLike, resolve_backend
@@ -61,10 +61,11 @@ from .step import trainable
 MAGIC = b"FKSH"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-_HEADER_V1 = struct.Struct("<4sHHBB32sdQQ")
-_RECORD_V1 = struct.Struct("<Qff")
-_HEADER = struct.Struct("<4sHHBBdQIHQ")
-_CRC = struct.Struct("<I")
+# binio formats (little-endian): the versions after the magic, then each version's header fields
+_VERSIONS = "HH"  # format version, stream version
+_HEADER_V1 = "BB32sdQQ"  # dist tag, flags, fingerprint, eps, rounding key, records
+_RECORD_V1 = "Qff"  # seed, alpha, decay
+_HEADER = "BBdQIHQ"  # dist tag, flags, eps, rounding key, tensors, groups, entries
 # header flags (v1 uses the first three)
 _HAS_FINGERPRINT, _HAS_EPS, _HAS_ROUNDING, _INEXACT, _LEGACY, _HAS_LAYOUT = 1, 2, 4, 8, 16, 32
 _KNOWN_FLAGS = {1: 7, 2: 63}
@@ -303,58 +304,51 @@ class History:
             | (_LEGACY if self.legacy else 0)
             | (_HAS_LAYOUT if self.layout is not None else 0)
         )
-        parts = [
-            _HEADER.pack(
-                MAGIC,
-                FORMAT_VERSION,
-                S.STREAM_VERSION,
-                S.dist_tag(self.dist),
-                flags,
-                self.eps if self.eps is not None else 0.0,
-                self.rounding_key if self.rounding_key is not None else 0,
-                len(self.layout) if self.layout is not None else 0,
-                self.groups,
-                len(self.entries),
-            )
-        ]
+        w = binio.Writer(MAGIC)
+        w.pack(_VERSIONS, FORMAT_VERSION, S.STREAM_VERSION)
+        w.pack(
+            _HEADER,
+            S.dist_tag(self.dist),
+            flags,
+            self.eps if self.eps is not None else 0.0,
+            self.rounding_key if self.rounding_key is not None else 0,
+            len(self.layout) if self.layout is not None else 0,
+            self.groups,
+            len(self.entries),
+        )
         if flags & _HAS_FINGERPRINT:
-            parts.append(bytes.fromhex(self._fingerprint))
+            w.raw(bytes.fromhex(self._fingerprint))
         if self.layout is not None:
             for (name, shape, dtype), c in zip(self.layout, self.classes):
                 raw = name.encode()
-                parts.append(
-                    struct.pack(
-                        f"<H{len(raw)}sB{len(shape)}QBHB",
-                        len(raw),
-                        raw,
-                        len(shape),
-                        *shape,
-                        _DTYPES.index(dtype),
-                        c // 2,
-                        c % 2,
-                    )
+                w.pack(
+                    f"H{len(raw)}sB{len(shape)}QBHB",
+                    len(raw),
+                    raw,
+                    len(shape),
+                    *shape,
+                    _DTYPES.index(dtype),
+                    c // 2,
+                    c % 2,
                 )
         for e in self.entries:
-            parts.append(_pack_entry(e))
-        body = b"".join(parts)
-        return body + _CRC.pack(zlib.crc32(body))
+            _write_entry(w, e)
+        return w.sealed()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "data") -> History:
         """Parse and validate (checksum, every field, every entry) a history file's bytes."""
-        data = bytes(data)
-        if len(data) < 8 or data[:4] != MAGIC:
-            raise ValueError(f"{source}: not a fedkseed history (magic {data[:4]!r})")
-        version, stream_version = struct.unpack_from("<HH", data, 4)
+        r = binio.Reader(data, ValueError, source)
+        r.open(MAGIC, len(MAGIC) + binio.size(_VERSIONS), "a fedkseed history")
+        version, stream_version = r.unpack(_VERSIONS)
         if version not in READABLE_VERSIONS:
-            raise ValueError(f"{source}: history format version {version}, this reads {READABLE_VERSIONS}")
+            raise r.error(f"history format version {version}, this reads {READABLE_VERSIONS}")
         if stream_version != S.STREAM_VERSION:
-            raise ValueError(
-                f"{source}: recorded with perturbation stream v{stream_version}, "
-                f"this build implements v{S.STREAM_VERSION}"
+            raise r.error(
+                f"recorded with perturbation stream v{stream_version}, this build implements v{S.STREAM_VERSION}"
             )
         try:
-            history = _read_v1(data, source) if version == 1 else _read_v2(data, source)
+            history = _read_v1(r) if version == 1 else _read_v2(r)
             history.validate()
         except ValueError as error:
             message = str(error)
@@ -437,7 +431,7 @@ def _logical_pass(entries: list[Entry], groups: int) -> Pass:
     return Pass(PASS_UPDATE, seeds, tuple(coefficients))
 
 
-def _pack_entry(e: Entry) -> bytes:
+def _write_entry(w: binio.Writer, e: Entry) -> None:
     terms_are_probes = e.seeds == e.probes and bool(e.seeds)
     flags = (
         (_PERTURBED if e.perturbed else 0)
@@ -445,34 +439,20 @@ def _pack_entry(e: Entry) -> bytes:
         | (_ABORTED if e.aborted is not None else 0)
         | (_TERMS_ARE_PROBES if terms_are_probes else 0)
     )
-    out = [struct.pack("<BBI", flags, len(e.probes), len(e.seeds))]
+    w.pack("BBI", flags, len(e.probes), len(e.seeds))
     if e.aborted is not None:
-        out.append(struct.pack("<H", e.aborted))
-    out.append(struct.pack(f"<{len(e.probes)}Q", *e.probes))
+        w.pack("H", e.aborted)
+    w.pack(f"{len(e.probes)}Q", *e.probes)
     if e.next_seed is not None:
-        out.append(struct.pack("<Q", e.next_seed))
+        w.pack("Q", e.next_seed)
     if not terms_are_probes:
-        out.append(struct.pack(f"<{len(e.seeds)}Q", *e.seeds))
+        w.pack(f"{len(e.seeds)}Q", *e.seeds)
     for group_alphas in e.alphas:
-        out.append(struct.pack(f"<{len(group_alphas)}f", *group_alphas))
-    out.append(struct.pack(f"<{len(e.decays)}f", *e.decays))
-    return b"".join(out)
+        w.pack(f"{len(group_alphas)}f", *group_alphas)
+    w.pack(f"{len(e.decays)}f", *e.decays)
 
 
 # ------------------------------------------------------------------------------------ reading
-class _Reader:
-    def __init__(self, data: bytes, start: int, end: int) -> None:
-        self.data, self.at, self.end = data, start, end
-
-    def take(self, fmt: str) -> tuple[Any, ...]:
-        size = struct.calcsize(fmt)
-        if self.at + size > self.end:
-            raise ValueError(f"truncated at byte {self.at} (needs {size} more bytes)")
-        values = struct.unpack_from(fmt, self.data, self.at)
-        self.at += size
-        return values
-
-
 def _dist_name(tag: int) -> str:
     names = {t: n for n, t in S.DISTRIBUTIONS.items()}
     if tag not in names:
@@ -480,53 +460,50 @@ def _dist_name(tag: int) -> str:
     return names[tag]
 
 
-def _read_v2(data: bytes, source: str) -> History:
-    if len(data) < _HEADER.size + _CRC.size:
-        raise ValueError(f"{len(data)} bytes is shorter than a history header")
-    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-    if zlib.crc32(data[: -_CRC.size]) != crc:
-        raise ValueError("checksum mismatch: the file is corrupt")
-    r = _Reader(data, 0, len(data) - _CRC.size)
-    _, _, _, tag, flags, eps, key, tensors, groups, count = r.take(_HEADER.format)
+def _read_v2(r: binio.Reader) -> History:
+    """Format 2, from just after the versions: header, fingerprint or layout, entries, CRC-32."""
+    if r.remaining() < binio.size(_HEADER) + binio.CRC.size:
+        raise r.error(f"{len(r.data)} bytes is shorter than a history header")
+    r.unseal()
+    tag, flags, eps, key, tensors, groups, count = r.unpack(_HEADER)
     if flags & ~_KNOWN_FLAGS[2] or (flags & _HAS_LAYOUT and flags & _HAS_FINGERPRINT):
-        raise ValueError(f"corrupt header (flags {flags:#x})")
+        raise r.error(f"corrupt header (flags {flags:#x})")
     if not flags & _HAS_LAYOUT and tensors:
-        raise ValueError(f"corrupt header ({tensors} tensors without a layout)")
+        raise r.error(f"corrupt header ({tensors} tensors without a layout)")
     if not flags & _HAS_EPS and eps != 0.0:
-        raise ValueError("corrupt header (eps without its flag)")
-    fingerprint = bytes(r.take("<32s")[0]).hex() if flags & _HAS_FINGERPRINT else None
+        raise r.error("corrupt header (eps without its flag)")
+    fingerprint = bytes(r.take(32)).hex() if flags & _HAS_FINGERPRINT else None
     layout, classes = None, None
     if flags & _HAS_LAYOUT:
         layout, classes = [], []
         for _ in range(tensors):
-            (length,) = r.take("<H")
-            (raw,) = r.take(f"<{length}s")
-            (ndim,) = r.take("<B")
-            shape = r.take(f"<{ndim}Q")
-            dtype, group, decayed = r.take("<BHB")
+            (length,) = r.unpack("H")
+            raw = bytes(r.take(length))
+            ndim = r.u8()
+            shape = r.unpack(f"{ndim}Q")
+            dtype, group, decayed = r.unpack("BHB")
             if dtype >= len(_DTYPES) or decayed > 1:
-                raise ValueError(f"corrupt layout entry for tensor {len(layout)}")
+                raise r.error(f"corrupt layout entry for tensor {len(layout)}")
             layout.append((raw.decode("utf-8", errors="replace"), tuple(shape), _DTYPES[dtype]))
             classes.append(2 * group + decayed)
     entries = []
     for _ in range(count):
-        e_flags, q, k = r.take("<BBI")
+        e_flags, q, k = r.unpack("BBI")
         if e_flags & ~(_PERTURBED | _HAS_NEXT | _ABORTED | _TERMS_ARE_PROBES):
-            raise ValueError(f"corrupt entry {len(entries)} (flags {e_flags:#x})")
-        aborted = r.take("<H")[0] if e_flags & _ABORTED else None
-        probes = r.take(f"<{q}Q")
-        next_seed = r.take("<Q")[0] if e_flags & _HAS_NEXT else None
+            raise r.error(f"corrupt entry {len(entries)} (flags {e_flags:#x})")
+        aborted = r.unpack("H")[0] if e_flags & _ABORTED else None
+        probes = r.unpack(f"{q}Q")
+        next_seed = r.unpack("Q")[0] if e_flags & _HAS_NEXT else None
         if e_flags & _TERMS_ARE_PROBES:
             if k != q:
-                raise ValueError(f"corrupt entry {len(entries)} ({k} terms said to be its {q} probes)")
+                raise r.error(f"corrupt entry {len(entries)} ({k} terms said to be its {q} probes)")
             seeds = probes
         else:
-            seeds = r.take(f"<{k}Q")
-        alphas = tuple(r.take(f"<{k}f") for _ in range(groups))
-        decays = r.take(f"<{groups}f")
+            seeds = r.unpack(f"{k}Q")
+        alphas = tuple(r.unpack(f"{k}f") for _ in range(groups))
+        decays = r.unpack(f"{groups}f")
         entries.append(Entry(probes, seeds, alphas, decays, bool(e_flags & _PERTURBED), next_seed, aborted))
-    if r.at != r.end:
-        raise ValueError(f"{r.end - r.at} bytes after the last entry")
+    r.done("the last entry")
     history = History(
         _dist_name(tag),
         layout,
@@ -542,23 +519,24 @@ def _read_v2(data: bytes, source: str) -> History:
     return history
 
 
-def _read_v1(data: bytes, source: str) -> History:
-    """Format 1: 16-byte (seed, alpha, decay) records, one group, classes from the ParamSet."""
-    if len(data) < _HEADER_V1.size:
-        raise ValueError(f"{len(data)} bytes is shorter than a history header")
-    _, _, _, tag, flags, fp, eps, key, count = _HEADER_V1.unpack_from(data)
+def _read_v1(r: binio.Reader) -> History:
+    """Format 1, from just after the versions: 16-byte (seed, alpha, decay) records, one group,
+    classes from the ParamSet, no checksum."""
+    if r.remaining() < binio.size(_HEADER_V1):
+        raise r.error(f"{len(r.data)} bytes is shorter than a history header")
+    tag, flags, fp, eps, key, count = r.unpack(_HEADER_V1)
     if flags & ~_KNOWN_FLAGS[1]:
-        raise ValueError(f"corrupt header (flags {flags:#x})")
-    expected = _HEADER_V1.size + count * _RECORD_V1.size
-    if len(data) != expected:
-        raise ValueError(f"{len(data)} bytes, expected {expected} for {count} entries")
+        raise r.error(f"corrupt header (flags {flags:#x})")
+    expected = r.pos + count * binio.size(_RECORD_V1)
+    if len(r.data) != expected:
+        raise r.error(f"{len(r.data)} bytes, expected {expected} for {count} entries")
     has_eps = bool(flags & _HAS_EPS)
     if has_eps and not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"corrupt header (eps {eps!r})")
-    entries = [
-        Entry((seed,) if has_eps else (), (seed,), ((alpha,),), (decay,))
-        for seed, alpha, decay in _RECORD_V1.iter_unpack(data[_HEADER_V1.size :])
-    ]
+        raise r.error(f"corrupt header (eps {eps!r})")
+    entries = []
+    for _ in range(count):
+        seed, alpha, decay = r.unpack(_RECORD_V1)
+        entries.append(Entry((seed,) if has_eps else (), (seed,), ((alpha,),), (decay,)))
     history = History(
         _dist_name(tag),
         fingerprint=fp.hex() if flags & _HAS_FINGERPRINT else None,
