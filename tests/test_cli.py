@@ -58,6 +58,7 @@ def full_run(tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_simulate_writes_every_output(full_run):
     assert {p.name for p in full_run.iterdir()} >= {"metrics.json", "delta.fks", "model", "losses.png", "state.npz"}
     assert (full_run / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,6 +81,7 @@ def test_simulate_writes_every_output(full_run):
     assert (full_run / "delta.fks").stat().st_size < 200  # K = 16: the seed table, a few bytes
 
 
+@pytest.mark.slow
 def test_final_line_gives_eval_loss_and_rouge_with_n(full_run):
     final = json.loads((full_run / "metrics.json").read_text())["final"]
     line = final_line(final, "out")
@@ -91,6 +93,7 @@ def test_final_line_gives_eval_loss_and_rouge_with_n(full_run):
     )
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_identical_model(full_run, tmp_path):
     _simulate(tmp_path, 1)  # "stopped" after round 1
     _simulate(tmp_path, 3, "--resume")
@@ -100,6 +103,7 @@ def test_resume_reaches_the_identical_model(full_run, tmp_path):
     assert [r["eval_loss"] for r in rounds[0]] == [r["eval_loss"] for r in rounds[1]]
 
 
+@pytest.mark.slow
 def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, capsys):
     assert (
         main(["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]) == 0
@@ -301,6 +305,7 @@ def _final_eval_loss(tmp_path, name, *extra):
     return json.loads((output / "metrics.json").read_text())["final"]["eval_loss_after"]
 
 
+@pytest.mark.slow
 def test_one_attacker_of_four_moves_the_default_run_less_than_2_percent(tmp_path):
     """The robustness table's property on a small run (benchmarks/robustness.py: the full one).
     The unbounded mean fails on the same run, so the bound is what holds it."""

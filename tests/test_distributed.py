@@ -31,6 +31,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test reads the run of two gloo ranks (module fixture)
+
 WORLD = 2
 STEPS = 3
 VOCAB = 211  # the embedding's 211 rows shard unevenly: 106 on rank 0, 105 on rank 1

@@ -130,6 +130,7 @@ def run_in_group(argv: list, timeout: float, **kwargs) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(process.args, process.returncode, stdout.decode(), stderr.decode())
 
 
+@pytest.mark.slow
 def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
     """`fedkseed simulate --engine flower --quiet` (the CLI, in a fresh process) and `--engine
     local` with the same options: same sampling, same model bits, same metrics.json fields and
@@ -168,6 +169,7 @@ def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
         assert not record["rejected"] and not record["failed"] and not record["refused"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedit", "fedavg", "shared-seeds"])
 def test_first_order_methods_on_flower_are_bit_identical_to_local(flwr, tmp_path, method):
     """--method fedit / fedavg over Flower's simulation runtime (tensors in an ArrayRecord): the
@@ -620,6 +622,7 @@ def local_from_received(config: SimConfig, accepted: list[list[int]]):
     return server, digests, weights(setup.model), setup.fingerprint
 
 
+@pytest.mark.slow
 def test_deployment_tls_authenticated_nodes_bit_identical_to_local(federation, tmp_path):
     """TLS and SuperNode authentication on; client ids bound to node keys by node-keys.
     Refused: a node whose key the SuperLink does not know (it cannot connect), a registered node
@@ -665,6 +668,7 @@ def test_deployment_tls_authenticated_nodes_bit_identical_to_local(federation, t
     assert (tmp_path / "out" / "delta.fks").read_bytes() == server.delta(fingerprint)
 
 
+@pytest.mark.slow
 def test_faults_dead_node_late_node_malformed_upload(federation, tmp_path):
     """Three clients, all sampled every round. Round 1: node 1 sends a corrupted upload
     (rejected, logged). Round 2: node 1 dies while training. Round 3: node 2 joins for the first

@@ -35,6 +35,8 @@ from test_flower import (
 
 from fedkseed.experiment.config import SimConfig
 
+pytestmark = pytest.mark.slow  # SuperLink / SuperNode processes, a wheel install
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "flower.md"
 # The deployment walk-through's blocks, in order; "&" marks the ones that run until stopped.

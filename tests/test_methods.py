@@ -65,6 +65,7 @@ def _message_size(layout: dict[str, tuple[int, ...]]) -> int:
 
 
 @pytest.mark.parametrize("method", ["fedit", "fedavg"])
+@pytest.mark.slow
 def test_method_trains_and_writes_its_outputs(runs, method):
     folder, metrics, _ = runs[method]
     assert {p.name for p in folder.iterdir()} == {"metrics.json", "model", "losses.png", "state.npz"}  # no delta.fks
@@ -82,6 +83,7 @@ def test_method_trains_and_writes_its_outputs(runs, method):
     assert not any("lora" in name for name in weights)
 
 
+@pytest.mark.slow
 def test_bytes_are_the_real_messages(runs):
     """Every sampled client downloads the global tensors and uploads its own: the recorded
     bytes are the array message's length, recomputed here from the tensors' shapes."""
@@ -107,6 +109,7 @@ def test_bytes_are_the_real_messages(runs):
     assert (summary.bytes_down[c], summary.bytes_up[c]) == (len(download), len(upload)) == (fedit, fedit)
 
 
+@pytest.mark.slow
 def test_fedavg_peak_memory_holds_gradients_and_adam_state(runs):
     """Full-parameter AdamW keeps a gradient and two moments per weight: the measured peak
     added memory must hold at least those 12 bytes per parameter."""
@@ -117,6 +120,7 @@ def test_fedavg_peak_memory_holds_gradients_and_adam_state(runs):
     assert max(r["client_peak_mib"] for r in runs["fedit"][1]["rounds"]) < min(peaks)
 
 
+@pytest.mark.slow
 def test_first_order_resume_reaches_the_identical_model(runs, tmp_path):
     folder, metrics, extra = runs["fedit"]
     _simulate(tmp_path, "fedit", 1, *extra)
@@ -126,6 +130,7 @@ def test_first_order_resume_reaches_the_identical_model(runs, tmp_path):
     assert [r["eval_loss"] for r in resumed["rounds"]] == [r["eval_loss"] for r in metrics["rounds"]]
 
 
+@pytest.mark.slow
 def test_first_order_clients_take_fedkseeds_batches():
     """Both clients call their loss once per local step (FedKSeed's twice: L+ and L-) on the
     batches they draw: the same rows, under both batchings, across two rounds."""

@@ -34,6 +34,7 @@ def paper_run(tmp_path_factory):
     return json.loads((output / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_unset_settings_come_from_the_protocol_and_flags_win(paper_run):
     config = paper_run["config"]
     assert config["protocol"] == "paper"
@@ -48,6 +49,7 @@ def test_unset_settings_come_from_the_protocol_and_flags_win(paper_run):
     assert (demo.k, demo.local_steps, demo.lr, demo.eps, demo.batch_size) == (1024, 30, 3e-5, 1e-2, 2)
 
 
+@pytest.mark.slow
 def test_the_protocol_rules_reach_every_party(paper_run):
     """What no flag overrides: batches walk shuffled epochs and weights count batches, in the
     FedSpec that the server and every client share (and the checkpoint records)."""
@@ -57,6 +59,7 @@ def test_the_protocol_rules_reach_every_party(paper_run):
     assert (demo.batching, demo.weighting) == ("draws", "examples")
 
 
+@pytest.mark.slow
 def test_the_split_is_the_balanced_one(paper_run):
     faq = D.load_examples("faq")
     split = D.split_data(faq, 4, 0.5, 0, "bygglov", balanced=True)
@@ -69,6 +72,7 @@ def test_the_split_is_the_balanced_one(paper_run):
     assert set(carved) <= {0, 1} and sum(carved) == 2
 
 
+@pytest.mark.slow
 def test_aggregation_weights_count_batches(paper_run):
     sizes = paper_run["final"]["data"]["examples_per_client"]
     (record,) = paper_run["rounds"]
@@ -78,6 +82,7 @@ def test_aggregation_weights_count_batches(paper_run):
         assert w == pytest.approx(batches[c] / sum(batches.values()), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_rouge_l_scores_every_heldout_example_both_ways(paper_run):
     final = paper_run["final"]
     heldout = [e for e in D.load_examples("faq") if e.category == "bygglov"]
