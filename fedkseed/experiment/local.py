@@ -6,6 +6,7 @@ import logging
 import time
 
 from ..fed import byzantine_clients
+from ..fed.attacks import parse_rounds
 from .config import SimConfig
 from .outputs import Results
 from .prepare import prepare
@@ -23,10 +24,12 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
 
     With ``--byzantine N``, N of each round's sampled clients (drawn from the run's seed) train
     and then send ``--attack``'s adversarial upload, through the real encoder to the real
-    server path: the server treats them like any other upload."""
+    server path: the server treats them like any other upload. ``--attack-rounds`` limits
+    the attack to some rounds."""
     setup = prepare(config)
     book = RunBook(setup, progress=progress)
     server = setup.server
+    attack_rounds = parse_rounds(config.attack_rounds)  # None: every round
     if book.resumed and setup.replica is not None:
         for client in setup.clients:  # the current table agrees with the table a client
             client.table = server.table.copy()  # holds on every entry its catch-up leaves out
@@ -34,7 +37,8 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
     while server.round < config.rounds:
         started = time.perf_counter()
         sampled = server.begin_round()
-        bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if config.byzantine else []
+        attacking = config.byzantine and (attack_rounds is None or server.round + 1 in attack_rounds)
+        bad = byzantine_clients(config.seed, server.round + 1, sampled, config.byzantine) if attacking else []
         failures: list[Exception] = []
         usage: list[Usage] = []
         for c in sampled:
