@@ -31,10 +31,13 @@ from fedkseed.fed.privacy import calibrate, default_clip, default_delta  # noqa:
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, two-sided 95%, by df
 
 
-def run(output: pathlib.Path, seed: int, epsilon: float | None, extra: list[str]) -> dict:
-    """One simulate run (reused when its metrics.json exists); its metrics plus CPU seconds."""
+def run(output: pathlib.Path, seed: int, epsilon: float | None, extra: list[str], report: bool) -> dict | None:
+    """One simulate run (reused when its metrics.json exists); its metrics plus CPU seconds.
+    ``report``: only read finished runs (None for one that is not)."""
     metrics = output / "metrics.json"
     cpu_file = output / "cpu_seconds.txt"
+    if report and not metrics.is_file():
+        return None
     if not metrics.is_file():
         argv = [sys.executable, "-m", "fedkseed", "simulate", "--quiet", "--output", str(output), "--seed", str(seed)]
         if output.exists():
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0])
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="only tabulate the runs already finished")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more simulate options")
     args = parser.parse_args()
     out = ROOT / args.output
@@ -77,11 +81,11 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
             (seed, eps): pool.submit(
-                run, out / f"eps{'inf' if eps is None else f'{eps:g}'}-seed{seed}", seed, eps, args.extra
+                run, out / f"eps{'inf' if eps is None else f'{eps:g}'}-seed{seed}", seed, eps, args.extra, args.report
             )
             for seed, eps in settings
         }
-        results = {key: f.result() for key, f in futures.items()}
+        results = {key: f.result() for key, f in futures.items() if f.result() is not None}
     wall = time.perf_counter() - started
     config = next(iter(results.values()))["config"]
     n, per_round, rounds, steps, k = (config[x] for x in ("clients", "clients_per_round", "rounds", "local_steps", "k"))
@@ -99,7 +103,9 @@ def main() -> None:
     print(header + " up B / client | down B / client | CPU s / run |")
     print("|---|---|---|---|---|---|---|---|")
     for eps in [None, *args.epsilons]:
-        runs = [results[(seed, eps)] for seed in args.seeds]
+        runs = [results[(seed, eps)] for seed in args.seeds if (seed, eps) in results]
+        if not runs:
+            continue
         finals = [r["final"] for r in runs]
         dp = finals[0].get("dp")
         spent = "inf (no DP)" if dp is None else " / ".join(f"{f['dp']['epsilon']:.3f}" for f in finals)
@@ -110,14 +116,15 @@ def main() -> None:
         rouge_after = [f["rouge_l_after"][scorer]["mean"] for f in finals]
         rouge_before = statistics.fmean(f["rouge_l_before"][scorer]["mean"] for f in finals)
         heldout = finals[0]["rouge_l_after"][scorer]["n"]
-        up = statistics.fmean(statistics.fmean(r["bytes_up_per_client"] for r in x["rounds"]) for x in runs)
-        down = statistics.fmean(statistics.fmean(r["bytes_down_per_client"] for r in x["rounds"]) for x in runs)
+        trained = [r for x in runs for r in x["rounds"] if r["clients"]]  # Poisson rounds may have none
+        up = statistics.fmean(r["bytes_up_per_client"] for r in trained)
+        down = statistics.fmean(r["bytes_down_per_client"] for r in trained)
         cpu = statistics.fmean(r["cpu_seconds"] for r in runs)
         print(
             f"| {spent} | {sigma} | {noise} | {before:.4f} -> {interval([f['eval_loss_after'] for f in finals])} "
             f"| {interval(rouge_after)} ({rouge_before:.1f}; {heldout} held-out) | {up:.0f} | {down:.0f} | {cpu:.0f} |"
         )
-    clean = [results[(seed, None)] for seed in args.seeds]
+    clean = [results[(seed, None)] for seed in args.seeds if (seed, None) in results]
     rms = [r["rms_bound"] / 2 for x in clean for r in x["rounds"] if r.get("rms_bound")]  # auto bound = 2x median
     median_rms = statistics.median(rms)
     print(
