@@ -266,6 +266,7 @@ def _records(count, long_every=0):
     return records
 
 
+@pytest.mark.slow
 def test_own_json_array_without_categories_is_held_out_at_random_and_truncations_are_counted(tmp_path, caplog):
     from fedkseed import data as D
 
@@ -286,6 +287,7 @@ def test_own_json_array_without_categories_is_held_out_at_random_and_truncations
     assert final["rouge_l_after"]["rouge"]["n"] == len(split.heldout) == 8  # 10% of 80, every one scored
 
 
+@pytest.mark.slow
 def test_low_precision_model_is_trained_and_saved_in_its_dtype(tmp_path):
     output = tmp_path / "bf16"
     _simulate(output, 1, "--dtype", "bf16")
@@ -318,6 +320,7 @@ def test_one_attacker_of_four_moves_the_default_run_less_than_2_percent(tmp_path
     assert not abs(unbounded - unbounded_clean) <= 0.02 * unbounded_clean, (unbounded, unbounded_clean)
 
 
+@pytest.mark.slow
 def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch):
     """One failing client is a fault to ride out; all of them failing is a bug, and must not end in
     a run that exits 0 with empty rounds (fault injected in the real Client.train)."""

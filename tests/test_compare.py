@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test reads the smoke runs of the compare.py subprocess
+
 COMPARE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 

@@ -173,6 +173,7 @@ def test_attacks_are_deterministic_and_do_what_they_say():
     assert byzantine_clients(5, 2, [1, 4], 9) == [1, 4] and byzantine_clients(5, 2, [1, 4], 0) == []
 
 
+@pytest.mark.slow
 def test_real_clients_attack_through_the_encoder_and_the_server_bounds_them():
     """One real round on the tiny model: four clients, one of them attacking through
     ``Client.train(attack=...)``. Honest uploads do not depend on the attacker (same global
@@ -407,6 +408,7 @@ def test_shared_schedule_is_one_per_round_and_its_own_draw():
     assert all(np.array_equal(d, downloads[0]) for d in downloads)
 
 
+@pytest.mark.slow
 def test_real_clients_share_seeds_and_the_median_outvotes_a_sign_flipper_at_the_bound():
     """Real clients (tiny model): under --shared-seeds every upload names the same seeds, and one
     sign-flip-bound client of four leaves each seed's median within the honest clients' range."""
@@ -518,6 +520,7 @@ def test_crafted_server_state_is_one_line_value_error_and_changes_nothing(name):
 
 
 # ------------------------------------------------------------------------------- the CLI options
+@pytest.mark.slow
 def test_shared_seeds_and_attack_rounds_reach_the_run(tmp_path):
     """--shared-seeds reaches the FedSpec; --attack-rounds 1 makes the --byzantine clients attack
     in round 1 only: two of four vanishing there cost that round, and round 2 is honest and

@@ -528,6 +528,7 @@ def test_node_keys_bind_public_keys_to_client_ids(flwr, tmp_path):
         P.config_from_run_config({"node-keys": "keys.json"})
 
 
+@pytest.mark.slow
 def test_a_node_acts_only_for_the_client_it_is_bound_to(flwr):
     """The strategy's checks on real uploads: a client's own upload passes; the same bytes
     from another client's node, a well-formed upload for another client, and corrupted bytes

@@ -104,6 +104,7 @@ def test_interrupted_cache_build_is_redone(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
 
 
+@pytest.mark.slow
 def test_smollm2_loads_identically_and_beats_tiny(tiny, faq):
     model, tokenizer = load_model("smollm2-135m")
     again, _ = load_model("smollm2-135m")

@@ -417,6 +417,7 @@ def test_heldout_prompts_are_fitted_like_the_loss_sees_them(tiny):
     assert answers[1] == D.generate(model, tokenizer, [short], max_new_tokens=6)[0]  # a short one is untouched
 
 
+@pytest.mark.slow
 def test_a_huge_record_is_cut_by_characters_before_tokenizing(tmp_path):
     path = tmp_path / "huge.jsonl"
     sentence = "The permit covers the extension of the house. "
@@ -511,6 +512,7 @@ def _long_records(count, long_every):
     return records
 
 
+@pytest.mark.slow
 def test_truncation_is_counted_in_metrics_and_said_once(tmp_path, caplog):
     records = _long_records(80, long_every=2)  # half the prompts fill 64 tokens: once refused
     with caplog.at_level(logging.INFO, logger="fedkseed.experiment"):
@@ -533,6 +535,7 @@ def test_truncation_is_counted_in_metrics_and_said_once(tmp_path, caplog):
     assert [r.levelno for r in caplog.records if r.getMessage() == lines[0]] == [logging.WARNING]
 
 
+@pytest.mark.slow
 def test_simulate_defaults_to_auto_and_cuts_nothing_of_short_data(tiny, tmp_path):
     _, tokenizer = tiny
     records = [

@@ -45,6 +45,7 @@ def _dist_info() -> str:
     return f"fedkseed-{_version_literal()}.dist-info"
 
 
+@pytest.mark.slow
 def test_wheel_holds_the_package_and_its_data(wheel):
     names = set(wheel.namelist())
     assert [n for n in names if re.fullmatch(r"fedkseed/_C\..*\.so", n)], "compiled extension missing"
@@ -55,11 +56,13 @@ def test_wheel_holds_the_package_and_its_data(wheel):
     assert sources <= names, sorted(sources - names)
 
 
+@pytest.mark.slow
 def test_wheel_holds_nothing_outside_the_package(wheel):
     tops = {name.split("/")[0] for name in wheel.namelist()}
     assert tops == {"fedkseed", _dist_info()}  # no tools/, tests/, csrc/, benchmarks/
 
 
+@pytest.mark.slow
 def test_wheel_metadata(wheel):
     info = _dist_info()
     meta = email.message_from_bytes(wheel.read(f"{info}/METADATA"))
@@ -72,6 +75,7 @@ def test_wheel_metadata(wheel):
         assert wheel.read(f"{info}/licenses/{name}") == (ROOT / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_wheel_entry_points_resolve(wheel):
     entry_points = configparser.ConfigParser()
     entry_points.read_string(wheel.read(f"{_dist_info()}/entry_points.txt").decode())

@@ -56,6 +56,7 @@ def _independent_epsilon(sigma: float, q: float, rounds: int, delta: float) -> f
 
 
 # ------------------------------------------------------------------------------- accountant
+@pytest.mark.slow
 def test_reported_epsilon_agrees_with_dp_accounting():
     spec = _spec()
     privacy = Privacy(spec, rounds=4, epsilon=3.0, noise_seed=1)
@@ -92,6 +93,7 @@ def _released(noise_seed, clients=(0, 1, 2)) -> Server:
     return server
 
 
+@pytest.mark.slow
 def test_noise_seed_gives_the_same_bits_and_other_seeds_or_the_csprng_other_tables():
     a, b = _released(7), _released(7)
     assert a.table.tobytes() == b.table.tobytes() and a.accumulated.tobytes() == b.accumulated.tobytes()
@@ -227,6 +229,7 @@ def test_local_steps_beyond_the_wire_limit_are_refused():
 
 
 # ------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_simulate_with_dp_end_to_end(tmp_path, capsys):
     args = ["simulate", "--model", "tiny", "--clients", "5", "--clients-per-round", "2", "--rounds", "2"]
     args += ["--local-steps", "2", "--k", "32", "--eval-examples", "4", "--rouge-examples", "0", "--quiet"]
@@ -250,6 +253,7 @@ def test_simulate_with_dp_end_to_end(tmp_path, capsys):
     assert "--rounds 3 exceeds the 2 rounds" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_flower_engine_releases_the_local_engines_tables_under_dp(tmp_path):
     """DP lives in the Server, so the Flower engine runs it too: with the same noise seed, the
     same Poisson samples (round 2 samples nobody: only noise is released), tables and records."""

@@ -72,6 +72,7 @@ class _NaNAt:
         return loss * float("nan") if step in self.steps else loss
 
 
+@pytest.mark.slow
 def test_real_round_records_one_entry_per_step_and_nothing_for_a_skipped_step():
     spec = FedSpec(
         num_clients=2,

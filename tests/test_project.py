@@ -246,6 +246,7 @@ def _sharded_worker(rank: int, world: int, folder: str) -> None:
 
 
 @needs_cpu_kernel
+@pytest.mark.slow
 def test_sharded_dtensors_all_reduce(tmp_path):
     """Two gloo ranks holding Shard(0)/Replicate DTensors: every rank returns the same bits; they
     equal the unsharded result when the shard boundaries are multiples of 4096, and agree to

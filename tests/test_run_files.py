@@ -70,6 +70,7 @@ def test_a_folder_with_any_file_is_refused(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_run_and_keeps_other_files(run_copy, two_rounds, capsys):
     (run_copy / "notes.txt").write_text("mine")
     assert simulate(run_copy, 1, "--overwrite") == 0
@@ -345,6 +346,7 @@ def _resume_from(output: pathlib.Path, model: pathlib.Path, data: pathlib.Path) 
                  "--data", str(data), "--resume"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_with_another_base_model_or_data_is_refused(base_folder, tmp_path, capsys):
     """Issue 18, finding 4: the checkpoint records the base's and the data's fingerprints."""
     from fedkseed.data import load_examples
@@ -419,6 +421,7 @@ def test_a_run_that_dies_writing_its_model_does_not_look_complete(run_copy, tmp_
     assert (output / "delta.fks").exists() and not (output / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_extends_it_and_its_marker(run_copy):
     assert simulate(run_copy, 3, "--resume") == 0
     metrics = json.loads((run_copy / "metrics.json").read_text())

@@ -96,6 +96,7 @@ def _normal_tail(x: float) -> float:
     return math.erfc(x / math.sqrt(2.0))  # P(|z| > x)
 
 
+@pytest.mark.slow
 def test_gaussian_moments(gaussian_samples):
     z = gaussian_samples
     n = z.numel()
@@ -106,6 +107,7 @@ def test_gaussian_moments(gaussian_samples):
 
 
 @pytest.mark.parametrize("x", [1.0, 2.0, 3.0, 4.0, 5.0])
+@pytest.mark.slow
 def test_gaussian_tail_frequencies(gaussian_samples, x):
     n = gaussian_samples.numel()
     p = _normal_tail(x)
@@ -120,6 +122,7 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("lag", [1, 2, 3, 4, 5, 128])
+@pytest.mark.slow
 def test_gaussian_neighbouring_indices_uncorrelated(gaussian_samples, lag):
     z = gaussian_samples
     assert abs(_corr(z[:-lag], z[lag:])) < 5 / math.sqrt(z.numel())
@@ -127,6 +130,7 @@ def test_gaussian_neighbouring_indices_uncorrelated(gaussian_samples, lag):
     assert abs(_corr(z[:-lag] ** 2, z[lag:] ** 2)) < 5 / math.sqrt(z.numel())
 
 
+@pytest.mark.slow
 def test_gaussian_neighbouring_seeds_uncorrelated(gaussian_samples):
     n = 2_000_000
     other = R.noise(12346, n).double()
@@ -135,6 +139,7 @@ def test_gaussian_neighbouring_seeds_uncorrelated(gaussian_samples):
     assert abs(_corr(gaussian_samples[:n], far)) < 5 / math.sqrt(n)
 
 
+@pytest.mark.slow
 def test_rademacher_statistics():
     z = R.noise(99, N_STATS, dist="rademacher").double()
     n = z.numel()

@@ -136,6 +136,7 @@ def tiny_gpt2():
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.slow
 def test_loss_falls_on_fixed_batch_under_inference_mode(build):
     model = build()
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
