@@ -144,7 +144,9 @@ class SimConfig:
     """A federated fine-tuning run simulated on one machine."""
 
     method: str = option(
-        "fedkseed", "federated method: fedkseed (ZO, K seeds), fedit (LoRA adapters averaged), fedavg", lambda: METHODS
+        "fedkseed",
+        "federated method: fedkseed (ZO, K seeds), fedit (LoRA adapters averaged), fedavg, ferret (first-order, seeds)",
+        lambda: METHODS,
     )
     protocol: str = option("demo", f"where unset settings come from: demo, or paper ({PAPER_RULES})", PROTOCOLS.keys)
     model: str = option("smollm2-135m", "smollm2-135m, tiny or a local HF model folder")
@@ -158,7 +160,7 @@ class SimConfig:
     pro: bool = option(False, "FedKSeed-Pro seed probabilities")
     dist: str | None = option(None, "perturbation distribution", lambda: tuple(S.DISTRIBUTIONS))
     lr: float | None = option(
-        None, "learning rate; fedit and fedavg default to 1e-4 and 1e-5 (AdamW) whatever the protocol"
+        None, "learning rate; fedit, fedavg and ferret default to 1e-4, 1e-5 and 1e-6 (AdamW) whatever the protocol"
     )
     eps: float | None = option(None, "perturbation scale")
     weight_decay: float = option(0.0, "decoupled weight decay of the local steps (ZO steps, or AdamW's)")
@@ -272,6 +274,8 @@ class SimConfig:
             raise UsageError(f"--lora-rank must be an integer >= 1, got {self.lora_rank!r}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise UsageError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.method == "ferret":
+            self._check_ferret()
         if self.method not in FIRST_ORDER:
             return
         refused = {
@@ -285,6 +289,22 @@ class SimConfig:
                 raise UsageError(
                     f"{what} is FedKSeed's (--method fedkseed); --method {self.method} trains float32 weights "
                     "and averages them"
+                )
+
+    def _check_ferret(self) -> None:
+        """Ferret projects onto the round's shared seeds (``shared_seeds`` is set for it) and trains
+        float32 weights with first-order steps; what does not fit that is refused in one line."""
+        object.__setattr__(self, "shared_seeds", True)
+        refused = {
+            "--pro": self.pro,
+            f"--dtype {self.dtype}": self.dtype != "fp32",
+            "--dp-epsilon": self.dp_epsilon is not None,
+        }
+        for what, given in refused.items():
+            if given:
+                raise UsageError(
+                    f"{what} is not supported with --method ferret (first-order steps on float32 weights, "
+                    "projected onto the round's shared seeds)"
                 )
 
     def _check_privacy(self) -> None:

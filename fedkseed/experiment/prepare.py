@@ -14,6 +14,7 @@ import torch
 from .. import data as D
 from ..errors import UsageError
 from ..fed import Client, Replica, Server
+from ..fed.ferret import FerretClient
 from ..fed.firstorder import FirstOrderClient, FirstOrderServer, load_weights
 from ..paramset import ParamSet
 from .config import SimConfig
@@ -93,7 +94,10 @@ def prepare(config: SimConfig) -> Setup:
     else:
         server = Server(spec, sizes, config.privacy())
         replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
-        clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
+        if config.method == "ferret":  # FedKSeed's server and table, first-order local steps
+            clients = [FerretClient(i, spec, replica, e, D.response_loss) for i, e in enumerate(encoded)]
+        else:
+            clients = [Client(i, spec, replica, e, D.lm_loss) for i, e in enumerate(encoded)]
     eval_data = [
         D.encode(tokenizer, evaluation[i : i + EVAL_BATCH], max_length) for i in range(0, len(evaluation), EVAL_BATCH)
     ]

@@ -80,7 +80,7 @@ class ArrayPayloads:
 
 
 def payloads_for(method: str) -> SeedPayloads | ArrayPayloads:
-    return SeedPayloads() if method == "fedkseed" else ArrayPayloads()
+    return SeedPayloads() if method in ("fedkseed", "ferret") else ArrayPayloads()  # Ferret: FedKSeed's wire
 
 
 def _content(data: bytes, kind: bytes, config: Mapping[str, object]) -> RecordDict:
