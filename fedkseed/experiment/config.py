@@ -160,7 +160,7 @@ class SimConfig:
     pro: bool = option(False, "FedKSeed-Pro seed probabilities")
     dist: str | None = option(None, "perturbation distribution", lambda: tuple(S.DISTRIBUTIONS))
     lr: float | None = option(
-        None, "learning rate; fedit, fedavg and ferret default to 1e-4, 1e-5 and 1e-6 (AdamW) whatever the protocol"
+        None, "learning rate; fedit and fedavg default to 1e-4 and 1e-5 (AdamW) whatever the protocol"
     )
     eps: float | None = option(None, "perturbation scale")
     weight_decay: float = option(0.0, "decoupled weight decay of the local steps (ZO steps, or AdamW's)")

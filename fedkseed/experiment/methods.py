@@ -4,8 +4,8 @@
               (``--pro``: FedKSeed-Pro)
     fedit     FedIT: FedAvg of LoRA adapters (peft) trained with first-order local steps (AdamW)
     fedavg    FedAvg of every weight, first-order local steps (AdamW)
-    ferret    Ferret: first-order local steps (AdamW) on every weight, the update projected onto the
-              round's shared seeds; FedKSeed's uploads, table and server (``fed.ferret``)
+    ferret    Ferret: first-order local steps (SGD) on every weight, the update projected onto the
+              round's shared seeds; FedKSeed's uploads, table, server and lr (``fed.ferret``)
 
 All four share the data split, client sampling, batches (``fed.firstorder.local_batch_rows``
 draws what FedKSeed's client draws), evaluation, output folder and resume. ``--local-steps``
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 METHODS = ("fedkseed", "fedit", "fedavg", "ferret")
-FIRST_ORDER_LR = {"fedit": 1e-4, "fedavg": 1e-5, "ferret": 1e-6}
+FIRST_ORDER_LR = {"fedit": 1e-4, "fedavg": 1e-5}
 FIRST_ORDER = ("fedit", "fedavg")  # the tensor-averaging methods (FirstOrderServer); Ferret is seed-based
 
 

@@ -3,8 +3,8 @@ the round's shared seeds; only those projections travel, through FedKSeed's own 
 
 A Ferret client is a FedKSeed ``Client`` whose local work differs: it catches up like FedKSeed
 (table download, ``Replica.build``: the canonical global model), runs ``spec.local_steps``
-first-order optimizer steps on every weight (``firstorder.first_order_steps`` on FedKSeed's
-batches), then projects its update Delta = theta_local - theta_round onto the round's distinct
+first-order SGD steps at ``spec.lr`` on every weight (``firstorder.first_order_steps`` on
+FedKSeed's batches), then projects its update Delta = theta_local - theta_round onto the round's distinct
 seeds z_k of the shared schedule (``FedSpec.shared_seeds``) with ONE ``fedkseed.project`` call
 (no noise tensor), and uploads one scalar per seed as a ``wire.Upload``. Everything else is
 FedKSeed's ``Server``: aggregation per seed, the robust bound, the seed table, catch-up downloads,
@@ -12,11 +12,12 @@ resume, the delta file and ``fedkseed apply``.
 
 Scaling (docs/ferret.md). The canonical replay adds float32(-lr) * table[k] * z_k, and the table
 is the weighted mean of the uploads, so a client uploads ``v_k = -c * p_k / lr`` with
-p_k = <Delta, z_k> and everyone replays c * sum_k mean(p_k) z_k. ``c = 1 / (d + K_r + 1)``
-(``SCALINGS["projection"]``) is the mean-squared-error-optimal multiple of sum_k p_k z_k for
-Gaussian z (about 1/d, the least-squares projection of Delta onto span(z)); the unbiased
-``1 / K_r`` (``SCALINGS["unbiased"]``) has variance ~ (d / K_r) |Delta|^2 and is kept for the
-measurement that chose between them.
+p_k = <Delta, z_k> and everyone replays c * sum_k mean(p_k) z_k. The run uses the unbiased
+``c = 1 / K_r`` (``SCALINGS["unbiased"]``: E[p_k z_k] = Delta), whose variance ~ (d / K_r) |Delta|^2
+makes ``spec.lr`` a ZO-sized step; ``c = 1 / (d + K_r + 1)`` (``SCALINGS["projection"]``, about
+the least-squares projection onto span(z)) is kept for the measurement that chose between them:
+on the tiny model it barely moves the loss at any stable lr. Plain SGD, not AdamW: the projection
+noise grows with |Delta|^2, and Adam's sign-like steps put far more |Delta|^2 per unit of descent.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..paramset import ParamSet
 from . import wire
 from .attacks import attack as corrupt
 from .client import Batch, Client, take_rows
-from .firstorder import OptimizerFactory, adamw, first_order_steps, local_batch_rows
+from .firstorder import OptimizerFactory, first_order_steps, local_batch_rows
 from .replica import Replica
 from .seedpool import draw_schedule
 from .spec import FedSpec
@@ -41,6 +42,11 @@ SCALINGS: dict[str, Callable[[int, int], float]] = {
     "projection": lambda d, k_r: 1.0 / (d + k_r + 1),
     "unbiased": lambda d, k_r: 1.0 / k_r,
 }
+
+
+def sgd(spec: FedSpec) -> OptimizerFactory:
+    """Plain SGD at ``spec.lr`` with ``spec.weight_decay``, fresh for every client and round."""
+    return lambda params: torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 class FerretClient(Client):
@@ -65,7 +71,7 @@ class FerretClient(Client):
         if any(t.dtype != torch.float32 for t in replica.params.tensors):
             raise ValueError("Ferret's first-order steps train float32 weights")
         super().__init__(client_id, spec, replica, data, loss)
-        self.optimizer, self.scaling = optimizer or adamw(spec), scaling
+        self.optimizer, self.scaling = optimizer or sgd(spec), scaling
 
     def train(self, download: bytes, attack: str | None = None) -> bytes:
         d = self.catch_up(download)
