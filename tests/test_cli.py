@@ -176,6 +176,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "fedkseed", "simulate", "--lr", "-1"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lr" in done.stderr, done.stderr

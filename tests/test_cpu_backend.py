@@ -301,6 +301,7 @@ def test_unknown_isa_is_refused():
     assert torch.ops.fedkseed.cpu_isa() == before
 
 
+@pytest.mark.slow
 def test_isa_environment_is_read_once_and_checked():
     """FEDKSEED_CPU_ISA is read at the first kernel call (a fresh process each case here)."""
     code = "import fedkseed, torch; fedkseed.noise(1, 10, backend='cpu'); print(torch.ops.fedkseed.cpu_isa())"

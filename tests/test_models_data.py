@@ -265,6 +265,7 @@ def test_lm_loss_matches_the_models_own_loss(tiny, faq):
     torch.testing.assert_close(cut, alone, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_generation_matches_one_by_one(tiny, faq):
     tokenizer = tiny[1]
     # Untied output weights: a random tied model only repeats its last token (an empty answer).

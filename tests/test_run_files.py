@@ -56,6 +56,7 @@ def run_copy(two_rounds, tmp_path) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------- the output folder
+@pytest.mark.slow
 def test_a_used_output_folder_is_refused_and_left_as_it_was(run_copy, capsys):
     before = snapshot(run_copy)
     err = error_of(simulate(run_copy, 2), capsys)
@@ -82,6 +83,7 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(run_copy, two_rounds, 
     assert names == ["delta.fks", "losses.png", "metrics.json", "model", "notes.txt", "state.npz"]
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_model_inside_the_output(run_copy, capsys):
     """Continuing from a finished run's own model with --overwrite (issue 18, finding 3):
     refused in one line naming both paths, before anything is moved or deleted."""
@@ -120,6 +122,7 @@ def test_output_must_lie_apart_from_the_model_cache(tmp_path, monkeypatch, where
     assert (entry / "model.safetensors").read_bytes() == b"the cached base"
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails(run_copy, tmp_path, capsys):
     """--overwrite deletes nothing before the new run's inputs are loaded: a run whose data
     file is bad leaves the folder exactly as it was."""
@@ -132,6 +135,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails(run_copy, tmp_path, 
     assert not list(run_copy.glob(".replaced-*"))  # the old run was put back, nothing kept aside
 
 
+@pytest.mark.slow
 def test_a_failed_overwrite_keeps_both_runs_once_the_new_one_has_a_checkpoint(run_copy):
     """The claim's rules on a real folder: the replaced run waits in .replaced-*; a run that
     fails after its first checkpoint keeps it (and stays resumable); the next run of the
@@ -179,6 +183,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, where, capsys):
         (["--dtype", "bf16"], "--dtype"),
     ],
 )
+@pytest.mark.slow
 def test_resume_with_other_settings_names_the_setting(run_copy, change, setting, capsys):
     before = snapshot(run_copy)
     argv = list(TINY)
@@ -192,6 +197,7 @@ def test_resume_with_other_settings_names_the_setting(run_copy, change, setting,
     assert snapshot(run_copy) == before  # refused before anything changed, the marker included
 
 
+@pytest.mark.slow
 def test_rounds_below_the_checkpoint_are_refused(run_copy, capsys):
     before = snapshot(run_copy)
     err = error_of(simulate(run_copy, 1, "--resume"), capsys)
@@ -325,6 +331,7 @@ def _flip(path: pathlib.Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.slow
 def test_an_unreadable_or_inconsistent_checkpoint_is_one_line_and_exit_2(run_copy, corruption, capsys):
     CORRUPTIONS[corruption](run_copy / "state.npz")
     marker = (run_copy / "metrics.json").read_bytes()
@@ -381,6 +388,7 @@ def test_resume_with_another_base_model_or_data_is_refused(base_folder, tmp_path
 
 
 # ----------------------------------------------------------- temporaries and the complete marker
+@pytest.mark.slow
 def test_stale_temporaries_are_cleaned_at_start(run_copy):
     stale = [
         run_copy / ".state.npz-x1y2z3",
@@ -398,6 +406,7 @@ def test_stale_temporaries_are_cleaned_at_start(run_copy):
     assert (run_copy / "mine.txt").exists() and (run_copy / ".hidden-but-mine").exists()
 
 
+@pytest.mark.slow
 def test_metrics_json_is_written_last(two_rounds):
     written = [p for p in two_rounds.rglob("*") if p.is_file() and p.name not in ("metrics.json", "state.npz")]
     assert {p.name for p in written} >= {"delta.fks", "losses.png", "model.safetensors", "config.json"}
@@ -405,6 +414,7 @@ def test_metrics_json_is_written_last(two_rounds):
     assert os.stat(two_rounds / "metrics.json").st_mtime_ns >= last
 
 
+@pytest.mark.slow
 def test_a_run_that_dies_writing_its_model_does_not_look_complete(run_copy, tmp_path):
     """write_outputs with a tokenizer that cannot be saved: the delta and the model's weights
     are written, the run fails, and no metrics.json says it finished."""
@@ -444,6 +454,7 @@ def base_folder(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+@pytest.mark.slow
 def test_apply_refuses_an_output_that_overlaps_the_base(two_rounds, base_folder, where, capsys):
     before = snapshot(base_folder)
     output = {"itself": base_folder, "inside": base_folder / "out", "parent": base_folder.parent}[where]
@@ -452,6 +463,7 @@ def test_apply_refuses_an_output_that_overlaps_the_base(two_rounds, base_folder,
     assert snapshot(base_folder) == before
 
 
+@pytest.mark.slow
 def test_apply_refuses_to_overwrite_the_cached_base(two_rounds, tmp_path, monkeypatch, capsys):
     """`apply --base smollm2-135m --output <its cache entry> --overwrite` (issue 18, finding 3)."""
     from fedkseed.models import SMOLLM2_DIR
@@ -465,6 +477,7 @@ def test_apply_refuses_to_overwrite_the_cached_base(two_rounds, tmp_path, monkey
     assert (entry / "model.safetensors").read_bytes() == b"the cached base"
 
 
+@pytest.mark.slow
 def test_apply_refuses_an_output_holding_the_delta(two_rounds, tmp_path, capsys):
     delta = tmp_path / "run" / "delta.fks"
     delta.parent.mkdir()
@@ -474,6 +487,7 @@ def test_apply_refuses_an_output_holding_the_delta(two_rounds, tmp_path, capsys)
     assert delta.read_bytes() == (two_rounds / "delta.fks").read_bytes()
 
 
+@pytest.mark.slow
 def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(
     two_rounds, base_folder, tmp_path, capsys
 ):
@@ -493,6 +507,7 @@ def test_apply_writes_through_a_temporary_folder_and_overwrites_only_when_asked(
     assert load_file(str(output / "model.safetensors")).keys() == rebuilt.keys()
 
 
+@pytest.mark.slow
 def test_apply_checks_its_output_before_loading_the_model(two_rounds, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -511,6 +526,7 @@ def _with_lr(delta: bytes, old: float, new: float) -> bytes:
 
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3, 0.0])
+@pytest.mark.slow
 def test_apply_refuses_a_delta_whose_lr_cannot_build_a_model(two_rounds, tmp_path, lr, capsys):
     delta = tmp_path / "bad.fks"
     delta.write_bytes(_with_lr((two_rounds / "delta.fks").read_bytes(), float(np.float32(1e-3)), lr))

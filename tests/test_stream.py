@@ -60,6 +60,7 @@ def _float64_gaussian(wa: torch.Tensor, wb: torch.Tensor, odd: int) -> torch.Ten
     return r * (torch.sin(t) if odd else torch.cos(t))
 
 
+@pytest.mark.slow
 def test_gaussian_matches_float64_formula():
     words = R.philox(2024, torch.arange(1 << 20, dtype=torch.int64), S.TAG_GAUSSIAN)
     # Words at the ends of the uniform range exercise the largest |z| and ln(u) near 0.
