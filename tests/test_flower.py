@@ -170,13 +170,14 @@ def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedit", "fedavg", "shared-seeds"])
+@pytest.mark.parametrize("method", ["fedit", "fedavg", "shared-seeds", "ferret"])
 def test_first_order_methods_on_flower_are_bit_identical_to_local(flwr, tmp_path, method):
     """--method fedit / fedavg over Flower's simulation runtime (tensors in an ArrayRecord): the
     same model bits, the same per-round records (bytes included: both engines count the array
     message) as the local engine, and each round's client cost measured in the ClientApps.
     "shared-seeds": FedKSeed with --shared-seeds, whose uploads the strategy must read against
-    the Server's shared schedule, not each client's own."""
+    the Server's shared schedule, not each client's own. "ferret": FedKSeed's wire messages
+    carrying the projections of first-order updates."""
     from fedkseed.flower.engine import run_flower
 
     chosen = dict(method="fedkseed", shared_seeds=True) if method == "shared-seeds" else dict(method=method)
@@ -187,7 +188,7 @@ def test_first_order_methods_on_flower_are_bit_identical_to_local(flwr, tmp_path
     assert_same_weights(weights(flower.model), weights(local.model))
     assert without_seconds(flower.rounds) == without_seconds(local.rounds)
     assert flower.final == local.final and flower.delta == local.delta
-    assert (local.delta is None) == (method != "shared-seeds")
+    assert (local.delta is None) == (method in ("fedit", "fedavg"))
     for record in flower.rounds:
         assert record["bytes_up_per_client"] > 0 and len(record["clients"]) == 2 and not record["rejected"]
         assert record["client_seconds"] > 0 and record["client_cpu_seconds"] > 0 and record["client_peak_mib"] > 0
