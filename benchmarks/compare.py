@@ -76,6 +76,10 @@ METHODS = {
         Method("FedKSeed-Pro", ("--method", "fedkseed", "--pro"), zero_order=True),
         Method("FedIT", ("--method", "fedit"), zero_order=False),  # lr: simulate's first-order default
         Method("FedAvg", ("--method", "fedavg"), zero_order=False),
+        # First-order cost with FedKSeed's seeds and lr (this script's --k/--dist/--lr defaults), same upload.
+        Method(
+            "Ferret", ("--method", "ferret", "--k", "256", "--dist", "rademacher", "--lr", "3e-5"), zero_order=False
+        ),
     )
 }
 REFERENCE = "FedKSeed"  # the method every other one is compared with
