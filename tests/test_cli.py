@@ -209,7 +209,7 @@ def test_options_are_generated_from_the_config_and_its_owners():
     assert tuple(simulate["precision"].choices) == wire.PRECISIONS
     assert tuple(simulate["dist"].choices) == tuple(stream.DISTRIBUTIONS)
     assert tuple(simulate["engine"].choices) == engines.names()
-    assert tuple(simulate["method"].choices) == ("fedkseed", "fedit", "fedavg")
+    assert tuple(simulate["method"].choices) == ("fedkseed", "fedit", "fedavg", "ferret")
 
 
 def test_robustness_and_training_options_reach_the_spec():
