@@ -134,3 +134,13 @@ def test_options_ferret_cannot_honour_are_refused_in_one_line():
         with pytest.raises(UsageError, match="method ferret") as error:
             SimConfig(method="ferret", **options)
         assert "\n" not in str(error.value)
+
+
+def test_the_robust_bound_scales_down_a_byzantine_ferret_upload(tmp_path):
+    """Ferret's uploads enter FedKSeed's per-step RMS bound: a client sending 1e6 times its
+    honest projections is scaled back to the bound and the global model still improves."""
+    options = ["--clients-per-round", "3", "--local-steps", "5", "--eval-examples", "4", "--byzantine", "1"]
+    metrics = _simulate(tmp_path, "ferret", 1, "--lr", FERRET_LR, *options, "--attack", "scale")
+    (record,) = metrics["rounds"]
+    assert len(record["clipped"]) == 1 and next(iter(record["clipped"].values())) < 1e-3
+    assert record["eval_loss"] < metrics["final"]["eval_loss_before"]
