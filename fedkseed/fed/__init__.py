@@ -44,6 +44,10 @@ Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).
 
 The first-order baselines (``firstorder``: ``FirstOrderServer`` / ``FirstOrderClient``, FedIT and
 FedAvg) have the same round interface and exchange the array message of ``fed.arrays``.
+
+Ferret (``ferret``: ``FerretClient(client_id, spec, replica, data, loss)``, a ``Client`` whose local
+work is first-order SGD steps, then one ``fedkseed.project`` call onto the round's shared seeds)
+uploads FedKSeed's own ``wire.Upload`` to the same ``Server`` (docs/ferret.md).
 """
 
 from .attacks import ATTACKS, attack, byzantine_clients
