@@ -22,7 +22,7 @@ def _party(spec: FedSpec):
     return Replica(model, pool, spec.lr32, spec.dist), tokenizer
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", pytest.param("rademacher", marks=pytest.mark.slow)])
 def test_round_equals_weighted_average_and_catch_up_is_bit_identical(faq, dist):
     spec = FedSpec(
         num_clients=2,

@@ -396,6 +396,7 @@ def test_auto_max_length_keeps_a_small_user_file_intact(tiny, tmp_path):
     assert D.auto_max_length(tokenizer, examples, cap=40) == 40
 
 
+@pytest.mark.slow
 def test_heldout_prompts_are_fitted_like_the_loss_sees_them(tiny):
     _, tokenizer = tiny
     # Untied output weights: a random tied model only repeats its last token (an empty answer).

@@ -126,6 +126,7 @@ def test_poisson_sampling_rate():
 
 
 # ----------------------------------------------------------------------------------- clipping
+@pytest.mark.slow
 def test_clipping_bounds_a_malicious_clients_influence():
     """With the same noise seed the noise is the same with or without client 2, so the table's
     difference is client 2's contribution: at most C / (q N) in L2 whatever it sends."""
@@ -144,6 +145,7 @@ def test_clipping_bounds_a_malicious_clients_influence():
 
 
 # ------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_resume_keeps_the_accountant_state_exactly(tmp_path):
     spec = _spec()
 

@@ -139,6 +139,7 @@ def test_paper_preset_is_the_documented_official_setup():
     assert (demo.clients, demo.clients_per_round, demo.rounds, demo.clip, demo.precision) == (20, 2, 5, "auto", "fp16")
 
 
+@pytest.mark.slow
 def test_print_config_prints_the_resolved_settings_and_loads_nothing(tmp_path):
     """In a fresh process: the JSON is the resolved config (flags win over the protocol), no
     model library is imported and the output folder is not claimed."""
