@@ -136,6 +136,7 @@ def test_options_ferret_cannot_honour_are_refused_in_one_line():
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_the_robust_bound_scales_down_a_byzantine_ferret_upload(tmp_path):
     """Ferret's uploads enter FedKSeed's per-step RMS bound: a client sending 1e6 times its
     honest projections is scaled back to the bound and the global model still improves."""
