@@ -34,6 +34,8 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
         for client in setup.clients:  # the current table agrees with the table a client
             client.table = server.table.copy()  # holds on every entry its catch-up leaves out
             client.synced = int(server.synced[client.client_id])
+    for client in setup.clients:
+        client.on_step = book.step  # progress per local step, with its loss
     while server.round < config.rounds:
         started = time.perf_counter()
         sampled = server.begin_round()
@@ -42,6 +44,7 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
         failures: list[Exception] = []
         usage: list[Usage] = []
         for c in sampled:
+            expected = book.bar.n + config.local_steps
             download = server.download(c)
             attack = {"attack": config.attack} if c in bad else {}  # only FedKSeed simulates attacks
             try:
@@ -53,7 +56,7 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
             else:
                 usage.append(used)
                 server.receive(upload)
-            book.bar.update(config.local_steps)
+            book.bar.update(max(0, expected - book.bar.n))  # the steps a failed client did not take
         if sampled and len(failures) == len(sampled):  # DP's Poisson sampling may draw nobody
             # Every client failing is a bug or a broken setup, not a fault to ride out: stop
             # before the checkpoint records an empty round (the last round's files stay).

@@ -78,6 +78,12 @@ class RunBook:
             self.dp,
         )
 
+    def step(self, loss: float) -> None:
+        """One local step done (progress per step, with its loss; tqdm adds the rate and ETA)."""
+        self.bar.update(1)
+        if loss == loss:  # not NaN: a skipped step keeps the last loss shown
+            self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+
     def record(self, summary: RoundSummary, started: float, usage: Sequence[Usage]) -> dict[str, Any]:
         """Evaluate the new global model, checkpoint the run and print the round's row.
         ``usage``: what each client that trained this round measured (``usage.measure``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,7 @@ class Client:
         self.num_examples = int(data["input_ids"].shape[0])
         self.table = np.zeros(spec.k, dtype=np.float32)
         self.synced = 0
+        self.on_step: Callable[[float], None] | None = None  # called with each local step's loss
 
     def catch_up(self, download: bytes) -> wire.Download:
         """Merge a download into the local table and build the global model from it."""
@@ -116,6 +118,8 @@ class Client:
                 skipped.append(t)
             else:
                 losses.append(0.5 * (result.loss_plus + result.loss_minus))
+            if self.on_step is not None:
+                self.on_step(math.nan if result.skipped else losses[-1])
         loss = float(np.mean(losses)) if losses else float("nan")
         if spec.pro:
             upload: wire.Upload | wire.StepUpload = wire.StepUpload(

@@ -81,7 +81,9 @@ class FerretClient(Client):
         batches = (take_rows(self.data, r) for r in rows)
         tensors = list(params.tensors)
         with torch.enable_grad():  # the replica's tensors are the model's trainable parameters
-            losses = first_order_steps(self.replica.model, tensors, batches, self.loss, self.optimizer(tensors))
+            losses = first_order_steps(
+                self.replica.model, tensors, batches, self.loss, self.optimizer(tensors), self.on_step
+            )
         with torch.no_grad():
             for s, t in zip(start, tensors):
                 s.sub_(t).neg_()  # Delta = theta_local - theta_round, in place

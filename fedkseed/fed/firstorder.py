@@ -69,10 +69,12 @@ def first_order_steps(
     batches: Iterable[Batch],
     loss: Callable[[Any, Batch], torch.Tensor],
     optimizer: torch.optim.Optimizer,
+    on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
     """One optimizer step per batch (backward of ``loss(model, batch)``), in train mode; a
     batch whose loss is not finite is skipped (no step). Returns the finite losses, each
-    measured before its step. Gradients are released afterwards."""
+    measured before its step. Gradients are released afterwards. ``on_step(loss)`` is called
+    after every batch (NaN for a skipped one): progress reporting."""
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -80,11 +82,12 @@ def first_order_steps(
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
             value = loss(model, batch)
-            if not torch.isfinite(value):
-                continue
-            value.backward()
-            optimizer.step()
-            losses.append(float(value.detach()))
+            if torch.isfinite(value):
+                value.backward()
+                optimizer.step()
+                losses.append(float(value.detach()))
+            if on_step is not None:
+                on_step(losses[-1] if torch.isfinite(value) else math.nan)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -126,6 +129,7 @@ class FirstOrderClient:
         self.data, self.loss, self.optimizer = data, loss, optimizer or adamw(spec)
         self.layout = layout_of(self.tensors)
         self.num_examples = int(data["input_ids"].shape[0])
+        self.on_step: Callable[[float], None] | None = None  # called with each local step's loss
 
     def catch_up(self, download: bytes) -> arrays.ArrayMessage:
         """Check a download and load its global tensors into the model."""
@@ -145,7 +149,7 @@ class FirstOrderClient:
         rows = local_batch_rows(self.spec, round_, self.client_id, self.num_examples)
         params = list(self.tensors.values())
         batches = (take_rows(self.data, r) for r in rows)
-        return first_order_steps(self.model, params, batches, self.loss, self.optimizer(params))
+        return first_order_steps(self.model, params, batches, self.loss, self.optimizer(params), self.on_step)
 
     def upload_of(self, download: arrays.ArrayMessage, losses: Sequence[float]) -> bytes:
         """The upload after training from ``download``: this client's trained tensors and its
