@@ -4,6 +4,7 @@ demo protocol's clients and rounds; then, from sigma, how many clients per round
 to fall below the signal.
 
     flock /tmp/fedkseed-bench.lock nice -n 5 .venv/bin/python benchmarks/privacy.py --jobs 2
+    .venv/bin/python benchmarks/privacy.py --synthetic 20.7   # no model: bytes and noise / signal
 
 Each run is the real CLI in its own process (its CPU time from wait4); a finished run folder is
 reused, never rerun. The DP runs use --dp-noise-seed (reproducible; docs/privacy.md says why a
@@ -64,6 +65,44 @@ def interval(values: list[float]) -> str:
     return f"{mean:.4f} ± {half:.4f} (n={len(values)})"
 
 
+def synthetic(epsilons: list[float], seeds: list[int], per_step_rms: float) -> None:
+    """No model: 5 demo-shaped rounds through the real Server and fp16 encoder, each sampled client
+    uploading Gaussian per-seed sums of the given per-step RMS on its real schedule. Prints bytes
+    per client and round and the released table's noise / signal (squared norms), the noise part
+    recomputed from the noise seed."""
+    import numpy as np
+
+    from fedkseed.fed import FedSpec, Server, draw_schedule, wire
+    from fedkseed.fed.privacy import Privacy
+
+    demo = dict(clients_per_round=2, k=1024, local_steps=30, lr=3e-5, eps=1e-2, dist="rademacher", precision="fp16")
+    print("| epsilon | seed | up B / client | down B / client | noise / signal (squared norm, 5 rounds) |")
+    print("|---|---|---|---|---|")
+    for eps in [None, *epsilons]:
+        for seed in seeds:
+            spec = FedSpec(num_clients=20, seed=seed, **demo)
+            privacy = None if eps is None else Privacy(spec, 5, eps, noise_seed=1000 + seed)
+            server = Server(spec, [20] * 20, privacy)
+            up, down, noise = [], [], np.zeros(spec.k)
+            for r in range(1, 6):
+                for c in server.begin_round():
+                    down.append(len(server.download(c)))
+                    used, counts = np.unique(draw_schedule(seed, r, c, spec.local_steps, spec.k), return_counts=True)
+                    values = np.random.default_rng([seed, r, c]).normal(0, per_step_rms, used.size) * np.sqrt(counts)
+                    upload = wire.Upload(c, r, spec.k, spec.local_steps, 1.0, used, values)
+                    up.append(len(message := wire.encode_upload(upload, spec.precision, implied=used)))
+                    server.receive(message)
+                server.end_round()
+                if privacy is not None:
+                    touched = privacy.touchable(r)
+                    scale = privacy.noise_multiplier * privacy.clip * privacy.weight
+                    noise[touched] += scale * privacy.noise(r, touched)
+            signal = server.accumulated - noise
+            ratio = float(np.sum(noise**2) / np.sum(signal**2))
+            name = "inf" if eps is None else f"{eps:g}"
+            print(f"| {name} | {seed} | {statistics.fmean(up):.1f} | {statistics.fmean(down):.1f} | {ratio:.3g} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/privacy")
@@ -72,7 +111,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only tabulate the runs already finished")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more simulate options")
+    parser.add_argument("--synthetic", type=float, metavar="RMS", help="no model: bytes and noise/signal only")
     args = parser.parse_args()
+    if args.synthetic:
+        synthetic(args.epsilons, args.seeds, args.synthetic)
+        return
     out = ROOT / args.output
     out.mkdir(parents=True, exist_ok=True)
     # seed by seed: a run cut short still leaves every epsilon of the first seeds (rerun with those --seeds)
