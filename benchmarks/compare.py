@@ -25,8 +25,9 @@ Two budgets:
   so each ZO method gets more of them: its ``examples`` run continues (``--resume``, from a copy
   of its checkpoint) for more rounds of the same local steps, until its client CPU-seconds match
   those of the costliest first-order method. The costs per step are measured from the
-  ``examples`` runs' ``client_cpu_seconds`` (mean over rounds and seeds); the rounds chosen are
-  kept in ``cpu_budget.json``, so a later invocation continues the same budget. First-order runs
+  ``examples`` runs' ``client_cpu_seconds`` (mean over rounds and over the seeds finished when the
+  budget is first chosen); the rounds chosen are kept in ``cpu_budget.json``, so a later
+  invocation continues the same budget. First-order runs
   are the same in both budgets and are not repeated.
 
 Statistics (``fedkseed.metrics``): Rouge-L on every held-out example (the same examples in every
@@ -563,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios = ", ".join(f"{n} {r:.2f}" for n, r in budget["ratio"].items())
         costs = ", ".join(f"{n} {c:.3f}" for n, c in budget["cpu_seconds_per_step"].items())
         notes.append(
-            f"client CPU-seconds per local step (mean over rounds and seeds of the equal-examples runs): {costs};"
+            f"client CPU-seconds per local step ({BUDGET_FILE}: mean over rounds of the equal-examples runs finished"
+            f" when the budget was chosen): {costs};"
             f" equal CPU matches {budget['matched']}: ratio {ratios}"
             f"{' (fixed by --cpu-ratio)' if budget['ratio_fixed'] else ''} -> rounds {budget['rounds']}"
         )
