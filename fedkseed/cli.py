@@ -1,4 +1,4 @@
-"""The ``fedkseed`` command: ``simulate`` (a federated run: FedKSeed, FedIT or FedAvg) and ``apply``
+"""The ``fedkseed`` command: ``simulate`` (a federated run: FedKSeed, FedIT, FedAvg or Ferret) and ``apply``
 (FedKSeed's delta -> model).
 
 The arguments are generated from the experiment's config dataclasses (field name, type,
@@ -20,6 +20,10 @@ from typing import Any, NoReturn
 from .errors import UsageError
 from .experiment.config import ApplyConfig, SimConfig, choices_of, flag, protocol_defaults
 
+COMMAND_DESCRIPTION = (
+    "fedkseed: simulate runs a federated fine-tuning method (FedKSeed, FedIT, FedAvg or Ferret) on "
+    "this machine; apply rebuilds a model from a base model and FedKSeed's delta file."
+)
 SIMULATE_DESCRIPTION = (
     "Federated fine-tuning of a causal LM, simulated on this machine: FedKSeed (ZO, K seeds; "
     "--pro: FedKSeed-Pro) or the first-order baselines FedIT (LoRA adapters averaged) and FedAvg "
@@ -78,7 +82,7 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     from . import data
 
-    parser = _Parser(prog="fedkseed", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fedkseed", description=COMMAND_DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sim = commands.add_parser(
         "simulate",

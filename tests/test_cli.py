@@ -109,6 +109,8 @@ def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, c
         main(["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]) == 0
     )
     assert _same_weights(_weights(tmp_path / "m"), _weights(full_run / "model"))
+    # The rebuilt folder is as readable as simulate's (not mkdtemp's 0700).
+    assert (tmp_path / "m").stat().st_mode & 0o777 == (full_run / "model").stat().st_mode & 0o777
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,6 +128,7 @@ def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, c
     )
     err = capsys.readouterr().err
     assert "fingerprint" in err and err.count("\n") == 1
+    assert "the delta was built from --model 'tiny' --dtype fp32" in err  # read from the run's metrics.json
     assert not (tmp_path / "x").exists()
 
     # Same layout, other values: the fine-tuned model is not the base the delta was made from.

@@ -7,6 +7,7 @@ folder is never written.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from ..fed import Replica, SeedPool, wire
 from ..models import SMOLLM2, SMOLLM2_DIR, cache_dir
 from ..paramset import ParamSet
 from .folder import MODEL_CACHE, ensure_writable, refuse_overlap
+from .outputs import METRICS_FILE
 
 log = logging.getLogger("fedkseed.experiment")
 
@@ -38,6 +40,9 @@ def apply_delta(
     for stale in target.parent.glob(f".{target.name}-apply-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted apply
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-apply-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    scratch.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename (simulate's folders: 0755)
     try:
         try:
             model, tokenizer = load_model(base, dtype=dtype)
@@ -47,7 +52,7 @@ def apply_delta(
         if fingerprint != table.fingerprint:
             raise UsageError(
                 f"--base {base!r} does not match the delta: parameter fingerprint (layout and values) "
-                f"{fingerprint[:16]}... != {table.fingerprint[:16]}..."
+                f"{fingerprint[:16]}... != {table.fingerprint[:16]}...{_built_from(pathlib.Path(delta))}"
             )
         replica = Replica(model, SeedPool(table.pool_seed, table.k), table.lr, table.dist)
         replica.build(wire.dense(table.indices, table.values, table.k))
@@ -69,6 +74,17 @@ def read_delta(path: pathlib.Path) -> wire.Table:
     if not (math.isfinite(table.lr) and table.lr > 0):
         raise UsageError(f"--delta: {path} has learning rate {table.lr!r}; it must be finite and > 0")
     return table
+
+
+def _built_from(delta: pathlib.Path) -> str:
+    """Which base the delta was built from, when its run's metrics.json lies beside it: the run's
+    --model and --dtype (the delta itself records only the base's fingerprint)."""
+    try:
+        metrics = delta.parent / METRICS_FILE
+        config = json.loads(metrics.read_text())["config"]
+        return f"; the delta was built from --model {config['model']!r} --dtype {config['dtype']} ({metrics})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _check_output(base: str, delta: pathlib.Path, output: pathlib.Path, overwrite: bool) -> pathlib.Path:

@@ -60,7 +60,7 @@ def write_outputs(results: Results) -> None:
     if results.delta is not None:
         save_atomically(output / DELTA_FILE, lambda p: p.write_bytes(results.delta))
     save_model(results.model, results.tokenizer, output / MODEL_DIR)
-    plot_losses(results.rounds, results.final, output / PLOT_FILE)
+    plot_losses(results.rounds, results.final, output / PLOT_FILE, f"{results.config.model}, {results.config.data}")
     metrics = {"config": dataclasses.asdict(results.config), "rounds": results.rounds, "final": results.final}
     save_atomically(output / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
 
@@ -72,11 +72,13 @@ def unmark_complete(output: pathlib.Path) -> None:
     (output / METRICS_FILE).unlink(missing_ok=True)
 
 
-def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathlib.Path) -> None:
+def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathlib.Path, subject: str = "") -> None:
+    """The eval and train loss per round; ``subject`` (model and data) goes into the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     xs = [r["round"] for r in rounds]
@@ -87,10 +89,11 @@ def plot_losses(rounds: list[dict[str, Any]], final: dict[str, Any], path: pathl
     label = "mean (L+ + L-)/2 of local ZO steps" if zo else "mean batch loss of local steps"
     ax.plot(xs, [r["train_loss"] for r in rounds], "s--", label=f"train loss: {label}")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel("loss")
-    ax.set_title(
-        {"fedkseed": "FedKSeed", "fedit": "FedIT (LoRA)", "fedavg": "FedAvg"}.get(final.get("method"), "FedKSeed")
-    )
+    method = {"fedkseed": "FedKSeed", "fedit": "FedIT (LoRA)", "fedavg": "FedAvg", "ferret": "Ferret"}
+    name = method.get(final.get("method", "fedkseed"), str(final.get("method")))
+    ax.set_title(f"{name}: {subject}" if subject else name, fontsize="medium")
     ax.legend(fontsize="small")
     note = "at perturbed weights" if zo else "before each step's update"
     fig.text(0.01, 0.01, f"train loss is measured {note} during local training", fontsize="x-small")
