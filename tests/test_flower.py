@@ -479,8 +479,11 @@ def federation(flwr, tmp_path):
 
 
 def run_config(config: SimConfig, **engine_options) -> dict:
+    """The run config of ``config``; an unset optional setting (None, e.g. --dp-epsilon) is "",
+    as in the app's pyproject.toml (a run config holds no null)."""
     keys = {f.name for f in dataclasses.fields(SimConfig)} - {"engine", "resume"}
-    return {k.replace("_", "-"): getattr(config, k) for k in sorted(keys)} | engine_options
+    values = {k.replace("_", "-"): getattr(config, k) for k in sorted(keys)}
+    return {k: "" if v is None else v for k, v in values.items()} | engine_options
 
 
 def saved_weights(output: pathlib.Path) -> dict:
