@@ -1,7 +1,7 @@
 """Constants of perturbation stream v1 (``docs/stream-spec.md``).
 
 This module and ``csrc/include/fedkseed/stream.h`` / ``dtypes.h`` are the only two places these
-facts live; ``tests/test_stream.py`` checks that they agree. Every float constant is written as the exact
+facts live; ``tests/ops/test_stream.py`` checks that they agree. Every float constant is written as the exact
 float32 value it stands for (hex literal), so no backend rounds a constant differently.
 """
 

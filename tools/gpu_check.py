@@ -30,11 +30,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = [
-    "tests/test_gpu.py",
-    "tests/test_branches.py",
-    "tests/test_special_values.py",
-    "tests/test_triton_backend.py",
-    "tests/test_project.py",
+    "tests/ops/test_gpu.py",
+    "tests/ops/test_branches.py",
+    "tests/ops/test_special_values.py",
+    "tests/ops/test_triton_backend.py",
+    "tests/ops/test_project.py",
 ]
 # On a CPU dry run the Triton interpreter is slow; its branch tests run in the CPU suite anyway.
 DRY_RUN_TEST_FILTER = "not triton"

@@ -13,7 +13,7 @@ unsigned LEB128 varints. Decoders take the K the reader expects and refuse anoth
 reading further, refuse a step count above ``MAX_STEPS``, and allocate only in proportion to
 the message's length: no field can make them reserve memory the bytes do not back. A decoder's
 peak memory is a small multiple of the message (index sets and schedules are decoded in
-fixed-size chunks; tests/test_fuzz.py measures it).
+fixed-size chunks; tests/fed/test_fuzz.py measures it).
 
 Bodies (``index set`` and ``values`` are defined below):
 

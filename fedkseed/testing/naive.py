@@ -2,7 +2,7 @@
 
 The fused passes of :mod:`fedkseed.zo.passes` must match this bit for bit (the accumulation rule
 of docs/stream-spec.md#accumulation). Its momentum is the same truncated sum as ZOSGD's, so it
-checks the passes, not the estimator: tests/test_estimators.py checks the momentum itself against
+checks the passes, not the estimator: tests/zo/test_estimators.py checks the momentum itself against
 ``torch.optim.SGD``.
 """
 

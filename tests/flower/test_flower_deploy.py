@@ -37,7 +37,7 @@ from fedkseed.experiment.config import SimConfig
 
 pytestmark = pytest.mark.slow  # SuperLink / SuperNode processes, a wheel install
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "flower.md"
 # The deployment walk-through's blocks, in order; "&" marks the ones that run until stopped.
 STEPS = ["settings", "certificate", "node-keys", "key-list", "superlink&", "connection", "register"]

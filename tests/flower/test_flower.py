@@ -34,7 +34,7 @@ from fedkseed.experiment.config import SimConfig
 from fedkseed.experiment.local import run_local
 from fedkseed.experiment.prepare import prepare
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "fedkseed" / "flower" / "app"
 BIN = pathlib.Path(sys.executable).parent
 TINY = dict(model="tiny", local_steps=3, k=32, eval_examples=4, max_new_tokens=4, batch_size=2, max_length=48)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends import HAS_GPU
+from fedkseed.testing.backends import HAS_GPU
 
 from fedkseed import ParamSet, ops
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from backends import backend_on_this_machine
+from fedkseed.testing.backends import backend_on_this_machine
 
 import fedkseed
 from fedkseed import ParamSet, ops
@@ -25,7 +25,7 @@ from fedkseed import reference as R
 U64 = 1 << 64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["gaussian", "rademacher"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_cpu_kernel = pytest.mark.skipif(not ops.has_kernel("CPU"), reason="fedkseed._C CPU kernels not built")
 
 

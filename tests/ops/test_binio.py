@@ -15,7 +15,7 @@ from fedkseed.fed import wire
 from fedkseed.zo.history import History
 from fedkseed.zo.passes import Entry
 
-FORMATS = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+FORMATS = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
 
 
 class CodecError(ValueError):

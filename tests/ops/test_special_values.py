@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from backends import backend_on_this_machine
+from fedkseed.testing.backends import backend_on_this_machine
 
 from fedkseed import ParamSet, ops
 from fedkseed import reference as R

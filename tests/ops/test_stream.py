@@ -14,7 +14,7 @@ import torch
 from fedkseed import reference as R
 from fedkseed import stream as S
 
-HEADER = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "include" / "fedkseed" / "stream.h"
+HEADER = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "include" / "fedkseed" / "stream.h"
 
 # Random123 tests/kat_vectors: philox4x32_10 (counter, key -> output).
 KAT = [

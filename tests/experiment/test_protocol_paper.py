@@ -100,7 +100,7 @@ def test_rouge_l_scores_every_heldout_example_both_ways(paper_run):
 
 
 # ---------------------------------------------------------------- the documented preset
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol-paper.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocol-paper.md"
 SOURCE = "https://github.com/alibaba/FederatedScope/tree/FedKSeed"
 
 

@@ -128,7 +128,7 @@ def test_decay_without_seeds(isa):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_special_values_round_like_the_reference(isa, dtype):
     """NaN payloads, infinities, float16 overflow and subnormal edges convert as the reference does
-    (docs/stream-spec.md#conversion; tests/test_special_values.py checks the rule itself)."""
+    (docs/stream-spec.md#conversion; tests/ops/test_special_values.py checks the rule itself)."""
     specials = [
         0x7FC00001,
         0x7F800001,

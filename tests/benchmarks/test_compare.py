@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # every test reads the smoke runs of the compare.py subprocess
 
-COMPARE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+COMPARE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
 
 
 def percentile_bootstrap(values: np.ndarray) -> tuple[float, float, float]:

@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from backends import backend_on_this_machine
+from fedkseed.testing.backends import backend_on_this_machine
 
 from fedkseed import ParamSet, ops
 from fedkseed import reference as R

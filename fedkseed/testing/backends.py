@@ -1,5 +1,5 @@
 """Which kernel backends run on this machine, for the tests that compare all of them bit for bit
-(test_special_values.py, test_branches.py, test_gpu.py).
+(tests/ops/: test_special_values.py, test_branches.py, test_gpu.py).
 
 A backend case is a name: "reference", "cpu-<isa>" (the CPU kernels forced onto one instruction
 set path), "triton" (compiled on a GPU, else the interpreter on CPU tensors) or "cuda".

@@ -15,7 +15,7 @@ One launch of two ranks runs both jobs; the tests check what they wrote:
     ``loss_reduction="none"`` ranks run their own steps, which sharded parameters refuse.
 
 The ranks meet through a file in the output folder (no port to race for) and talk over
-loopback. Run a rank by hand: ``RANK=0 python tests/test_distributed.py OUT_DIR``.
+loopback. Run a rank by hand: ``RANK=0 python tests/zo/test_distributed.py OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ VOCAB = 211  # the embedding's 211 rows shard unevenly: 106 on rank 0, 105 on ra
 SEQ = 8
 ZO = dict(lr=5e-3, eps=1e-3, seed=11)
 TIMEOUT_S = 300
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def build_model() -> torch.nn.Module:
