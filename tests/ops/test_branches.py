@@ -13,10 +13,10 @@ import functools
 
 import pytest
 import torch
-from fedkseed.testing.backends import backend_on_this_machine
 
 from fedkseed import ParamSet, ops
 from fedkseed import reference as R
+from fedkseed.testing.backends import backend_on_this_machine
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["gaussian", "rademacher"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedkseed.testing.backends import HAS_GPU
 
 from fedkseed import ParamSet, ops
+from fedkseed.testing.backends import HAS_GPU
 
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedkseed.testing.backends import backend_on_this_machine
 
 import fedkseed
 from fedkseed import ParamSet, ops
 from fedkseed import reference as R
+from fedkseed.testing.backends import backend_on_this_machine
 
 U64 = 1 << 64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -17,10 +17,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from fedkseed.testing.backends import backend_on_this_machine
 
 from fedkseed import ParamSet, ops
 from fedkseed import reference as R
+from fedkseed.testing.backends import backend_on_this_machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's NaN/overflow notes
 
