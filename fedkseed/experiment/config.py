@@ -282,6 +282,7 @@ class SimConfig:
             "--pro": self.pro,
             f"--byzantine {self.byzantine}": self.byzantine,
             f"--aggregate {self.aggregate}": self.aggregate != "mean",
+            "--shared-seeds": self.shared_seeds,
             f"--dtype {self.dtype}": self.dtype != "fp32",
         }
         for what, given in refused.items():

@@ -232,6 +232,7 @@ def test_method_options_and_default_learning_rates():
         "byzantine": dict(byzantine=1),
         "aggregate": dict(aggregate="median"),
         "dtype": dict(dtype="bf16"),
+        "shared-seeds": dict(shared_seeds=True),  # a seed schedule: first-order methods draw no seeds
     }
     for flag, options in refused.items():
         with pytest.raises(UsageError, match=f"--{flag}.* is FedKSeed's"):
