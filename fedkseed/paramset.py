@@ -179,6 +179,23 @@ class ParamSet:
         return [t.detach().clone() for t in self.tensors]
 
 
+def trainable(params: ParamSet | torch.nn.Module | Iterable[Any], who: str) -> ParamSet:
+    """A ParamSet as given, or the tensors with ``requires_grad`` of any other form: a frozen
+    tensor is never touched, whatever form the parameters come in. ``who`` names the caller in
+    the error. (It lives here, not in fedkseed.checks, because it builds a ParamSet.)"""
+    if isinstance(params, ParamSet):
+        return params
+    if not isinstance(params, (torch.nn.Module, torch.Tensor)):
+        params = list(params)  # an iterator (model.parameters()) is read once
+    pset = ParamSet(params, trainable_only=True)
+    if not len(pset):
+        raise ValueError(
+            f"{who} got no tensor with requires_grad=True: frozen tensors are never trained "
+            "(call .requires_grad_() on the ones to train, or pass a ParamSet)"
+        )
+    return pset
+
+
 # ------------------------------------------------------------------------------------- inputs
 def _named_tensors(
     params: torch.nn.Module | Iterable[Any],

@@ -30,8 +30,8 @@ import warnings
 from collections import deque
 from typing import Any
 
+from ..checks import check_real
 from ..seeds import check_seed
-from .step import check_real
 
 Terms = list[tuple[int, float]]  # (seed, w): the update is -lr * w * z(seed)
 MAX_WINDOW = 1024

@@ -43,7 +43,7 @@ from .. import binio
 from .. import stream as S
 from ..atomic import save_atomically
 from ..ops import ParamsLike, resolve_backend
-from ..paramset import Layout, ParamSet, layout_digest
+from ..paramset import Layout, ParamSet, layout_digest, trainable
 from ..seeds import check_seed
 from .passes import (
     PASS_UPDATE,
@@ -56,7 +56,6 @@ from .passes import (
     step_rounding_base,
 )
 from .runner import Runner
-from .step import trainable
 
 MAGIC = b"FKSH"
 FORMAT_VERSION = 2

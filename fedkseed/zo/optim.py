@@ -13,9 +13,10 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .. import stream as S
+from ..checks import check_real, check_rounding
 from ..distributed import DistributedLoss, is_multi_rank, is_reduced
 from ..ops import ParamsLike, resolve_backend
-from ..paramset import ParamSet, reshard_fsdp
+from ..paramset import ParamSet, reshard_fsdp, trainable
 from ..seeds import check_seed, derive_seed, draw_index
 from . import passes
 from .estimators import Estimator, Terms
@@ -25,12 +26,9 @@ from .runner import Runner
 from .step import (
     Update,
     ZOStepResult,
-    check_real,
-    check_rounding,
     classes_of,
     decay_factor,
     run_step,
-    trainable,
 )
 
 STATE_FORMAT = 2

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from .. import stream as S
+from ..checks import check_real, check_rounding
 from ..ops import ParamsLike, resolve_backend
-from ..paramset import ParamSet
+from ..paramset import ParamSet, trainable
 from ..seeds import check_seed
 from . import passes
 from .passes import Entry
 from .runner import Runner
 
-ROUNDINGS = ("nearest", "stochastic")
 _NO_GRAD_MESSAGE = "does not require grad and does not have a grad_fn"  # autograd's own words
 
 # (seeds, alphas[group][term], decays[group]) of an update, from the step's projected gradients
@@ -44,41 +44,6 @@ class ZOStepResult:
     decay: float = 1.0  # float32 factor applied to group 0's decayed tensors (1.0 when skipped)
     grads: tuple[float, ...] = ()  # projected gradient of each direction
     losses: tuple[float, ...] = ()  # L+_1, L-_1, L+_2, L-_2, ...
-
-
-# --------------------------------------------------------------------------------- validation
-def check_real(name: str, value: Any, *, positive: bool = False, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
-
-
-def check_rounding(rounding: str) -> str:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return rounding
-
-
-def trainable(params: ParamsLike, who: str) -> ParamSet:
-    """A ParamSet as given, or the tensors with ``requires_grad`` of any other form: a frozen
-    tensor is never touched, whatever form the parameters come in."""
-    if isinstance(params, ParamSet):
-        return params
-    if not isinstance(params, (torch.nn.Module, torch.Tensor)):
-        params = list(params)  # an iterator (model.parameters()) is read once
-    pset = ParamSet(params, trainable_only=True)
-    if not len(pset):
-        raise ValueError(
-            f"{who} got no tensor with requires_grad=True: frozen tensors are never trained "
-            "(call .requires_grad_() on the ones to train, or pass a ParamSet)"
-        )
-    return pset
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:
