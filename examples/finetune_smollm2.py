@@ -14,34 +14,23 @@ bit for bit (fedkseed.History.load(path).apply_(model)).
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
 import torch
+from options import parser
 
 import fedkseed
 from fedkseed import data, models
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add = parser.add_argument
-    add("--model", default=models.SMOLLM2, help=f'"{models.SMOLLM2}", "{models.TINY}" or a local model folder')
-    add("--steps", type=int, default=100, help="ZO steps (two forward passes each)")
-    add("--batch-size", type=int, default=8, help="questions per step; also the size of the held-out batch")
-    add("--max-length", type=int, default=128, help="tokens per question and answer (longer ones are cut)")
-    add("--lr", type=float, default=1e-5, help="learning rate (constant)")
-    add("--eps", type=float, default=1e-3, help="perturbation scale eps of the two losses L+ and L-")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay on matrices (not biases or norms)")
-    add("--seed", type=int, default=0, help="seed of the data split, the batches and the ZO directions")
+    cli = parser(__doc__)
+    add = cli.add_argument
+    add("--steps", type=int, default=100, help="ZO steps (two forward passes each); lr is constant")
     add("--log-every", type=int, default=10, help="steps between loss lines")
     add("--history", default=None, help="save the run's History to this file")
-    args = parser.parse_args()
+    args = cli.parse_args()
 
     torch.manual_seed(args.seed)
     model, tokenizer = models.load_model(args.model, seed=args.seed)

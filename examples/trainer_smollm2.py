@@ -24,6 +24,7 @@ import argparse
 import random
 from typing import Any
 
+from options import parser
 from transformers import PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 
@@ -31,29 +32,18 @@ from fedkseed import data, models
 from fedkseed.hf import HISTORY_FILE, ZOTrainer, ZOTrainingArguments
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add = parser.add_argument
-    add("--model", default=models.SMOLLM2, help=f'"{models.SMOLLM2}", "{models.TINY}" or a local model folder')
+    cli = parser(__doc__)
+    add = cli.add_argument
     add("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight dtype; bf16 uses stochastic rounding")
     add("--max-steps", type=int, default=100, help="ZO optimizer steps (two forward passes each)")
-    add("--batch-size", type=int, default=8, help="questions per step, and per evaluation batch")
-    add("--max-length", type=int, default=128, help="tokens per question and answer (longer ones are cut)")
     add("--heldout", type=int, default=32, help="questions held out for evaluation")
-    add("--lr", type=float, default=1e-5, help="peak learning rate (linear warmup over 10%% of the steps, then decay)")
-    add("--eps", type=float, default=1e-3, help="perturbation scale eps of the two losses L+ and L-")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay on matrices (not biases or norms)")
     add("--lora", action="store_true", help="train LoRA adapters (r=8 on q_proj, v_proj) only")
-    add("--seed", type=int, default=0, help="seed of the data split, the order and the ZO directions")
     add("--logging-steps", type=int, default=5, help="steps between training-loss lines")
     add("--save-steps", type=int, default=50, help="steps between held-out evaluations and checkpoints")
     add("--output", default="runs/trainer-smollm2", help="folder of the checkpoints and the final model")
     add("--resume", action="store_true", help="resume from the last checkpoint in --output (bit-identical)")
-    return parser.parse_args()
+    return cli.parse_args()
 
 
 class Report(TrainerCallback):
