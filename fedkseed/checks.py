@@ -21,18 +21,24 @@ def check_real(
     value: Any,
     *,
     positive: bool = False,
+    below: float | None = None,
     allow_none: bool = False,
     error: type[Exception] = ValueError,
 ) -> float | None:
-    """``value`` as a float: finite and >= 0 (> 0 with ``positive``); None passes with ``allow_none``."""
+    """``value`` as a float: finite, >= 0 (> 0 with ``positive``) and < ``below`` when given;
+    None passes with ``allow_none``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise error(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise error(f"{name} must be > 0, got {value!r}")
-    if value < 0:
-        raise error(f"{name} must be >= 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (value <= 0 if positive else value < 0)
+        or (below is not None and value >= below)
+    ):
+        low = "(0" if positive else "[0"
+        bound = f" in {low}, {below:g})" if below is not None else " > 0" if positive else " >= 0"
+        raise error(f"{name} must be a finite number{bound}, got {value!r}")
     return float(value)
 
 

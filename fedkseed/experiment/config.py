@@ -14,13 +14,13 @@ explicit value always wins, and a constructed config holds the resolved values, 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import data as D
 from .. import stream as S
+from ..checks import check_int, check_real
 from ..errors import UsageError
 from ..fed import FedSpec
 from ..fed.attacks import ATTACKS, parse_rounds
@@ -232,16 +232,11 @@ class SimConfig:
             "max_new_tokens",
         )
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+            check_int(flag(name), getattr(self, name), 1, error=UsageError)
         object.__setattr__(self, "max_length", _auto_or_length(self.max_length))
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise UsageError(f"--alpha must be > 0, got {self.alpha}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UsageError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int) or self.byzantine < 0:
-            raise UsageError(f"--byzantine must be an integer >= 0, got {self.byzantine!r}")
+        check_real("--alpha", self.alpha, positive=True, error=UsageError)
+        check_real("--weight-decay", self.weight_decay, error=UsageError)
+        check_int("--byzantine", self.byzantine, 0, error=UsageError)
         if self.byzantine >= self.clients_per_round:
             raise UsageError(
                 f"--byzantine {self.byzantine} must be below --clients-per-round {self.clients_per_round} "
@@ -270,10 +265,8 @@ class SimConfig:
         if not all(targets):
             raise UsageError(f"--lora-targets must be comma-separated module names, got {self.lora_targets!r}")
         object.__setattr__(self, "lora_targets", ",".join(targets))
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-            raise UsageError(f"--lora-rank must be an integer >= 1, got {self.lora_rank!r}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise UsageError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        check_int("--lora-rank", self.lora_rank, 1, error=UsageError)
+        check_real("--lora-alpha", self.lora_alpha, positive=True, error=UsageError)
         if self.method == "ferret":
             self._check_ferret()
         if self.method not in FIRST_ORDER:

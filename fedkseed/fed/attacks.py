@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..checks import check_int
 from ..seeds import derive_seed, unit_interval
 from .wire import StepUpload, Upload
 
@@ -51,8 +52,7 @@ U = TypeVar("U", Upload, StepUpload)
 def byzantine_clients(seed: int, round_: int, sampled: Sequence[int], n: int) -> list[int]:
     """The ``n`` clients among ``sampled`` that attack in ``round_`` (sorted ids; all of them
     when ``n`` >= len(sampled))."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"the number of Byzantine clients must be an int >= 0, got {n!r}")
+    check_int("the number of Byzantine clients", n, 0)
     ranked = sorted(sampled, key=lambda c: derive_seed("attack", seed, round_, c, 0))
     return sorted(ranked[:n])
 

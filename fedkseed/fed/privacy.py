@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from ..seeds import U64, derive_seed, unit_interval
+from ..checks import check_int, check_real, check_u64
+from ..seeds import derive_seed, unit_interval
 from .seedpool import draw_schedule
 from .spec import FedSpec
 
@@ -57,12 +58,6 @@ def default_delta(num_clients: int) -> float:
 
 def default_clip(local_steps: int) -> float:
     return DEFAULT_CLIP_PER_STEP * math.sqrt(local_steps)
-
-
-def _positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class Privacy:
@@ -89,19 +84,12 @@ class Privacy:
                 f"aggregate {spec.aggregate} is refused under DP: the noise is calibrated to the sum of clipped "
                 "uploads (mean), and a per-seed median or trimmed mean's sensitivity is not bounded that way"
             )
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-        self.spec, self.rounds = spec, rounds
-        self.target_epsilon = _positive(epsilon, "dp-epsilon")
-        if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1):
-            raise ValueError(f"dp-delta must be a number in (0, 1), got {delta!r}")
-        self.delta = default_delta(spec.num_clients) if delta is None else float(delta)
-        self.clip = default_clip(spec.local_steps) if clip is None else _positive(clip, "dp-clip")
-        if noise_seed is not None and (
-            isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < U64
-        ):
-            raise ValueError(f"dp-noise-seed must be an int in [0, 2^64), got {noise_seed!r}")
-        self.noise_seed = noise_seed
+        self.spec, self.rounds = spec, check_int("rounds", rounds, 1)
+        self.target_epsilon = check_real("dp-epsilon", epsilon, positive=True)
+        delta = check_real("dp-delta", delta, positive=True, below=1, allow_none=True)
+        self.delta = default_delta(spec.num_clients) if delta is None else delta
+        self.clip = default_clip(spec.local_steps) if clip is None else check_real("dp-clip", clip, positive=True)
+        self.noise_seed = None if noise_seed is None else check_u64("dp-noise-seed", noise_seed)
         self.sampling_rate = spec.clients_per_round / spec.num_clients
         self.weight = 1.0 / spec.clients_per_round  # 1 / (q N): DP-FedAvg's fixed denominator
         self._sigma: float | None = None
@@ -192,9 +180,7 @@ class Privacy:
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved accountant: its sigma, never a recalibrated one (the rounds already
         run were noised with it). A run may stop earlier than calibrated, never go further."""
-        sigma = state["noise_multiplier"]
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"saved privacy noise_multiplier is not a finite number > 0: {sigma!r}")
+        sigma = check_real("saved privacy noise_multiplier", state["noise_multiplier"], positive=True)
         for name, value in (
             ("sampling_rate", self.sampling_rate),
             ("delta", self.delta),
@@ -203,15 +189,13 @@ class Privacy:
         ):
             if state[name] != value:
                 raise ValueError(f"saved privacy {name} is {state[name]!r}, this run's is {value!r}")
-        rounds = state["rounds"]
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"saved privacy rounds is not an int >= 1: {rounds!r}")
+        rounds = check_int("saved privacy rounds", state["rounds"], 1)
         if self.rounds > rounds:
             raise ValueError(
                 f"--rounds {self.rounds} exceeds the {rounds} rounds whose noise was calibrated to epsilon "
                 f"{self.target_epsilon:g}: more rounds would spend more than the budget"
             )
-        self._sigma, self.rounds = float(sigma), rounds
+        self._sigma, self.rounds = sigma, rounds
 
 
 def box_muller(words: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..seeds import U64, derive_seed, draw_indices, to_int64
+from ..checks import check_int, check_u64
+from ..seeds import derive_seed, draw_indices, to_int64
 from .wire import MAX_K
 
 # FedKSeed-Pro clips each recorded scalar gradient to this before averaging |g| (official code).
@@ -28,12 +29,8 @@ class SeedPool:
     """
 
     def __init__(self, pool_seed: int, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an int in [1, {MAX_K}], got {k!r}")
-        if isinstance(pool_seed, bool) or not isinstance(pool_seed, int) or not 0 <= pool_seed < U64:
-            raise ValueError(f"pool_seed must be an int in [0, 2^64), got {pool_seed!r}")
-        self.pool_seed = pool_seed
-        self.k = k
+        self.pool_seed = check_u64("pool_seed", pool_seed)
+        self.k = check_int("k", k, 1, MAX_K)
         self.seeds = [derive_seed("pool", pool_seed, k, i) for i in range(k)]
         self.seed_tensor = torch.tensor([to_int64(s) for s in self.seeds], dtype=torch.int64)
         self.abs_sum = np.zeros(k, dtype=np.float64)  # the initial 0.0 adds nothing ...

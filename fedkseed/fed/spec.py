@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .. import stream as S
-from ..seeds import U64
+from ..checks import check_bool, check_int, check_real, check_u64
 from ..zo.passes import float32
 from .robust import AGGREGATES, parse_clip
 from .wire import MAX_K, MAX_STEPS, PRECISIONS
@@ -61,9 +61,7 @@ class FedSpec:
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "clients_per_round", "k", "local_steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
         if self.k > MAX_K:
@@ -71,16 +69,13 @@ class FedSpec:
         if self.local_steps > MAX_STEPS:
             raise ValueError(f"local_steps must be <= {MAX_STEPS} (the wire format's limit), got {self.local_steps}")
         for name in ("lr", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            value = check_real(name, getattr(self, name), positive=True)
             if float32(value) == 0 or not math.isfinite(float32(value)):
                 raise ValueError(f"{name} = {value!r} is not representable in float32")
         S.dist_tag(self.dist)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < U64:
-            raise ValueError(f"seed must be an int in [0, 2^64), got {self.seed!r}")
+        check_u64("seed", self.seed)
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         object.__setattr__(self, "clip", parse_clip(self.clip))  # "1e3" -> 1000.0
@@ -88,11 +83,8 @@ class FedSpec:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
-        if not isinstance(self.shared_seeds, bool):
-            raise ValueError(f"shared_seeds must be a bool, got {self.shared_seeds!r}")
-        wd = self.weight_decay
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        check_bool("shared_seeds", self.shared_seeds, error=ValueError)
+        check_real("weight_decay", self.weight_decay)
 
     @property
     def lr32(self) -> float:

@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import binio
 from .. import stream as S
+from ..checks import check_int
 
 MAGIC = b"FKS"
 # The wire version also names the stream its messages replay under: wire version 1 is defined over
@@ -126,9 +127,7 @@ def _check_k(k: int, what: str, expected: int | None = None) -> int:
 
 
 def _expected_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"expected K must be an int in [1, {MAX_K}], got {k!r}")
-    return k
+    return check_int("expected K", k, 1, MAX_K)
 
 
 def _write_indices(w: _Writer, indices: np.ndarray, k: int, implied: np.ndarray | None = None) -> None:
