@@ -34,6 +34,7 @@ from smollm2_shape import SMOLLM2_135M_CONFIG  # the script's folder is on sys.p
 
 import fedkseed
 from fedkseed import ZOSGD, ParamSet
+from fedkseed.testing.mezo import mezo_step  # the MeZO-style baseline, shared with convergence.py
 
 CONFIGS = {
     "small": dict(
@@ -64,30 +65,6 @@ def build(name: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(max_position_embeddings=256, **CONFIGS[name])).eval()
-
-
-# ------------------------------------------------------------------------- MeZO-style baseline
-def mezo_perturb(params: list[torch.Tensor], seed: int, scale: float) -> None:
-    """princeton-nlp/MeZO zo_perturb_parameters: reseed, then normal + add per parameter."""
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.shape, device=p.device, dtype=p.dtype)
-        p.data = p.data + scale * EPS * z
-
-
-def mezo_step(params: list[torch.Tensor], closure: Callable, seed: int, q: int) -> None:
-    """MeZO's step with q samples: per sample +eps, L+, -2eps, L-, +eps; then one update pass
-    per sample (z regenerated from its seed)."""
-    grads = []
-    for i in range(q):
-        mezo_perturb(params, seed + i, 1)
-        lp = float(closure())
-        mezo_perturb(params, seed + i, -2)
-        lm = float(closure())
-        mezo_perturb(params, seed + i, 1)
-        grads.append((lp - lm) / (2 * EPS))
-    for i, g in enumerate(grads):
-        mezo_perturb(params, seed + i, -LR * g / (q * EPS))
 
 
 def scripted_losses() -> Callable[[], float]:
@@ -135,8 +112,8 @@ def bench(name: str, seq: int, reps: int) -> list[dict]:
     fns: dict[str, Callable[[int], None]] = {"forward": lambda s: closure()}
     for label, (q, kwargs) in METHODS.items():
         if kwargs is None:
-            fns[label + "/passes"] = lambda s, q=q: mezo_step(params, scripted_losses(), 100 * s, q)
-            fns[label + "/step"] = lambda s, q=q: mezo_step(params, closure, 100 * s, q)
+            fns[label + "/passes"] = lambda s, q=q: mezo_step(params, scripted_losses(), 100 * s, lr=LR, eps=EPS, q=q)
+            fns[label + "/step"] = lambda s, q=q: mezo_step(params, closure, 100 * s, lr=LR, eps=EPS, q=q)
         else:
             warm = kwargs.get("window", 0)
             timing, training = zo_optimizer(pset, kwargs, warm), zo_optimizer(pset, kwargs, warm)
@@ -186,7 +163,7 @@ def measure_peak(name: str, seq: int, label: str) -> int:
         if label == "inference":
             run = lambda s: closure()  # noqa: E731
         elif METHODS[label][1] is None:
-            run = lambda s: mezo_step(pset.tensors, closure, s, METHODS[label][0])  # noqa: E731
+            run = lambda s: mezo_step(pset.tensors, closure, s, lr=LR, eps=EPS, q=METHODS[label][0])  # noqa: E731
         else:
             opt = zo_optimizer(pset, METHODS[label][1], 0)
             run = lambda s: opt.step(closure)  # noqa: E731
