@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -292,13 +293,17 @@ def replay_(
     dist: str = "gaussian",
     decay: Sequence[float] | None = None,
     rounding_seed: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """x <- cast(float32(x) * d + sum_k alphas[k] * z(seeds[k], i)) for every element, summing
     in order k = 0 .. K-1 (docs/stream-spec.md#accumulation); a NaN result is settled by
     ``settle_nan`` and the cast is ``from_float32`` (docs/stream-spec.md#conversion).
     ``alphas`` is float32; ``decay`` holds one float32 factor per tensor (None: no decay);
-    ``rounding_seed`` selects stochastic rounding."""
+    ``rounding_seed`` selects stochastic rounding; ``mask`` (uint8, ``magnitude_mask``'s layout)
+    restricts the update to the elements whose bit is 1, the others keep their stored bits
+    (docs/stream-spec.md#magnitude-mask)."""
     alphas = alphas.to(torch.float32)
+    selected = mask_bits(mask, [x.numel() for x in tensors]) if mask is not None else None
     for t, (x, offset) in enumerate(zip(tensors, offsets)):
         n = x.numel()
         if n == 0:
@@ -315,7 +320,87 @@ def replay_(
         y = settle_nan(y + acc, x0)
         if rounding_seed is not None:
             y = stochastic_round(y, rounding_words(rounding_seed, n, offset), x.dtype)
-        x.copy_(from_float32(y, x.dtype).reshape(x.shape))
+        out = from_float32(y, x.dtype)
+        if selected is not None:  # unselected elements keep their stored bits, NaN payloads included
+            ints = _STORAGE_INTS[x.dtype]
+            kept = x.detach().reshape(-1).cpu().view(ints)
+            out = torch.where(selected[t], out.view(ints), kept).view(x.dtype)
+        x.copy_(out.reshape(x.shape))
+
+
+# --------------------------------------------------------------------------- magnitude mask
+# docs/stream-spec.md#magnitude-mask: per tensor a threshold tau_t (the k-th smallest |x|, NaN as
+# +inf), one bit per element (|x| <= tau_t), each tensor's bits starting on a byte boundary.
+_STORAGE_INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _check_density(density: float) -> Fraction:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a float in (0, 1), got {type(density).__name__}")
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must be in (0, 1) (1 means no mask: pass mask=None), got {density!r}")
+    return Fraction(float(density))
+
+
+def magnitude_thresholds(tensors: Sequence[torch.Tensor], density: float) -> list[float]:
+    """tau_t for each tensor: the k_t-th smallest float32 |x| (NaN counted as +inf) with
+    k_t = ceil(density * n_t) computed exactly and clamped to [1, n_t]; +0.0 for an empty tensor.
+    An exact order statistic, computed on the tensor's device (torch.kthvalue)."""
+    rho = _check_density(density)
+    out = []
+    for x in tensors:
+        n = x.numel()
+        if n == 0:
+            out.append(0.0)
+            continue
+        k = min(max(math.ceil(rho * n), 1), n)
+        a = x.detach().reshape(-1).float().abs()  # widening and |.| are exact
+        a = torch.where(torch.isnan(a), math.inf, a)
+        out.append(float(torch.kthvalue(a, k).values.item()))
+    return out
+
+
+def mask_sizes(numels: Sequence[int]) -> list[int]:
+    """Bytes of each tensor's bits: ceil(n_t / 8); tensor t starts at the sum of those before it."""
+    return [-(-n // 8) for n in numels]
+
+
+def magnitude_mask(tensors: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
+    """The uint8 mask (on the tensors' device): bit j & 7 of byte B_t + (j >> 3) is 1 iff
+    |float32(x_j)| <= float32(thresholds[t]) (NaN never); unused high bits are 0."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    pieces = []
+    for x, tau in zip(tensors, thresholds, strict=True):
+        n = x.numel()
+        tau32 = torch.tensor(float(tau), dtype=torch.float64).to(torch.float32)  # round to nearest even
+        selected = to_float32(x).abs() <= tau32  # IEEE: NaN compares false, -0.0 == +0.0
+        padded = torch.zeros(mask_sizes([n])[0] * 8, dtype=torch.int64)
+        padded[:n] = selected.to(torch.int64)
+        weights = 1 << torch.arange(8, dtype=torch.int64)  # element j is bit j & 7, LSB first
+        pieces.append((padded.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8))
+    out = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
+    return out.to(device)
+
+
+def mask_bits(mask: torch.Tensor, numels: Sequence[int]) -> list[torch.Tensor]:
+    """Each tensor's bits of ``mask`` as a bool tensor of its numel (CPU)."""
+    flat = mask.detach().reshape(-1).cpu().to(torch.int64)
+    out, start = [], 0
+    for n, size in zip(numels, mask_sizes(numels)):
+        bytes_ = flat[start : start + size]
+        bits = (bytes_.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1
+        out.append(bits.reshape(-1)[:n] == 1)
+        start += size
+    return out
+
+
+def threshold_key(tau: float) -> int:
+    """The integer the kernels compare bit patterns with: bits(|x|) <= key iff |x| <= float32(tau)
+    for every x that is not NaN (docs/stream-spec.md#magnitude-mask); tau must not be NaN."""
+    tau32 = torch.tensor(float(tau), dtype=torch.float64).to(torch.float32)
+    if bool(tau32 < 0):
+        return -1
+    return int(_bits(tau32.reshape(1))[0]) & 0x7FFFFFFF
 
 
 # ------------------------------------------------------------------------------ projection
