@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..fed import FedSpec
 from ..fed.attacks import ATTACKS, parse_rounds
 from ..fed.privacy import DEFAULT_CLIP_PER_STEP, DELTA_EXPONENT, Privacy
-from ..fed.robust import AGGREGATES, parse_clip
+from ..fed.robust import AGGREGATES, parse_upload_bound
 from ..fed.wire import PRECISIONS
 from ..models import DTYPES
 from ..ops import BACKENDS
@@ -349,7 +349,7 @@ class SimConfig:
         """--clip as "auto", "off" or a positive number's text ("none" and "inf" mean "off")."""
         text = str(self.clip).strip().lower()
         try:
-            parsed = parse_clip("off" if text in ("none", "inf") else text)
+            parsed = parse_upload_bound("off" if text in ("none", "inf") else text)
         except ValueError as error:
             raise UsageError(f"--{error}") from None
         return parsed if isinstance(parsed, str) else repr(parsed)

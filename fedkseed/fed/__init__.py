@@ -34,7 +34,7 @@ float32(-lr) * table[k]): every party holds bit-identical weights.
 simulates a Byzantine client). Clients that fail simply send nothing; the server aggregates
 the others.
 
-Bounded influence (``robust``): each upload's norm is bounded (``FedSpec.clip``; "auto": 2x the
+Bounded influence (``robust``): the upload bound scales each upload down (``FedSpec.clip``; "auto": 2x the
 lower median over clients of each one's latest per-step RMS), the per-seed rule is
 ``FedSpec.aggregate`` (with ``shared_seeds`` every client of a round uses the same seeds, so a
 median outvotes a client), the table stays finite. Attack simulation: ``attacks``
@@ -53,7 +53,7 @@ uploads FedKSeed's own ``wire.Upload`` to the same ``Server`` (docs/ferret.md).
 from .attacks import ATTACKS, attack, byzantine_clients
 from .client import Client
 from .replica import Replica, canonical_alphas
-from .robust import AGGREGATES, CLIP_FACTOR, TRIM_FRACTION, parse_clip
+from .robust import AGGREGATES, BOUND_FACTOR, TRIM_FRACTION, parse_upload_bound
 from .seedpool import SeedPool, draw_schedule, sample_clients
 from .server import RoundSummary, Server
 from .spec import BATCHINGS, WEIGHTINGS, FedSpec
@@ -63,7 +63,7 @@ __all__ = [
     "AGGREGATES",
     "ATTACKS",
     "BATCHINGS",
-    "CLIP_FACTOR",
+    "BOUND_FACTOR",
     "TRIM_FRACTION",
     "WEIGHTINGS",
     "Client",
@@ -77,6 +77,6 @@ __all__ = [
     "byzantine_clients",
     "canonical_alphas",
     "draw_schedule",
-    "parse_clip",
+    "parse_upload_bound",
     "sample_clients",
 ]

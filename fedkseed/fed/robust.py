@@ -2,16 +2,17 @@
 
 Three guards, applied by ``Server.end_round`` to the accepted uploads of a round:
 
-1. **Norm bound.** Each upload's values (per-seed sums, or under FedKSeed-Pro per-step
-   scalars) are scaled down, direction kept, so that their L2 norm is at most
-   ``bound * sqrt(steps)``: ``bound`` limits the per-step RMS of g, the same measure whatever
-   tau is. It is fixed (``FedSpec.clip`` a number) or derived (``clip="auto"``) as
-   ``CLIP_FACTOR`` times the lower median over clients of one value each: the per-step RMS of
-   the client's latest accepted upload, before any bound (this round's upload when it sent one,
-   else its last earlier one; clients never heard from do not count). The norm, not each value,
-   is what matters for a ZO update: the seeds' directions z are independent, so the model moves
-   by |sum_s a_s z_s|^2 ~ d * sum_s a_s^2, and the second-order loss increase grows with that
-   sum wherever it is spent (one seed or many).
+1. **Upload bound** (the setting ``FedSpec.clip``, ``--clip``; neither the ZO step's clip of g
+   nor FedKSeed-Pro's history clip, ``seedpool.PRO_HISTORY_CLIP``). Each upload's values
+   (per-seed sums, or under FedKSeed-Pro per-step scalars) are scaled down, direction kept, so
+   that their L2 norm is at most ``bound * sqrt(steps)``: ``bound`` limits the per-step RMS of
+   g, the same measure whatever tau is. It is fixed (``FedSpec.clip`` a number) or derived
+   (``clip="auto"``) as ``BOUND_FACTOR`` times the lower median over clients of one value each:
+   the per-step RMS of the client's latest accepted upload, before any bound (this round's
+   upload when it sent one, else its last earlier one; clients never heard from do not count).
+   The norm, not each value, is what matters for a ZO update: the seeds' directions z are
+   independent, so the model moves by |sum_s a_s z_s|^2 ~ d * sum_s a_s^2, and the second-order
+   loss increase grows with that sum wherever it is spent (one seed or many).
    Why this statistic (the adversary knows the rule and sizes or poisons its uploads):
    - one value per client: however large or small a client's uploads are, in one round or in
      every round, it moves the median by one rank at most. A per-upload history ("the median
@@ -27,21 +28,21 @@ Three guards, applied by ``Server.end_round`` to the accepted uploads of a round
      bound either; an upload far above it (``scale``, ``sign-flip-bound``) sits at the top rank
      whatever its size, so an attacker that overshoots lands exactly where one that computed the
      bound would.
-   An attacker at the bound carries at most ``CLIP_FACTOR`` times the median client's per-step
+   An attacker at the bound carries at most ``BOUND_FACTOR`` times the median client's per-step
    RMS, weighted like any client: under "mean" with distinct seeds a negated upload at the bound
-   undoes CLIP_FACTOR honest clients' progress (at 2 and 1 of 4, a quarter of the round's
+   undoes BOUND_FACTOR honest clients' progress (at 2 and 1 of 4, a quarter of the round's
    first-order descent is left), which is why shared seeds with "median" are the robust mode.
    Honest per-step RMS values differ by their data's gradient scale and, over few steps, by
    chance (g^2 ~ |grad|^2 chi^2_1 per step): a factor of 2 leaves them untouched in runs of tens
    of steps (SmolLM2, 30 steps: four clients within 1.7x), and an honest upload is scaled below
-   half its value only when it is more than 2 * CLIP_FACTOR times the median's.
+   half its value only when it is more than 2 * BOUND_FACTOR times the median's.
 2. **Per-seed aggregate** (``FedSpec.aggregate``): over the round's clients that used each
    seed, scaled by those clients' share of the weight, so that "mean" is FedKSeed's own
    sum_c w_c g_c[s] (the same float64 operations in the same order as before) and "median" /
    "trimmed-mean" replace the users' weighted mean by a robust centre. They act only where
    clients share a seed: with ``FedSpec.shared_seeds`` every client of a round uses the same
    seeds, so with 3 or more clients a sign-flipper is outvoted per seed; otherwise clients
-   rarely share one, and the norm bound is what limits a client.
+   rarely share one, and the upload bound is what limits a client.
 3. **Range.** The accumulated table is clamped to +-``table_limit(lr)`` (2^64 / max(1, lr)),
    so every published entry is finite, encodes in either precision, and its replay
    coefficient |lr * G| <= 2^64: a build sums at most 2^24 such terms times |z| < 8, below
@@ -56,16 +57,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 AGGREGATES = ("mean", "median", "trimmed-mean")
-CLIP_MODES = ("auto", "off")  # or a number > 0: a fixed bound on the per-step RMS
-CLIP_FACTOR = 2.0
+BOUND_MODES = ("auto", "off")  # or a number > 0: a fixed bound on the per-step RMS
+BOUND_FACTOR = 2.0
 TRIM_FRACTION = 0.25  # trimmed mean: floor(n / 4) values dropped at each end
 TABLE_LIMIT = 2.0**64
 
 
-def parse_clip(value: object) -> str | float:
-    """``"auto"``, ``"off"`` or a finite number > 0 (a str as given on a command line)."""
+def parse_upload_bound(value: object) -> str | float:
+    """The upload bound's setting (``FedSpec.clip``): ``"auto"``, ``"off"`` or a finite number > 0
+    (a str as given on a command line)."""
     if isinstance(value, str):
-        if value in CLIP_MODES:
+        if value in BOUND_MODES:
             return value
         try:
             number = float(value)
@@ -80,21 +82,21 @@ def parse_clip(value: object) -> str | float:
     return number
 
 
-def rms_bound(current: Mapping[int, float], latest: np.ndarray, clip: str | float) -> float:
-    """The round's bound on an upload's per-step RMS (inf: none). ``current``: client id -> the
-    per-step RMS of its upload this round (before any bound); ``latest``: float64[clients], each
-    client's value from its latest earlier upload (0: none)."""
-    if clip == "off":
+def rms_bound(current: Mapping[int, float], latest: np.ndarray, setting: str | float) -> float:
+    """The round's bound on an upload's per-step RMS (inf: none) under ``setting`` (``FedSpec.clip``).
+    ``current``: client id -> the per-step RMS of its upload this round (before any bound);
+    ``latest``: float64[clients], each client's value from its latest earlier upload (0: none)."""
+    if setting == "off":
         return math.inf
-    if clip != "auto":
-        return float(clip)
+    if setting != "auto":
+        return float(setting)
     values = np.array(latest, dtype=np.float64)
     for client, rms in current.items():
         values[client] = rms
     positive = np.sort(values[values > 0])
     if not positive.size:
         return math.inf  # nothing to scale: every upload is zero
-    return CLIP_FACTOR * float(positive[(positive.size - 1) // 2])
+    return BOUND_FACTOR * float(positive[(positive.size - 1) // 2])
 
 
 def per_step_rms(values: np.ndarray, steps: int) -> float:

@@ -15,8 +15,9 @@ from ..checks import check_int, check_u64
 from ..seeds import derive_seed, draw_indices, to_int64
 from .wire import MAX_K
 
-# FedKSeed-Pro clips each recorded scalar gradient to this before averaging |g| (official code).
-PRO_CLIP = 1000.0
+# FedKSeed-Pro's history clip: each scalar gradient recorded in a seed's history is clipped to
+# +-this before averaging |g| (official code). Not the ZO step's clip of g, nor the upload bound.
+PRO_HISTORY_CLIP = 1000.0
 
 
 class SeedPool:
@@ -38,7 +39,7 @@ class SeedPool:
 
     def record(self, indices: np.ndarray, values: np.ndarray) -> None:
         """Append ``values[j]`` to the history of seed ``indices[j]`` (repeats allowed)."""
-        clipped = np.abs(np.clip(np.asarray(values, dtype=np.float64), -PRO_CLIP, PRO_CLIP))
+        clipped = np.abs(np.clip(np.asarray(values, dtype=np.float64), -PRO_HISTORY_CLIP, PRO_HISTORY_CLIP))
         np.add.at(self.abs_sum, indices, clipped)
         np.add.at(self.count, indices, 1)
 
@@ -63,9 +64,11 @@ class SeedPool:
             raise ValueError(f"seed-pool state does not hold K = {self.k} entries")
         if not (np.isfinite(count).all() and (count == np.round(count)).all() and (count >= 1).all()):
             raise ValueError("seed-pool count holds a value that is not an integer >= 1")
-        # each recorded |g| is clipped to PRO_CLIP, and the history's first entry (0.0) adds nothing
-        if not (np.isfinite(abs_sum).all() and (abs_sum >= 0).all() and (abs_sum <= PRO_CLIP * (count - 1)).all()):
-            raise ValueError(f"seed-pool abs_sum holds a value outside [0, {PRO_CLIP:g} * (count - 1)]")
+        # each recorded |g| is clipped to PRO_HISTORY_CLIP, and the history's first entry (0.0) adds nothing
+        if not (
+            np.isfinite(abs_sum).all() and (abs_sum >= 0).all() and (abs_sum <= PRO_HISTORY_CLIP * (count - 1)).all()
+        ):
+            raise ValueError(f"seed-pool abs_sum holds a value outside [0, {PRO_HISTORY_CLIP:g} * (count - 1)]")
         self.abs_sum, self.count = abs_sum.copy(), count.astype(np.int64)
 
 

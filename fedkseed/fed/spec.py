@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from .. import stream as S
 from ..checks import check_bool, check_int, check_real, check_u64
 from ..zo.passes import float32
-from .robust import AGGREGATES, parse_clip
+from .robust import AGGREGATES, parse_upload_bound
 from .wire import MAX_K, MAX_STEPS, PRECISIONS
 
 WEIGHTINGS = ("examples", "batches")
@@ -26,7 +26,7 @@ class FedSpec:
     with a shared power-of-two scale: 2 bytes per entry) or "fp32".
 
     Robustness (``fed/robust.py``): ``clip`` bounds each upload's per-step RMS ("auto":
-    ``robust.CLIP_FACTOR`` times a median over clients, one value per client; a number: that
+    ``robust.BOUND_FACTOR`` times a median over clients, one value per client; a number: that
     bound; "off": none), ``aggregate`` is the per-seed rule over the clients that used a seed
     ("mean": FedKSeed's weighted sum). ``shared_seeds``: every client of a round follows the same
     seed schedule (DeComFL-style; ``draw_schedule(shared=True)``), so each seed's values come
@@ -78,7 +78,7 @@ class FedSpec:
         check_u64("seed", self.seed)
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
-        object.__setattr__(self, "clip", parse_clip(self.clip))  # "1e3" -> 1000.0
+        object.__setattr__(self, "clip", parse_upload_bound(self.clip))  # "1e3" -> 1000.0
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.batching not in BATCHINGS:

@@ -1,4 +1,4 @@
-"""Bounded influence: norm bound, robust per-seed aggregates, a table that stays finite, and the
+"""Bounded influence: upload bound, robust per-seed aggregates, a table that stays finite, and the
 attack simulation through the real encoder and server path."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 from fedkseed import data as D
 from fedkseed.fed import (
     ATTACKS,
-    CLIP_FACTOR,
+    BOUND_FACTOR,
     Client,
     FedSpec,
     Replica,
@@ -20,7 +20,7 @@ from fedkseed.fed import (
     attack,
     byzantine_clients,
     draw_schedule,
-    parse_clip,
+    parse_upload_bound,
     sample_clients,
     wire,
 )
@@ -59,8 +59,8 @@ def test_auto_bound_scales_only_the_attacker_to_twice_the_lower_median_rms():
     assert norms[2] > 1e5 * max(norms[c] for c in (0, 1, 3))
     # per-step RMS = norm / sqrt(50 steps); the lower median of four is the second smallest
     reference = sorted(n / np.sqrt(50) for n in norms.values())[1]
-    assert CLIP_FACTOR == 2.0
-    assert summary.bound == pytest.approx(CLIP_FACTOR * reference, rel=1e-12)
+    assert BOUND_FACTOR == 2.0
+    assert summary.bound == pytest.approx(BOUND_FACTOR * reference, rel=1e-12)
     assert list(summary.clipped) == [2] and clean.clipped == {}
     assert summary.clipped[2] == pytest.approx(summary.bound * np.sqrt(50) / norms[2], rel=1e-12)
     # honest entries are exactly the clean run's; the attacker's are its values scaled to the bound
@@ -86,9 +86,9 @@ def test_clip_modes():
     _, off, _ = _round(FedSpec(**spec, clip="off"), [1, 1], big)
     assert off.bound == math.inf and off.clipped == {}
     _, auto, _ = _round(FedSpec(**spec), [1, 1], big)  # two clients: the smaller one is the reference
-    assert auto.bound == pytest.approx(CLIP_FACTOR * rms0, rel=1e-12)
+    assert auto.bound == pytest.approx(BOUND_FACTOR * rms0, rel=1e-12)
     assert list(auto.clipped) == [1]
-    assert [parse_clip(x) for x in ("auto", "off", "2.5", 3)] == ["auto", "off", 2.5, 3.0]
+    assert [parse_upload_bound(x) for x in ("auto", "off", "2.5", 3)] == ["auto", "off", 2.5, 3.0]
     for bad in ("0", "-1", "nan", "inf", "maybe", None, True):
         with pytest.raises(ValueError, match="clip must be auto, off or a number > 0"):
             FedSpec(**spec, clip=bad)
@@ -251,7 +251,7 @@ def test_pro_attacker_is_bounded_before_its_steps_enter_the_histories():
                 expected_count[s] += 1
     np.testing.assert_allclose(server.pool.abs_sum, expected_abs, rtol=1e-12)
     assert np.array_equal(server.pool.count, expected_count)
-    # the bounded attacker counts for at most CLIP_FACTOR times the median client
+    # the bounded attacker counts for at most BOUND_FACTOR times the median client
     assert np.linalg.norm(sent[3] * summary.clipped[3]) == pytest.approx(summary.bound * np.sqrt(29), rel=1e-12)
 
 
@@ -273,7 +273,7 @@ def test_the_auto_bound_survives_a_resume():
         outcomes.append(server.end_round())
     # an independent computation: each client's latest per-step RMS, this round's replacing round 1's
     latest = {**round1.rms, **outcomes[0].rms}
-    expected = CLIP_FACTOR * sorted(latest.values())[(len(latest) - 1) // 2]
+    expected = BOUND_FACTOR * sorted(latest.values())[(len(latest) - 1) // 2]
     assert outcomes[0].bound == outcomes[1].bound == pytest.approx(expected, rel=1e-12)
     assert outcomes[0].clipped == outcomes[1].clipped and list(outcomes[0].clipped) == [sampled[0]]
     assert set(round1.rms) - set(outcomes[0].rms), "a client of round 1 only must count in round 2"
@@ -352,7 +352,7 @@ def test_one_client_scaling_up_in_every_round_cannot_raise_the_bound_above_the_h
     attacker = sample_clients(spec.seed, 1, 20, 2)[0]
     _, summaries = _run(spec, 10, lambda r, c, s, n: _normal(r, c, s, n) * (1e6 if c == attacker else 1))
     honest_rms = [rms for s in summaries for c, rms in s.rms.items() if c != attacker]
-    assert all(s.bound <= CLIP_FACTOR * max(honest_rms) for s in summaries)
+    assert all(s.bound <= BOUND_FACTOR * max(honest_rms) for s in summaries)
     assert all(set(s.clipped) <= {attacker} for s in summaries)
 
 

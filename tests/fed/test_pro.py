@@ -7,7 +7,7 @@ import pytest
 
 from fedkseed import data as D
 from fedkseed.fed import Client, FedSpec, Replica, SeedPool, Server, wire
-from fedkseed.fed.seedpool import PRO_CLIP
+from fedkseed.fed.seedpool import PRO_HISTORY_CLIP
 from fedkseed.models import load_model
 
 
@@ -56,7 +56,7 @@ def test_hand_case_through_the_server():
 def test_each_g_is_clipped_at_1000_not_the_sum():
     pool = SeedPool(0, 2)
     pool.record(np.array([0, 0, 1]), np.array([5000.0, -5000.0, 10.0]))
-    assert pool.importance().tolist() == [2 * PRO_CLIP / 3, 10.0 / 2]
+    assert pool.importance().tolist() == [2 * PRO_HISTORY_CLIP / 3, 10.0 / 2]
 
 
 class _NaNAt:
