@@ -52,9 +52,10 @@ uploads FedKSeed's own ``wire.Upload`` to the same ``Server`` (docs/ferret.md).
 
 from .attacks import ATTACKS, attack, byzantine_clients
 from .client import Client
+from .draws import draw_schedule, sample_clients
 from .replica import Replica, canonical_alphas
 from .robust import AGGREGATES, BOUND_FACTOR, TRIM_FRACTION, parse_upload_bound
-from .seedpool import SeedPool, draw_schedule, sample_clients
+from .seedpool import SeedPool
 from .server import RoundSummary, Server
 from .spec import BATCHINGS, WEIGHTINGS, FedSpec
 from .wire import WireError

@@ -12,8 +12,8 @@ import torch
 from ..zo import zo_step
 from . import wire
 from .attacks import attack as corrupt
+from .draws import draw_rows, draw_schedule, epoch_rows, rounds_taken
 from .replica import Replica
-from .seedpool import draw_rows, draw_schedule, epoch_rows, rounds_taken
 from .spec import FedSpec
 
 Batch = dict[str, torch.Tensor]

@@ -33,9 +33,9 @@ from ..paramset import ParamSet
 from . import wire
 from .attacks import attack as corrupt
 from .client import Batch, Client, take_rows
+from .draws import draw_schedule
 from .firstorder import OptimizerFactory, first_order_steps, local_batch_rows
 from .replica import Replica
-from .seedpool import draw_schedule
 from .spec import FedSpec
 
 SCALINGS: dict[str, Callable[[int, int], float]] = {

@@ -4,7 +4,7 @@ FedAvg: every weight), with first-order local steps.
 Transport-free and model-agnostic, like ``Server`` / ``Client``: methods take and return bytes
 (``arrays``, docs/formats.md#arrays) and the caller hands in the tensors to train (the experiment
 layer wraps the model with peft for FedIT and passes the adapter tensors). Sampling, batches
-and aggregation weights are FedKSeed's own (``seedpool.sample_clients``, ``local_batch_rows``,
+and aggregation weights are FedKSeed's own (``draws.sample_clients``, ``local_batch_rows``,
 ``FedSpec.weight_units``), so every method sees the same clients and the same examples.
 
     server = FirstOrderServer(spec, client_sizes, initial)   # initial: name -> float32 array
@@ -34,7 +34,7 @@ import torch
 
 from . import arrays
 from .client import take_rows
-from .seedpool import draw_rows, epoch_rows, rounds_taken, sample_clients
+from .draws import draw_rows, epoch_rows, rounds_taken, sample_clients
 from .server import RoundSummary
 from .spec import FedSpec
 from .wire import WireError

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..checks import check_int, check_real, check_u64
 from ..seeds import derive_seed, unit_interval
-from .seedpool import draw_schedule
+from .draws import draw_schedule
 from .spec import FedSpec
 
 ACCOUNTANT = "rdp"  # dp_accounting.rdp.RdpAccountant, Poisson-subsampled Gaussian events

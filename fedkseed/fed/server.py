@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import robust, wire
-from .seedpool import SeedPool, draw_schedule, sample_clients
+from .draws import draw_schedule, sample_clients
+from .seedpool import SeedPool
 from .spec import FedSpec
 
 if TYPE_CHECKING:

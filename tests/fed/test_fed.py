@@ -166,7 +166,7 @@ def test_client_refuses_a_download_it_cannot_apply():
 
 
 def test_epoch_walk_covers_each_epoch_once():
-    from fedkseed.fed.seedpool import epoch_rows
+    from fedkseed.fed.draws import epoch_rows
     from fedkseed.seeds import derive_seed
 
     n, batch = 7, 3
@@ -184,7 +184,7 @@ def test_epoch_walk_covers_each_epoch_once():
 
 
 def test_rounds_taken_counts_earlier_samplings():
-    from fedkseed.fed.seedpool import rounds_taken, sample_clients
+    from fedkseed.fed.draws import rounds_taken, sample_clients
 
     for client in range(6):
         by_hand = sum(client in sample_clients(3, r, 6, 2) for r in range(1, 9))

@@ -25,8 +25,8 @@ from fedkseed.errors import UsageError
 from fedkseed.experiment.config import SimConfig
 from fedkseed.experiment.prepare import prepare
 from fedkseed.fed import Replica, SeedPool, wire
+from fedkseed.fed.draws import draw_schedule
 from fedkseed.fed.ferret import FerretClient
-from fedkseed.fed.seedpool import draw_schedule
 from fedkseed.models import load_model
 
 TINY = [
