@@ -3,7 +3,8 @@
 The fused passes of :mod:`fedkseed.zo.passes` must match this bit for bit (the accumulation rule
 of docs/stream-spec.md#accumulation). Its momentum is the same truncated sum as ZOSGD's, so it
 checks the passes, not the estimator: tests/zo/test_estimators.py checks the momentum itself against
-``torch.optim.SGD``.
+``torch.optim.SGD``. With ``one_sided`` it is FZOO's step (L_0, then one +eps probe at a time,
+normalised by the standard deviation of the perturbed losses), written from the formula.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class NaiveZO:
     """ZOSGD's semantics written out tensor by tensor: probes chained by +-eps passes, then one
     update pass with per-tensor coefficients (group lr, decayed or not), momentum as replayed
     past terms. ``tensors``: (tensor, global offset, group, decayed). The number of directions is
-    the number of probe seeds each step is given."""
+    the number of probe seeds each step is given. ``one_sided``: FZOO's probes and update."""
 
     def __init__(
         self,
@@ -45,8 +46,9 @@ class NaiveZO:
         sign: bool = False,
         momentum: float = 0.0,
         window: int = 1,
+        one_sided: bool = False,
     ) -> None:
-        self.tensors, self.eps, self.dist = tensors, eps, dist
+        self.tensors, self.eps, self.dist, self.one_sided = tensors, eps, dist, one_sided
         self.sign, self.beta, self.window = sign, momentum, window
         self.past: list[list[tuple[int, float]]] = []
         self.pending = False
@@ -65,7 +67,10 @@ class NaiveZO:
         next_seed: int | None = None,
     ) -> list[float]:
         """One step with probe seeds ``probes`` and per-group lr / weight decay; ``next_seed``
-        fuses the next step's +eps into the update pass. Returns the projected gradients."""
+        fuses the next step's +eps into the update pass. Returns the projected gradients (an
+        empty list when the step was skipped: only one-sided steps skip here)."""
+        if self.one_sided:
+            return self._one_sided_step(closure, probes, lrs, wds)
         eps, losses = self.eps, []
         for i, p in enumerate(probes):
             if i == 0 and not self.pending:
@@ -77,6 +82,45 @@ class NaiveZO:
             losses.append(float(closure()))
         grads = [(losses[2 * i] - losses[2 * i + 1]) / (2 * eps) for i in range(len(probes))]
         own = [(p, (math.copysign(1.0, g) if self.sign and g else g) / len(probes)) for p, g in zip(probes, grads)]
+        self._update(own, probes[-1], eps, lrs, wds, next_seed)
+        return grads
+
+    def _one_sided_step(
+        self, closure: Callable[[], torch.Tensor], probes: Sequence[int], lrs: Sequence[float], wds: Sequence[float]
+    ) -> list[float]:
+        """L_0 = L(theta); theta + eps u_1, then -eps u_{i-1} + eps u_i per probe; one update
+        pass restoring -eps u_N. w_i = ((L_i - L_0) / (eps sigma)) / N, sigma the N - 1 sample
+        standard deviation of L_1..L_N (fsum). A skipped step (sigma 0, a NaN/inf loss) only
+        restores and adds no momentum terms."""
+        eps, n = self.eps, len(probes)
+        base = float(closure())
+        losses = []
+        for i, p in enumerate(probes):
+            self.everywhere([p] if i == 0 else [probes[i - 1], p], [eps] if i == 0 else [-eps, eps])
+            losses.append(float(closure()))
+        mean = math.fsum(losses) / n
+        sigma = math.sqrt(math.fsum((x - mean) ** 2 for x in losses) / (n - 1))
+        finite = all(math.isfinite(x) for x in (base, *losses))
+        if not (finite and sigma > 0):  # skipped: restore only, no terms, the window still ages
+            self.past.append([])
+            self.everywhere([probes[-1]], [-eps])
+            return []
+        grads = [(x - base) / (eps * sigma) for x in losses]
+        self._update([(p, g / n) for p, g in zip(probes, grads)], probes[-1], -eps, lrs, wds, None)
+        return grads
+
+    def _update(
+        self,
+        own: list[tuple[int, float]],
+        last: int,
+        restore: float,
+        lrs: Sequence[float],
+        wds: Sequence[float],
+        next_seed: int | None,
+    ) -> None:
+        """The update pass per tensor: this step's and the window's terms, the restore
+        ``restore`` * d of the last probe merged into its term, the next step's +eps."""
+        eps = self.eps
         terms = list(own)
         for j, past in enumerate(reversed(self.past[-(self.window - 1) :] if self.window > 1 else []), start=1):
             terms += [(s, self.beta**j * w) for s, w in past]
@@ -85,15 +129,14 @@ class NaiveZO:
             d = float32(1 - lrs[g] * wds[g]) if decayed else 1.0
             seeds = [s for s, _ in terms]
             alphas = [float32(-lrs[g] * w) for _, w in terms]
-            if probes[-1] in seeds:
-                k = seeds.index(probes[-1])
-                alphas[k] = eps * d + alphas[k]
+            if last in seeds:
+                k = seeds.index(last)
+                alphas[k] = restore * d + alphas[k]
             else:
-                seeds.append(probes[-1])
-                alphas.append(eps * d)
+                seeds.append(last)
+                alphas.append(restore * d)
             if next_seed is not None:
                 seeds.append(next_seed)
                 alphas.append(eps)
             naive_pass(x, off, seeds, alphas, self.dist, d)
         self.pending = next_seed is not None
-        return grads

@@ -6,8 +6,9 @@ An entry (:class:`~fedkseed.zo.passes.Entry`) is one step as trained: its probe 
 terms (seed, float32 coefficient per param group: -lr * w), the float32 decay d = 1 - lr * wd
 per group, whether it started perturbed by the previous step's fused pass, the next step's seed
 it fused, and, for a step whose closure raised, how many probe passes it made before its
-recovery pass. ``apply_`` repeats exactly the passes of :mod:`fedkseed.zo.passes` that the step
-made, each rounded as it was, so a run rebuilds bit for bit from the base weights: skipped
+recovery pass, and whether it made FZOO's one-sided probes. ``apply_`` repeats exactly the
+passes of :mod:`fedkseed.zo.passes` that the step made, each rounded as it was, so a run
+rebuilds bit for bit from the base weights: skipped
 steps, failed-and-retried steps and ``settle()`` included. An entry without probes is a logical
 update theta <- theta * d + sum_k a_k z(s_k), one pass (FedKSeed's merged per-seed sums).
 ``apply_(params, fused=True)`` instead replays the logical updates only, runs of undecayed
@@ -26,7 +27,9 @@ Stochastic rounding: pass ``n`` of entry ``j`` uses the rounding seed
 
 Binary format (little-endian, not pickle, fields and CRC through :mod:`fedkseed.binio`):
 docs/formats.md#history. Version 2 carries the layout, the classes, general entries and a
-CRC-32; version 1 (16-byte (seed, alpha, decay) records, no checksum) is still read.
+CRC-32; version 3 is version 2 plus one-sided (FZOO) entries, written only by a history that
+holds one (so a reader of version 2 still reads every other run); version 1 (16-byte (seed,
+alpha, decay) records, no checksum) is still read.
 ``save`` writes a temporary file in the same folder and renames it over the target, so no
 reader sees half a file.
 """
@@ -58,8 +61,8 @@ from .passes import (
 from .runner import Runner
 
 MAGIC = b"FKSH"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest written; a history without one-sided entries is written as 2
+READABLE_VERSIONS = (1, 2, 3)
 # binio formats (little-endian): the versions after the magic, then each version's header fields
 _VERSIONS = "HH"  # format version, stream version
 _HEADER_V1 = "BB32sdQQ"  # dist tag, flags, fingerprint, eps, rounding key, records
@@ -67,9 +70,10 @@ _RECORD_V1 = "Qff"  # seed, alpha, decay
 _HEADER = "BBdQIHQ"  # dist tag, flags, eps, rounding key, tensors, groups, entries
 # header flags (v1 uses the first three)
 _HAS_FINGERPRINT, _HAS_EPS, _HAS_ROUNDING, _INEXACT, _LEGACY, _HAS_LAYOUT = 1, 2, 4, 8, 16, 32
-_KNOWN_FLAGS = {1: 7, 2: 63}
-# entry flags
-_PERTURBED, _HAS_NEXT, _ABORTED, _TERMS_ARE_PROBES = 1, 2, 4, 8
+_KNOWN_FLAGS = {1: 7, 2: 63, 3: 63}
+# entry flags (_ONE_SIDED from version 3)
+_PERTURBED, _HAS_NEXT, _ABORTED, _TERMS_ARE_PROBES, _ONE_SIDED = 1, 2, 4, 8, 16
+_ENTRY_FLAGS = {2: 15, 3: 31}
 _DTYPES = ("float32", "bfloat16", "float16")
 _MAX_PROBES = 255
 
@@ -304,7 +308,8 @@ class History:
             | (_HAS_LAYOUT if self.layout is not None else 0)
         )
         w = binio.Writer(MAGIC)
-        w.pack(_VERSIONS, FORMAT_VERSION, S.STREAM_VERSION)
+        version = FORMAT_VERSION if any(e.one_sided for e in self.entries) else 2
+        w.pack(_VERSIONS, version, S.STREAM_VERSION)
         w.pack(
             _HEADER,
             S.dist_tag(self.dist),
@@ -347,7 +352,7 @@ class History:
                 f"recorded with perturbation stream v{stream_version}, this build implements v{S.STREAM_VERSION}"
             )
         try:
-            history = _read_v1(r) if version == 1 else _read_v2(r)
+            history = _read_v1(r) if version == 1 else _read_v2(r, version)
             history.validate()
         except ValueError as error:
             message = str(error)
@@ -367,7 +372,7 @@ class History:
 # ----------------------------------------------------------------------------------- entries
 def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
     """The entry, every field checked; a ValueError naming entry ``j`` and the field."""
-    probes, seeds, alphas, decays, perturbed, next_seed, aborted = entry
+    probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided = entry
     where = f"entry {j}"
     try:
         probes = tuple(check_seed(s, "probe seed") for s in probes)
@@ -400,13 +405,17 @@ def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
         raise ValueError(f"{where}: perturbed must be a bool, and True only with probes")
     if next_seed is not None and (not probes or aborted is not None):
         raise ValueError(f"{where}: a fused next seed needs a completed step with probes")
+    if not isinstance(one_sided, bool):
+        raise ValueError(f"{where}: one_sided must be a bool, got {one_sided!r}")
+    if one_sided and (len(probes) < 2 or perturbed or next_seed is not None):
+        raise ValueError(f"{where}: a one-sided step has at least 2 probes, never starts perturbed nor fuses a seed")
     if aborted is not None:
-        limit = len(probe_passes(probes, 1.0, perturbed))
+        limit = len(probe_passes(probes, 1.0, perturbed, one_sided))
         if isinstance(aborted, bool) or not isinstance(aborted, int) or not 0 <= aborted <= limit:
             raise ValueError(f"{where}: aborted after {aborted!r} probe passes, expected 0..{limit}")
         if seeds or any(d != 1.0 for d in decays):
             raise ValueError(f"{where}: an aborted step has no update")
-    return Entry(probes, seeds, alphas, tuple(decays), perturbed, next_seed, aborted)
+    return Entry(probes, seeds, alphas, tuple(decays), perturbed, next_seed, aborted, one_sided)
 
 
 def _check_link(previous: Entry | None, entry: Entry, j: int) -> None:
@@ -437,6 +446,7 @@ def _write_entry(w: binio.Writer, e: Entry) -> None:
         | (_HAS_NEXT if e.next_seed is not None else 0)
         | (_ABORTED if e.aborted is not None else 0)
         | (_TERMS_ARE_PROBES if terms_are_probes else 0)
+        | (_ONE_SIDED if e.one_sided else 0)
     )
     w.pack("BBI", flags, len(e.probes), len(e.seeds))
     if e.aborted is not None:
@@ -459,13 +469,14 @@ def _dist_name(tag: int) -> str:
     return names[tag]
 
 
-def _read_v2(r: binio.Reader) -> History:
-    """Format 2, from just after the versions: header, fingerprint or layout, entries, CRC-32."""
+def _read_v2(r: binio.Reader, version: int) -> History:
+    """Formats 2 and 3, from just after the versions: header, fingerprint or layout, entries,
+    CRC-32 (3 adds the one-sided entry flag)."""
     if r.remaining() < binio.size(_HEADER) + binio.CRC.size:
         raise r.error(f"{len(r.data)} bytes is shorter than a history header")
     r.unseal()
     tag, flags, eps, key, tensors, groups, count = r.unpack(_HEADER)
-    if flags & ~_KNOWN_FLAGS[2] or (flags & _HAS_LAYOUT and flags & _HAS_FINGERPRINT):
+    if flags & ~_KNOWN_FLAGS[version] or (flags & _HAS_LAYOUT and flags & _HAS_FINGERPRINT):
         raise r.error(f"corrupt header (flags {flags:#x})")
     if not flags & _HAS_LAYOUT and tensors:
         raise r.error(f"corrupt header ({tensors} tensors without a layout)")
@@ -488,7 +499,7 @@ def _read_v2(r: binio.Reader) -> History:
     entries = []
     for _ in range(count):
         e_flags, q, k = r.unpack("BBI")
-        if e_flags & ~(_PERTURBED | _HAS_NEXT | _ABORTED | _TERMS_ARE_PROBES):
+        if e_flags & ~_ENTRY_FLAGS[version]:
             raise r.error(f"corrupt entry {len(entries)} (flags {e_flags:#x})")
         aborted = r.unpack("H")[0] if e_flags & _ABORTED else None
         probes = r.unpack(f"{q}Q")
@@ -501,7 +512,8 @@ def _read_v2(r: binio.Reader) -> History:
             seeds = r.unpack(f"{k}Q")
         alphas = tuple(r.unpack(f"{k}f") for _ in range(groups))
         decays = r.unpack(f"{groups}f")
-        entries.append(Entry(probes, seeds, alphas, decays, bool(e_flags & _PERTURBED), next_seed, aborted))
+        perturbed, one_sided = bool(e_flags & _PERTURBED), bool(e_flags & _ONE_SIDED)
+        entries.append(Entry(probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided))
     r.done("the last entry")
     history = History(
         _dist_name(tag),

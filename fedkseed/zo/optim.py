@@ -51,13 +51,17 @@ class ZOSGD(torch.optim.Optimizer):
     ``torch.optim.lr_scheduler`` works) and records the coefficients it applied. The seeds of
     step t derive from (``seed``, t) by BLAKE2b (reproducible, independent of torch's global
     RNG), or are drawn from ``candidates`` (FedKSeed) with ``probabilities`` by the same
-    derivation. ``directions``, ``sign``, ``momentum`` and ``window`` choose the estimator
-    (:mod:`fedkseed.zo.estimators`). ``rounding="stochastic"`` gives every pass fresh rounding
-    bits derived from (seed, entry, pass).
+    derivation. ``estimator`` ("mezo": two-point, n-SPSA with ``directions`` > 1; "fzoo": FZOO's
+    normalised one-sided step over ``directions`` = N >= 2 probes, N + 1 forwards, best with
+    ``dist="rademacher"``), ``directions``, ``sign``, ``momentum`` and ``window`` choose the
+    update rule (:mod:`fedkseed.zo.estimators`); "fzoo" takes neither ``sign`` nor ``clip``.
+    ``rounding="stochastic"`` gives every pass fresh rounding bits derived from (seed, entry,
+    pass).
 
     ``fuse`` (default): the update pass also applies the next step's +eps perturbation (two
-    passes per step instead of three), so between steps the weights carry +eps z(next seed)
-    (``pending``). ``settle()`` takes it back (one recorded pass). Given a module, ZOSGD settles
+    passes per step instead of three; "fzoo" never fuses, as L_0 needs the unperturbed
+    weights), so between steps the weights carry +eps z(next seed) (``pending``). ``settle()``
+    takes it back (one recorded pass). Given a module, ZOSGD settles
     by itself before any forward of the module outside ``step`` and before its
     ``state_dict()``; with tensors call ``settle()`` before evaluating or saving them. Given a
     module, the closure runs with the module in eval mode (no dropout noise in the two losses,
@@ -97,6 +101,7 @@ class ZOSGD(torch.optim.Optimizer):
         fuse: bool = True,
         loss_reduction: str = "mean",
         group: Any = None,
+        estimator: str = "mezo",
     ) -> None:
         lr = check_real("lr", lr)
         weight_decay = check_real("weight_decay", weight_decay)
@@ -127,7 +132,9 @@ class ZOSGD(torch.optim.Optimizer):
         self.rounding = check_rounding(rounding)
         self.clip = check_real("clip", clip, positive=True, allow_none=True)
         self.skip_threshold = check_real("skip_threshold", skip_threshold, positive=True, allow_none=True)
-        self.estimator = Estimator(directions, sign=sign, momentum=momentum, window=window)
+        self.estimator = Estimator(directions, sign=sign, momentum=momentum, window=window, kind=estimator)
+        if self.estimator.one_sided and self.clip is not None:
+            raise ValueError("estimator 'fzoo' does not take clip: its step is already normalised by sigma")
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
@@ -183,7 +190,8 @@ class ZOSGD(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
         """One ZO step; returns L+ of the first direction (the loss at the perturbed weights,
-        MeZO's convention). ``closure()`` returns the loss; it runs 2 * directions times."""
+        MeZO's convention), or for "fzoo" L_0, the loss at the weights before the step.
+        ``closure()`` returns the loss; it runs 2 * directions times ("fzoo": directions + 1)."""
         if closure is None:
             raise TypeError(
                 "ZOSGD.step needs a closure that returns the loss: a ZO step evaluates it twice per "
@@ -196,9 +204,10 @@ class ZOSGD(torch.optim.Optimizer):
         closure = self._agreed(closure)
         lrs, decays = self._group_coefficients()
         probes = self.seeds_for(self.steps)
-        if self.pending is not None and self.pending != probes[0]:
+        one_sided = self.estimator.one_sided
+        if self.pending is not None and (one_sided or self.pending != probes[0]):
             self.settle()  # the configuration changed under a pending perturbation
-        next_seed = self.seeds_for(self.steps + 1)[0] if self.fuse else None
+        next_seed = self.seeds_for(self.steps + 1)[0] if self.fuse and not one_sided else None
         own: Terms = []
 
         def update(grads: list[float]) -> Update:
@@ -223,12 +232,13 @@ class ZOSGD(torch.optim.Optimizer):
                 skip_threshold=self.skip_threshold,
                 rounding_base=self._rounding_base(),
                 record=self._record,
+                one_sided=one_sided,
             )
         self.estimator.push([] if result.skipped else own)
         self.steps += 1
         self.pending = next_seed
         self.last = result
-        return result.loss_plus
+        return result.loss_minus if one_sided else result.loss_plus
 
     def _agreed(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``closure``, made to give every rank the same loss when there is more than one rank

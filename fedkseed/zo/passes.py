@@ -23,6 +23,18 @@ at theta + (eps + a) z and decayed ones at theta d + (eps d + a) z after the -2 
 class gets its own coefficients, applied as one op call per distinct coefficient set on disjoint
 tensor subsets (still one pass over memory).
 
+A *one-sided* entry (``one_sided``; the FZOO-style estimator, :mod:`fedkseed.zo.estimators`)
+has N >= 2 probes evaluated on one side only, after an evaluation at theta itself:
+
+    probe phase (one closure evaluation before the first pass, L_0 at theta, and one after each)
+        pass 1024         theta <- theta + eps z(p_1)
+        for i = 2..N:     theta <- theta - eps z(p_{i-1}) + eps z(p_i)   (pass 1023 + i)
+    update (one pass)
+        pass 3            theta <- theta * d - eps d z(p_N) + sum_k a[g][k] z(s_k)
+
+N + 1 passes and N + 1 evaluations per step. A one-sided entry never starts ``perturbed`` and
+never fuses a ``next_seed``: L_0 of the next step needs the unperturbed weights.
+
 An *aborted* entry is a step whose closure raised after ``aborted`` of its probe passes: the
 weights carried +-eps z(p_i), and one recovery pass (number 4) took it back. ``settle()`` (taking
 back a pending +eps of the next step) is recorded the same way, as an aborted entry with
@@ -45,6 +57,9 @@ from ..seeds import derive_seed
 # Pass numbers (the rounding seed of each pass derives from its number). Probes after the first
 # take 2i+3 (restore and next probe) and 2i+4 (minus) for i = 1.. (0-based), after these four.
 PASS_PLUS, PASS_MINUS, PASS_UPDATE, PASS_RECOVER = 1, 2, 3, 4
+# One-sided probe i (0-based) is pass PASS_ONE_SIDED + i: above every two-sided number (at most
+# 2 * 254 + 4 for 255 probes), so the two patterns never share a rounding seed.
+PASS_ONE_SIDED = 1024
 
 
 class Entry(NamedTuple):
@@ -57,6 +72,7 @@ class Entry(NamedTuple):
     perturbed: bool = False  # the weights already carried +eps z(probes[0]) (a fused pass)
     next_seed: int | None = None  # the update pass also applied +eps z(next_seed)
     aborted: int | None = None  # probe passes made before the closure raised; None: completed
+    one_sided: bool = False  # the one-sided probe pattern (FZOO-style): L_0 at theta, then +eps each
 
 
 class Pass(NamedTuple):
@@ -86,9 +102,14 @@ def _shared(number: int, seeds: tuple[int, ...], alphas: tuple[float, ...]) -> P
     return Pass(number, seeds, ((alphas, 1.0),))
 
 
-def probe_passes(probes: tuple[int, ...], eps: float, perturbed: bool) -> list[Pass]:
+def probe_passes(probes: tuple[int, ...], eps: float, perturbed: bool, one_sided: bool = False) -> list[Pass]:
     """The probe phase: a closure evaluation follows each of these passes (and precedes the
-    first one when ``perturbed``)."""
+    first one when ``perturbed`` or ``one_sided``)."""
+    if one_sided:
+        return [
+            _shared(PASS_ONE_SIDED + i, (p,) if i == 0 else (probes[i - 1], p), (eps,) if i == 0 else (-eps, eps))
+            for i, p in enumerate(probes)
+        ]
     out: list[Pass] = []
     for i, p in enumerate(probes):
         if i == 0:
@@ -101,18 +122,20 @@ def probe_passes(probes: tuple[int, ...], eps: float, perturbed: bool) -> list[P
     return out
 
 
-def carried(probes: tuple[int, ...], perturbed: bool, done: int) -> tuple[int, float] | None:
+def carried(probes: tuple[int, ...], perturbed: bool, done: int, one_sided: bool = False) -> tuple[int, float] | None:
     """(seed, multiple of eps) of the perturbation the weights carry after ``done`` probe
     passes, or None when they carry none."""
     state = (probes[0], 1.0) if perturbed and probes else None
-    for p in probe_passes(probes, 1.0, perturbed)[:done]:
+    for p in probe_passes(probes, 1.0, perturbed, one_sided)[:done]:
         state = (p.seeds[-1], 1.0 if p.coefficients[0][0][-1] > 0 else -1.0)
     return state
 
 
-def recovery_pass(probes: tuple[int, ...], eps: float, perturbed: bool, done: int) -> Pass | None:
+def recovery_pass(
+    probes: tuple[int, ...], eps: float, perturbed: bool, done: int, one_sided: bool = False
+) -> Pass | None:
     """The pass that takes back what an aborted step left (None when nothing is left)."""
-    state = carried(probes, perturbed, done)
+    state = carried(probes, perturbed, done, one_sided)
     if state is None:
         return None
     seed, shift = state
@@ -123,7 +146,8 @@ def update_pass(entry: Entry, eps: float | None, *, legacy: bool = False) -> Pas
     """The update pass of a completed entry, per coefficient class (see the module docstring).
 
     ``legacy``: format-1 histories restored every tensor with eps * d (the decay of the
-    decayed tensors), which is how they were trained; replayed as such.
+    decayed tensors), which is how they were trained; replayed as such. A one-sided entry's
+    weights carry +eps z(p_N), so its restore coefficient is -eps d.
     """
     seeds = list(entry.seeds)
     restore = entry.probes[-1] if entry.probes else None
@@ -140,7 +164,8 @@ def update_pass(entry: Entry, eps: float | None, *, legacy: bool = False) -> Pas
             d = group_decay if decayed else 1.0
             alphas = [*group_alphas, *([0.0] * (len(seeds) - len(group_alphas)))]
             if at is not None:
-                alphas[at] = update_alpha(eps, alphas[at], group_decay if legacy else d)
+                restore_eps = -eps if entry.one_sided else eps
+                alphas[at] = update_alpha(restore_eps, alphas[at], group_decay if legacy else d)
             if entry.next_seed is not None:
                 alphas[-1] = eps
             coefficients.append((tuple(alphas), d))
@@ -151,9 +176,9 @@ def entry_passes(entry: Entry, eps: float | None, *, legacy: bool = False) -> li
     """Every pass an entry made, in order."""
     if entry.probes and eps is None:
         raise ValueError("an entry with probes needs eps")
-    out = probe_passes(entry.probes, eps, entry.perturbed) if entry.probes else []
+    out = probe_passes(entry.probes, eps, entry.perturbed, entry.one_sided) if entry.probes else []
     if entry.aborted is not None:
-        recovery = recovery_pass(entry.probes, eps, entry.perturbed, entry.aborted)
+        recovery = recovery_pass(entry.probes, eps, entry.perturbed, entry.aborted, entry.one_sided)
         return out[: entry.aborted] + ([recovery] if recovery is not None else [])
     return [*out, update_pass(entry, eps, legacy=legacy)]
 

@@ -25,6 +25,7 @@ from ..ops import ParamsLike, resolve_backend
 from ..paramset import ParamSet, trainable
 from ..seeds import check_seed
 from . import passes
+from .estimators import ESTIMATORS, Estimator
 from .passes import Entry
 from .runner import Runner
 
@@ -38,12 +39,12 @@ Update = tuple[tuple[int, ...], tuple[tuple[float, ...], ...], tuple[float, ...]
 class ZOStepResult:
     grad: float  # mean projected gradient over the directions after clipping; 0.0 when skipped
     loss_plus: float  # L+ of the first direction (MeZO's reported loss)
-    loss_minus: float  # L- of the first direction
+    loss_minus: float  # L- of the first direction; one-sided (FZOO): L_0, the loss at theta
     skipped: bool  # a loss was NaN/inf or |L+ - L-| > skip_threshold: restored, not updated
     alpha: float = 0.0  # float32 coefficient of the first term in group 0: -lr * w (0.0 when skipped)
     decay: float = 1.0  # float32 factor applied to group 0's decayed tensors (1.0 when skipped)
     grads: tuple[float, ...] = ()  # projected gradient of each direction
-    losses: tuple[float, ...] = ()  # L+_1, L-_1, L+_2, L-_2, ...
+    losses: tuple[float, ...] = ()  # L+_1, L-_1, L+_2, L-_2, ...; one-sided: L_0, L_1, ..., L_N
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:
@@ -81,7 +82,8 @@ def evaluate(closure: Callable[[], Any]) -> float:
 
 
 def _finite_update(update: Update, eps: float) -> bool:
-    """Every coefficient of the update pass (restore included) is finite in float32."""
+    """Every coefficient of the update pass (restore included: ``eps``, negative for a one-sided
+    step) is finite in float32."""
     _, alphas, decays = update
     for group_alphas, d in zip(alphas, decays):
         for a in group_alphas:
@@ -91,6 +93,26 @@ def _finite_update(update: Update, eps: float) -> bool:
                 if not math.isfinite(passes.float32(passes.update_alpha(eps, a, restore_decay))):
                     return False
     return all(math.isfinite(d) for d in decays)
+
+
+def one_sided_grads(losses: Sequence[float], eps: float, skip_threshold: float | None) -> list[float] | None:
+    """FZOO's normalised one-sided projected gradients (L_i - L_0) / (eps sigma), i = 1..N, from
+    ``losses`` = (L_0, L_1, ..., L_N); sigma = sqrt(sum_i (L_i - mean)^2 / (N - 1)) over the N
+    perturbed losses (fsum, float64). None (skip the update) when a loss is NaN/inf, when some
+    |L_i - L_0| > ``skip_threshold``, or when sigma is 0 (all N losses equal: no scale to
+    normalise by) or the quotient overflows."""
+    base, perturbed = losses[0], losses[1:]
+    n = len(perturbed)
+    if not all(math.isfinite(x) for x in losses):
+        return None
+    if skip_threshold is not None and any(abs(x - base) > skip_threshold for x in perturbed):
+        return None
+    mean = math.fsum(perturbed) / n
+    sigma = math.sqrt(math.fsum((x - mean) ** 2 for x in perturbed) / (n - 1))
+    if not sigma > 0:
+        return None
+    grads = [(x - base) / (eps * sigma) for x in perturbed]
+    return grads if all(math.isfinite(g) for g in grads) else None
 
 
 # ------------------------------------------------------------------------------------ the engine
@@ -108,10 +130,14 @@ def run_step(
     skip_threshold: float | None = None,
     rounding_base: int | None = None,
     record: Callable[[Entry, bool], None] | None = None,
+    one_sided: bool = False,
 ) -> ZOStepResult:
     """One ZO step over ``probes`` (validated by the caller).
 
     ``update(grads)`` maps the projected gradients (one per probe, clipped) to the update terms.
+    ``one_sided``: FZOO's probe pattern (:mod:`fedkseed.zo.passes`; the caller passes neither
+    ``perturbed``, ``next_seed`` nor ``clip``) and its normalised gradients
+    (:func:`one_sided_grads`).
     ``record(entry, exact)`` receives the entry of what was applied, completed or aborted;
     ``exact`` is False only when a pass failed half-way or the recovery pass failed, so the
     weights are no longer what the entry says. ``rounding_base``: stochastic rounding on, with
@@ -125,22 +151,27 @@ def run_step(
     losses: list[float] = []
     done, in_pass = 0, False
     try:
-        if perturbed:
+        if perturbed or one_sided:
             losses.append(evaluate(closure))
-        for p in passes.probe_passes(probes, eps, perturbed):
+        for p in passes.probe_passes(probes, eps, perturbed, one_sided):
             in_pass = True
             apply(p)
             in_pass = False
             done += 1
             losses.append(evaluate(closure))
     except BaseException:
-        exact = not in_pass and _recover(apply, passes.recovery_pass(probes, eps, perturbed, done))
+        recovery = passes.recovery_pass(probes, eps, perturbed, done, one_sided)
+        exact = not in_pass and _recover(apply, recovery)
         if record is not None:
-            record(Entry(probes, (), ((),) * groups, (1.0,) * groups, perturbed, None, done), exact)
+            record(Entry(probes, (), ((),) * groups, (1.0,) * groups, perturbed, None, done, one_sided), exact)
         raise
 
     grads, skipped = [], False
-    for i in range(len(probes)):
+    if one_sided:
+        normalized = one_sided_grads(losses, eps, skip_threshold)
+        skipped = normalized is None
+        grads = [0.0] * len(probes) if normalized is None else normalized
+    for i in range(0 if one_sided else len(probes)):
         lp, lm = losses[2 * i], losses[2 * i + 1]
         g = (lp - lm) / (2.0 * eps)
         if not (math.isfinite(lp) and math.isfinite(lm) and math.isfinite(g)):
@@ -151,10 +182,10 @@ def run_step(
             g = max(-clip, min(clip, g))
         grads.append(g)
     planned = None if skipped else update(grads)
-    if planned is None or not _finite_update(planned, eps):
+    if planned is None or not _finite_update(planned, -eps if one_sided else eps):
         skipped = True
         planned = ((), ((),) * groups, (1.0,) * groups)
-    entry = Entry(probes, *planned, perturbed, next_seed)
+    entry = Entry(probes, *planned, perturbed, next_seed, None, one_sided)
     try:
         apply(passes.update_pass(entry, eps))
     except BaseException:
@@ -166,8 +197,8 @@ def run_step(
     first_alpha = entry.alphas[0][0] if entry.alphas[0] else 0.0
     return ZOStepResult(
         0.0 if skipped else math.fsum(grads) / len(grads),
-        losses[0],
-        losses[1],
+        losses[1] if one_sided else losses[0],
+        losses[0] if one_sided else losses[1],
         skipped,
         first_alpha,
         entry.decays[0],
@@ -192,7 +223,7 @@ def _recover(apply: Callable[[passes.Pass], None], recovery: passes.Pass | None)
 def zo_step(
     params: ParamsLike,
     closure: Callable[[], Any],
-    seed: int,
+    seed: int | Sequence[int],
     *,
     eps: float,
     lr: float,
@@ -205,8 +236,13 @@ def zo_step(
     rounding: str = "nearest",
     rounding_seed: int | None = None,
     backend: str = "auto",
+    estimator: str = "mezo",
 ) -> ZOStepResult:
-    """One MeZO two-point step in three passes (two with ``next_seed`` / ``perturbed``).
+    """One MeZO two-point step in three passes (two with ``next_seed`` / ``perturbed``), or
+    with ``estimator="fzoo"`` one FZOO step over the N >= 2 probe seeds ``seed`` (a sequence):
+    L_0 at theta, then L_i at theta + eps z(seed[i-1]), and the normalised update
+    theta <- theta - lr/N sum_i (L_i - L_0) / (eps sigma) z(seed[i-1]) in N + 1 passes
+    (:mod:`fedkseed.zo.estimators`); it takes neither ``clip``, ``next_seed`` nor ``perturbed``.
 
     ``params``: a ParamSet as is, or any other form's tensors with ``requires_grad``.
     ``closure()`` returns the loss at the current weights (tensor with one element or float);
@@ -219,7 +255,8 @@ def zo_step(
     ``next_seed``: the update pass also applies the next step's +eps * z(next_seed); the weights
     are then left perturbed and the next call must pass ``perturbed=True`` (it skips its first
     pass). ``rounding="stochastic"`` rounds bfloat16/float16 results stochastically, each pass
-    with fresh bits derived from (``rounding_seed`` or ``seed``, pass number).
+    with fresh bits derived from (``rounding_seed`` or ``seed`` (FZOO: its first seed), pass
+    number).
 
     Everything is validated before the weights are touched. If the closure raises or returns a
     non-scalar mid-step, the perturbation is taken back before the error propagates (one more
@@ -228,7 +265,23 @@ def zo_step(
     pset = trainable(params, "zo_step")
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-    check_seed(seed)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    one_sided = estimator == "fzoo"
+    if one_sided:
+        if isinstance(seed, int) or not isinstance(seed, Sequence):
+            raise TypeError(f"estimator 'fzoo' takes a sequence of N >= 2 probe seeds, got {seed!r}")
+        probes = tuple(check_seed(s) for s in seed)
+        rule = Estimator(len(probes), kind="fzoo")  # refuses fewer than 2 seeds or more than 255
+        refused = {"clip": clip is not None, "next_seed": next_seed is not None, "perturbed": perturbed}
+        for name, given in refused.items():
+            if given:
+                raise ValueError(
+                    f"estimator 'fzoo' does not take {name}: its step is normalised by sigma and starts "
+                    "from the unperturbed weights (L_0)"
+                )
+    else:
+        probes = (check_seed(seed),)
     if next_seed is not None:
         check_seed(next_seed)
     eps = check_real("eps", eps, positive=True)
@@ -247,13 +300,16 @@ def zo_step(
     runner = Runner(pset, [int(flag) for flag in pset.decay_mask], dist, which)
 
     def update(grads: list[float]) -> Update:
-        return (seed,), ((passes.float32(-lr * grads[0]),),), (decay,)
+        if one_sided:
+            terms = rule.own_terms(probes, grads)
+            return tuple(s for s, _ in terms), (tuple(passes.float32(-lr * w) for _, w in terms),), (decay,)
+        return probes, ((passes.float32(-lr * grads[0]),),), (decay,)
 
-    base = (rounding_seed if rounding_seed is not None else seed) if stochastic else None
+    base = (rounding_seed if rounding_seed is not None else probes[0]) if stochastic else None
     return run_step(
         runner,
         closure,
-        (seed,),
+        probes,
         update,
         eps=eps,
         groups=1,
@@ -262,6 +318,7 @@ def zo_step(
         clip=clip,
         skip_threshold=skip_threshold,
         rounding_base=base,
+        one_sided=one_sided,
     )
 
 
