@@ -1,9 +1,10 @@
 """A Hugging Face ``transformers.Trainer`` that trains by zeroth-order steps: :class:`ZOTrainer`.
 
-Each optimizer step is one :class:`fedkseed.ZOSGD` step: two forwards per direction, fused
-perturbation passes, no backward, no gradients, no optimizer state in memory. Everything else is
-the Trainer's: ``TrainingArguments`` lr schedulers (ZOSGD reads the lr the scheduler set for step
-t, applies it and records it in the History), logging, evaluation, ``max_steps``, checkpoints and
+Each optimizer step is one :class:`fedkseed.ZOSGD` step: two forwards per direction (FZOO,
+``zo_estimator="fzoo"``: one per direction plus one), fused perturbation passes, no backward,
+no gradients, no optimizer state in memory. Everything else is the Trainer's:
+``TrainingArguments`` lr schedulers (ZOSGD reads the lr the scheduler set for step t, applies it
+and records it in the History), logging, evaluation, ``max_steps``, checkpoints and
 ``resume_from_checkpoint`` (bit-identical to an uninterrupted run: the ZO seeds are a function of
 (``zo_seed``, step), and ZOSGD's state rides in ``optimizer.pt``). PEFT models train only their
 adapters, since ZOSGD takes the tensors with ``requires_grad``. Every saved model folder,
@@ -12,8 +13,9 @@ checkpoints included, gets ``zo_history.fkh`` beside the weights:
 bit.
 
 The losses are evaluated in eval mode (no dropout: L+ and L- must come from one function, as in
-MeZO). The logged ``loss`` is L+ (MeZO's convention) and ``zo_projected_grad`` (mean |g| since
-the last log) replaces ``grad_norm``, which would always be 0.
+MeZO). The logged ``loss`` is L+ (MeZO's convention; FZOO: L_0, at the unperturbed weights) and
+``zo_projected_grad`` (mean |g| since the last log) replaces ``grad_norm``, which would always
+be 0.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ class ZOTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Seed the per-step perturbation seeds derive from (uint64); default: seed."}
     )
     zo_dist: str = field(default="gaussian", metadata={"help": 'Direction distribution: "gaussian" or "rademacher".'})
+    zo_estimator: str = field(
+        default="mezo",
+        metadata={"help": '"mezo" (two-point, n-SPSA) or "fzoo" (one-sided, normalised; zo_directions >= 2).'},
+    )
     zo_directions: int = field(
-        default=1, metadata={"help": "Directions per step (n-SPSA; MeZO's --zero_order_sample)."}
+        default=1, metadata={"help": "Directions per step (n-SPSA; MeZO's --zero_order_sample; FZOO's N)."}
     )
     zo_momentum: float = field(default=0.0, metadata={"help": "ZO momentum beta, replayed from recent seeds."})
     zo_window: int = field(
@@ -132,6 +138,7 @@ class ZOTrainer(Trainer):
                 window=args.zo_window,
                 sign=args.zo_sign,
                 fuse=args.zo_fuse,
+                estimator=args.zo_estimator,
             )
         return self.optimizer
 

@@ -15,6 +15,7 @@ import torch
 
 from fedkseed import ParamSet, reference
 from fedkseed.testing import NaiveZO
+from fedkseed.testing.backends import backend_on_this_machine
 from fedkseed.zo import ZOSGD, History, zo_step
 from fedkseed.zo.history import FORMAT_VERSION
 from fedkseed.zo.passes import PASS_ONE_SIDED, PASS_UPDATE, Entry, entry_passes
@@ -116,6 +117,32 @@ def test_zo_step_fzoo_is_the_zosgd_step():
     opt.step(loss_of(model))
     result = zo_step(twin, loss_of(twin), opt.seeds_for(0), eps=1e-2, lr=0.05, weight_decay=0.1, estimator="fzoo")
     assert same(weights(model), weights(twin)) and result.grads == opt.last.grads
+
+
+@pytest.fixture(params=["reference", "cpu-scalar", "cpu-avx2", "cpu-avx512", "triton", "cuda"])
+def backend(request, monkeypatch):
+    yield from backend_on_this_machine(request.param, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_backend_makes_the_reference_bits(backend, dtype):
+    """The one-sided passes are the existing multi-seed kernels: on every backend of this machine
+    two FZOO steps (stochastic rounding in bf16) give the reference backend's bits. The loss is
+    computed on the CPU in float64, so every backend sees the same losses."""
+    name, device = backend
+
+    def run(which: str, where: torch.device) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(4)
+        w = [torch.randn(n, generator=gen).to(dtype).to(where).requires_grad_() for n in (1000, 37)]
+        rounding = "stochastic" if dtype == torch.bfloat16 else "nearest"
+        opt = ZOSGD(w, lr=1e-3, eps=1e-2, estimator="fzoo", directions=3, backend=which, rounding=rounding)
+        loss = lambda: float(sum(((t.detach().cpu().double() - 0.2) ** 2).sum() for t in w))  # noqa: E731
+        for _ in range(2):
+            opt.step(loss)
+        assert not opt.last.skipped
+        return [t.detach().cpu() for t in w]
+
+    assert same(run(name, device), run("reference", torch.device("cpu")))
 
 
 # ---------------------------------------------------------------------------------- History
@@ -329,3 +356,46 @@ def test_zo_step_refuses_bad_arguments_before_touching_the_weights(seed, kwargs,
     with pytest.raises(error, match=match):
         zo_step(model, loss_of(model), seed, eps=1e-3, lr=0.1, estimator="fzoo", **kwargs)
     assert same(before, weights(model))
+
+
+# ------------------------------------------------------------------------------- ZOTrainer
+def test_zotrainer_passes_the_estimator_through(tmp_path):
+    """zo_estimator="fzoo" on a tiny Llama: two one-sided steps, the logged loss is L_0, and the
+    History saved beside the model rebuilds it bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+    from fedkseed import models
+    from fedkseed.hf import HISTORY_FILE, ZOTrainer, ZOTrainingArguments
+
+    def tiny() -> LlamaForCausalLM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return LlamaForCausalLM(LlamaConfig(vocab_size=64, **{**models.TINY_SHAPE, "max_position_embeddings": 32}))
+
+    rows = (torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(1))[:, None] + torch.arange(16)) % 64
+    data = [{"input_ids": r, "labels": r.clone()} for r in rows]
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-4)
+    args.update(report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", zo_eps=1e-2)
+    with pytest.raises(ValueError, match="directions >= 2"):
+        ZOTrainer(model=tiny(), args=ZOTrainingArguments(**args, zo_estimator="fzoo"), train_dataset=data)
+    base_losses: list[float] = []
+
+    class Recorder(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            base_losses.append(trainer.zo_optimizer.last.losses[0])
+
+    model = tiny()
+    trainer = ZOTrainer(
+        model=model,
+        args=ZOTrainingArguments(**args, zo_estimator="fzoo", zo_directions=3),
+        train_dataset=data,
+        callbacks=[Recorder()],
+    )
+    output = trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.estimator.kind == "fzoo" and [e.one_sided for e in opt.history] == [True, True]
+    assert output.training_loss == pytest.approx(sum(base_losses) / 2, rel=1e-6)  # the mean L_0
+    trainer.save_model(str(tmp_path / "out"))
+    fresh = tiny()
+    History.load(tmp_path / "out" / HISTORY_FILE).apply_(fresh)
+    assert same(weights(fresh), weights(model))
