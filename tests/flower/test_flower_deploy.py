@@ -16,47 +16,31 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 
 import pytest
-from test_flower import (
+from federation import (
     APP_DIR,
+    REPO,
     TINY,
-    Federation,
     assert_same_weights,
     local_from_received,
     saved_weights,
+    wait_healthy,
 )
 
 from fedkseed.experiment.config import SimConfig
 
 pytestmark = pytest.mark.slow  # SuperLink / SuperNode processes, a wheel install
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "flower.md"
 # The deployment walk-through's blocks, in order; "&" marks the ones that run until stopped.
 STEPS = ["settings", "certificate", "node-keys", "key-list", "superlink&", "connection", "register"]
 STEPS += ["supernodes&", "run"]
 PORTS = {"superlink": 9092, "node0": 9094, "node1": 9095}  # as the docs give them
-
-
-@pytest.fixture(scope="module")
-def flwr():
-    return pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedkseed[flower]'")
-
-
-@pytest.fixture
-def federation(flwr, tmp_path):
-    fed = Federation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.close()
 
 
 def settings_run_config(config: SimConfig, **engine_options) -> dict:
@@ -169,19 +153,6 @@ def installed_venv(root: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
     return venv
 
 
-def wait_healthy(url: str, ca: pathlib.Path, process: subprocess.Popen, log: pathlib.Path) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, context=context, timeout=2).close()
-            return
-        except OSError:
-            assert process.poll() is None, f"superlink exited:\n{log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"no {url} within 120 s"
-            time.sleep(0.3)
-
-
 @pytest.mark.skipif(
     not os.environ.get("FEDKSEED_DEPLOY_DOCS"),
     reason="fails in the full suite only (`python -m fedkseed.flower.app_path` exits 1 in the wheel's venv), passes "
@@ -245,7 +216,7 @@ def test_docs_deployment_commands_run_from_an_installed_wheel(flwr, tmp_path):
         for step in ("certificate", "node-keys", "key-list"):
             shell(blocks[step], step)
         (superlink,) = [shell(c, "superlink", background=True) for c in commands(blocks["superlink&"])]
-        wait_healthy("https://localhost:9092/health", site / "ca.crt", superlink, site / "superlink.log")
+        wait_healthy("https://localhost:9092", site / "ca.crt", superlink, site / "superlink.log")
         shell(blocks["connection"], "connection")
         registered = shell(blocks["register"], "register")
         node_ids = [int(n) for n in re.findall(r'"node-id": (\d+)', registered)]
