@@ -19,6 +19,16 @@ from typing import Any, NoReturn
 
 from .errors import UsageError
 from .experiment.config import ApplyConfig, SimConfig, choices_of, flag, protocol_defaults
+from .zo import ESTIMATORS
+
+# FedKSeed's local steps are MeZO steps: the server draws each client's schedule of one seed per
+# local step and checks uploads against it, and FedKSeed-Pro's per-step upload carries one scalar
+# per step; an FZOO step takes N seeds and gives N scalars. Refused rather than run differently.
+ESTIMATOR_REFUSED = (
+    "--estimator {name} is not supported by fedkseed simulate: FedKSeed's seed schedule (one seed per local step, "
+    "which the server checks uploads against) and FedKSeed-Pro's per-step upload (one scalar per step) cannot carry "
+    "its N seeds and N scalars per step; train with ZOSGD(estimator='{name}') or ZOTrainer outside a federation"
+)
 
 COMMAND_DESCRIPTION = (
     "fedkseed: simulate runs a federated fine-tuning method (FedKSeed, FedIT, FedAvg or Ferret) on "
@@ -94,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(sim, SimConfig)
     sim.add_argument("--quiet", action="store_true", help="no progress bar")  # how to print, not what to run
     sim.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="mezo",
+        help="ZO estimator of FedKSeed's local steps: mezo only (fzoo is refused with the reason)",
+    )
+    sim.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved settings (protocol and method defaults filled in) as JSON and exit; loads nothing",
@@ -133,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "simulate" and args.estimator != "mezo":
+            raise UsageError(ESTIMATOR_REFUSED.format(name=args.estimator))
         if args.command == "simulate" and args.print_config:
             print(json.dumps(resolved_settings(config_from_args(SimConfig, args)), indent=2))
             return 0

@@ -399,3 +399,15 @@ def test_zotrainer_passes_the_estimator_through(tmp_path):
     fresh = tiny()
     History.load(tmp_path / "out" / HISTORY_FILE).apply_(fresh)
     assert same(weights(fresh), weights(model))
+
+
+# ------------------------------------------------------------------------------- FedKSeed
+def test_fedkseed_simulate_refuses_fzoo_in_one_line(capsys):
+    """FedKSeed's schedule and wire format carry one seed and one scalar per local step: the
+    CLI refuses --estimator fzoo before loading anything, saying why; mezo passes the check."""
+    from fedkseed.cli import main
+
+    assert main(["simulate", "--model", "tiny", "--estimator", "fzoo", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--estimator fzoo is not supported" in err and "one seed per local step" in err
+    assert main(["simulate", "--model", "tiny", "--estimator", "mezo", "--print-config"]) == 0
