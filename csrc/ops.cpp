@@ -19,9 +19,11 @@ TORCH_LIBRARY(fedkseed, m) {
   //   dist:    the stream tag (0 gaussian, 1 rademacher)
   //   rounding_seed: int64 [1] selects stochastic rounding for bfloat16/float16 (tag 2);
   //            None rounds to nearest even
+  //   mask:    uint8 magnitude mask (magnitude_mask's layout, on the params' device): only elements
+  //            whose bit is 1 are written (docs/stream-spec.md#magnitude-mask); None updates all
   m.def(
       "replay_(Tensor(a!)[] params, int[] offsets, float[] decay, Tensor seeds, Tensor alphas, "
-      "int dist, Tensor? rounding_seed) -> ()");
+      "int dist, Tensor? rounding_seed, Tensor? mask=None) -> ()");
   // out[j] = z(seed, offset + j) as float32 for j < out.numel(); seed is int64 [1].
   m.def("noise_(Tensor(a!) out, Tensor seed, int offset, int dist) -> ()");
   // p_k = sum_i x_i z(seeds[k], i) over every element of params (docs/stream-spec.md#projection),
@@ -29,4 +31,8 @@ TORCH_LIBRARY(fedkseed, m) {
   // int64 [K, 19] (fedkseed/reference.py finish_projection rounds it to float64; a sharded set
   // all-reduces it first).
   m.def("project(Tensor[] params, int[] offsets, Tensor seeds, int dist) -> Tensor");
+  // The magnitude mask (docs/stream-spec.md#magnitude-mask): uint8 [sum_t ceil(numel_t / 8)] on the
+  // params' device, bit j & 7 of byte B_t + (j >> 3) set iff |float32(params[t][j])| <=
+  // float32(thresholds[t]) (NaN never); each tensor's bits start on a byte boundary.
+  m.def("magnitude_mask(Tensor[] params, float[] thresholds) -> Tensor");
 }

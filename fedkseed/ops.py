@@ -1,5 +1,6 @@
-"""The public ops: ``perturb_``, ``replay_``, ``noise`` and ``project``, validated once and dispatched to a
-backend ("reference", "cpu", "triton", "cuda"; "auto" picks by device and what is installed).
+"""The public ops: ``perturb_``, ``replay_``, ``noise``, ``project`` and the magnitude mask
+(``magnitude_thresholds``, ``magnitude_mask``), validated once and dispatched to a backend
+("reference", "cpu", "triton", "cuda"; "auto" picks by device and what is installed).
 
 Validation happens before anything is written: a call either updates every tensor or none.
 """
@@ -141,6 +142,52 @@ def _rounding_tensor(rounding_seed: int | torch.Tensor | None, device: torch.dev
     return tensor, (values[0] if values else None)
 
 
+def _refuse_sharded(pset: ParamSet) -> None:
+    if pset.sharded:
+        raise ValueError(
+            "a magnitude mask needs whole tensors: this parameter set is sharded (docs/stream-spec.md#magnitude-mask)"
+        )
+
+
+def mask_bytes(params: ParamsLike) -> int:
+    """The size of a magnitude mask over ``params``: sum_t ceil(numel_t / 8) bytes."""
+    return sum(reference.mask_sizes(ParamSet.of(params).numels))
+
+
+def _mask_tensor(pset: ParamSet, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` checked against the parameter set (docs/stream-spec.md#magnitude-mask)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a uint8 tensor from magnitude_mask, got {type(mask).__name__}")
+    if mask.dtype != torch.uint8:
+        raise TypeError(f"mask must be uint8, got {mask.dtype}")
+    _refuse_sharded(pset)
+    want = sum(reference.mask_sizes(pset.numels))
+    if mask.dim() != 1 or mask.numel() != want:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, the parameters need [{want}] bytes (one bit each)")
+    if mask.device != pset.device:
+        raise ValueError(f"mask is on {mask.device}, the parameters on {pset.device}")
+    return mask.contiguous()
+
+
+def _threshold_values(pset: ParamSet, thresholds: Sequence[float] | torch.Tensor) -> list[float]:
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.reshape(-1).tolist()
+    if _is_scalar(thresholds):
+        raise TypeError("thresholds must be a sequence with one threshold per tensor")
+    values = []
+    for tau in thresholds:
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+            raise TypeError(f"thresholds must be real numbers, got {type(tau).__name__}")
+        if math.isnan(float(tau)):
+            raise ValueError("thresholds contain NaN")
+        values.append(float(tau))
+    if len(values) != len(pset):
+        raise ValueError(f"thresholds has {len(values)} entries for {len(pset)} tensors")
+    return values
+
+
 # ------------------------------------------------------------------------------------- the ops
 @torch.no_grad()
 def replay_(
@@ -151,14 +198,17 @@ def replay_(
     decay: float | None = None,
     *,
     rounding_seed: int | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> ParamSet:
     """theta <- theta * d + sum_k alphas[k] * z(seeds[k]) over all parameters in ONE pass.
 
     ``decay`` is the factor d applied to decayed tensors (``ParamSet.decay_mask``); None or 1.0
     applies none. ``rounding_seed`` turns on stochastic rounding for bfloat16/float16 tensors
-    (tag-2 bits of that seed). Seeds and alphas may be device tensors: then nothing waits for the
-    device (CUDA-graph capturable) and device alphas are not checked for NaN/inf.
+    (tag-2 bits of that seed). ``mask`` (from ``magnitude_mask``) restricts the update to the
+    elements whose bit is 1: the same bits there as without it, the others are not written
+    (docs/stream-spec.md#magnitude-mask). Seeds and alphas may be device tensors: then nothing
+    waits for the device (CUDA-graph capturable) and device alphas are not checked for NaN/inf.
     Returns the ParamSet, so callers can keep it for the next call.
     """
     pset = ParamSet.of(params)
@@ -171,6 +221,7 @@ def replay_(
         raise ValueError(f"seeds and alphas differ in length: {seed_t.numel()} vs {alpha_t.numel()}")
     factors = _decay_factors(pset, decay)
     round_t, round_value = _rounding_tensor(rounding_seed, device)
+    mask_t = _mask_tensor(pset, mask)
     if len(pset) == 0 or (seed_t.numel() == 0 and factors is None):
         return pset
     if which == "reference":
@@ -178,14 +229,14 @@ def replay_(
             seed_values = [to_uint64(int(s)) for s in seed_t.cpu().tolist()]
         if round_t is not None and round_value is None:
             round_value = to_uint64(int(round_t.item()))
-        reference.replay_(pset.tensors, pset.offsets, seed_values, alpha_t.cpu(), dist, factors, round_value)
+        reference.replay_(pset.tensors, pset.offsets, seed_values, alpha_t.cpu(), dist, factors, round_value, mask_t)
     elif which == "triton":
         from .kernels import replay_ as triton_replay_
 
-        triton_replay_(pset, seed_t, alpha_t, tag, factors, round_t)
+        triton_replay_(pset, seed_t, alpha_t, tag, factors, round_t, mask_t)
     else:
         offsets = [to_int64(o) for o in pset.offsets]
-        torch.ops.fedkseed.replay_(pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t)
+        torch.ops.fedkseed.replay_(pset.tensors, offsets, factors or [], seed_t, alpha_t, tag, round_t, mask_t)
     return pset
 
 
@@ -196,10 +247,11 @@ def perturb_(
     dist: str = "gaussian",
     *,
     rounding_seed: int | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> ParamSet:
     """theta += alpha * z(seed) over all parameters in one pass (``replay_`` with K = 1)."""
-    return replay_(params, seed, alpha, dist, rounding_seed=rounding_seed, backend=backend)
+    return replay_(params, seed, alpha, dist, rounding_seed=rounding_seed, mask=mask, backend=backend)
 
 
 def noise(
@@ -268,6 +320,38 @@ def project(params: ParamsLike, seeds: SeedsLike, *, dist: str = "gaussian", bac
     return reference.finish_projection(acc)
 
 
+def magnitude_thresholds(params: ParamsLike, density: float) -> list[float]:
+    """One threshold per tensor: the ceil(density * numel)-th smallest float32 |x| (NaN as +inf),
+    an exact order statistic, so every party holding the same weights gets the same values
+    (docs/stream-spec.md#magnitude-mask). ``density`` is in (0, 1)."""
+    pset = ParamSet.of(params)
+    _refuse_sharded(pset)
+    return reference.magnitude_thresholds(pset.tensors, density)
+
+
+@torch.no_grad()
+def magnitude_mask(
+    params: ParamsLike, thresholds: Sequence[float] | torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The uint8 mask (on the parameters' device) of the elements with |float32(x)| <=
+    float32(thresholds[t]): bit j & 7 of byte B_t + (j >> 3), each tensor from a byte boundary
+    (docs/stream-spec.md#magnitude-mask). Pass it as ``replay_(..., mask=)``; it stays valid
+    for the tensors' shapes and order, whatever their values become."""
+    pset = ParamSet.of(params)
+    which = resolve_backend(backend, pset.device)
+    values = _threshold_values(pset, thresholds)
+    _refuse_sharded(pset)
+    if sum(pset.numels) == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=pset.device)
+    if which == "reference":
+        return reference.magnitude_mask(pset.tensors, values)
+    if which == "triton":
+        from .kernels import magnitude_mask as triton_magnitude_mask
+
+        return triton_magnitude_mask(pset, values)
+    return torch.ops.fedkseed.magnitude_mask(list(pset.tensors), values)
+
+
 def _project_accumulator(which, pset, tensors, offsets, seed_t, seed_values, dist) -> torch.Tensor:
     """int64 [K, PROJECT_WIDTH]: the exact sum of this process's chunk partials."""
     if which == "reference":
@@ -300,12 +384,17 @@ def _counted_here(source: torch.Tensor) -> bool:
 if _HAS_EXTENSION:
 
     @torch.library.register_fake("fedkseed::replay_")
-    def _replay_fake(params, offsets, decay, seeds, alphas, dist, rounding_seed) -> None:
+    def _replay_fake(params, offsets, decay, seeds, alphas, dist, rounding_seed, mask=None) -> None:
         return None
 
     @torch.library.register_fake("fedkseed::noise_")
     def _noise_fake(out, seed, offset, dist) -> None:
         return None
+
+    @torch.library.register_fake("fedkseed::magnitude_mask")
+    def _magnitude_mask_fake(params, thresholds) -> torch.Tensor:
+        size = sum((p.numel() + 7) // 8 for p in params)
+        return params[0].new_empty((size,), dtype=torch.uint8)
 
     @torch.library.register_fake("fedkseed::project")
     def _project_fake(params, offsets, seeds, dist) -> torch.Tensor:

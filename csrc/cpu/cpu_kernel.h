@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include <fedkseed/dtypes.h>
+#include <fedkseed/mask.h>
 #include <fedkseed/project.h>
 #include <fedkseed/stream.h>
 
@@ -59,6 +60,10 @@ struct Chunk {
   DType dtype;
   bool apply_decay;  // false when the factor is 1 (the multiply is skipped, docs/stream-spec.md#accumulation)
   float decay;
+  // A masked replay (docs/stream-spec.md#magnitude-mask): the tensor's mask bits, and the position
+  // of data[0] in its tensor; elements whose bit is 0 are not written. nullptr: no mask.
+  const uint8_t* mask;
+  int64_t local;
 };
 
 // Scratch each thread needs for a job, in uint32 words (Rademacher keeps one tile of words per seed).

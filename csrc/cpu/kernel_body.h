@@ -162,7 +162,10 @@ struct Kernel {
       }
       const int64_t lo = j < 0 ? -j : 0;
       const int64_t hi = c.count - j < G ? c.count - j : G;
-      if (lo == 0 && hi == G) {
+      bool chosen[G];  // a masked replay: which of the group's elements it writes
+      const int64_t writes = c.mask == nullptr ? hi - lo : select(c, j, lo, hi, chosen);
+      if (writes == 0) continue;  // the mask selects none of them: nothing to compute
+      if (writes == G) {
         if (kCanNoise && job.noise) {
           noise_group(job, gs, tile, tile_block, reinterpret_cast<float*>(base + j));
         } else {
@@ -170,7 +173,8 @@ struct Kernel {
         }
         continue;
       }
-      // A group cut by the chunk's ends: work on a copy and write back only the chunk's elements.
+      // A group cut by the chunk's ends or by the mask: work on a copy and write back only the
+      // chunk's (selected) elements, so the others keep their stored bits.
       T stage[G] = {};
       if (kCanNoise && job.noise) {
         noise_group(job, gs, tile, tile_block, reinterpret_cast<float*>(stage));
@@ -178,8 +182,25 @@ struct Kernel {
         std::memcpy(stage + lo, base + j + lo, (hi - lo) * sizeof(T));
         update_group<D, T>(job, c, gs, tile, tile_block, stage);
       }
-      std::memcpy(base + j + lo, stage + lo, (hi - lo) * sizeof(T));
+      if (c.mask == nullptr) {
+        std::memcpy(base + j + lo, stage + lo, (hi - lo) * sizeof(T));
+      } else {
+        for (int64_t e = lo; e < hi; ++e) {
+          if (chosen[e]) base[j + e] = stage[e];
+        }
+      }
     }
+  }
+
+  // The mask bits of the group's elements lo .. hi - 1 (the group starts at position j of the
+  // chunk) into chosen[]; returns how many are set.
+  static int64_t select(const Chunk& c, int64_t j, int64_t lo, int64_t hi, bool chosen[G]) {
+    int64_t count = 0;
+    for (int64_t e = lo; e < hi; ++e) {
+      chosen[e] = fedkseed::mask::selected(c.mask, static_cast<uint64_t>(c.local + j + e));
+      count += chosen[e];
+    }
+    return count;
   }
 
   // ---------------------------------------------------------------------------- projection

@@ -1,5 +1,5 @@
-// CPU implementations of fedkseed::replay_, fedkseed::noise_ and fedkseed::project (schemas in
-// csrc/ops.cpp).
+// CPU implementations of fedkseed::replay_, fedkseed::noise_, fedkseed::project and
+// fedkseed::magnitude_mask (schemas in csrc/ops.cpp).
 //
 // One call walks every tensor: the concatenated index space is cut into chunks (pieces of one
 // tensor, aligned to kChunk in global index so no Philox block or SIMD group is split twice) and
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <mutex>
 #include <cstdlib>
 #include <cstring>
@@ -115,16 +116,32 @@ DType dtype_of(const at::Tensor& t, const char* what) {
 
 // Cut elements [0, count) of a tensor whose first element has global index `global` into chunks
 // that end on multiples of kChunk in global index (unsigned arithmetic: global + count <= 2^64).
+// `mask`: the tensor's mask bits for a masked replay, else nullptr.
 void add_chunks(std::vector<Chunk>& chunks, void* data, size_t elem_size, uint64_t global, int64_t count,
-                DType dtype, bool apply_decay, float decay) {
+                DType dtype, bool apply_decay, float decay, const uint8_t* mask = nullptr) {
   int64_t j = 0;
   while (j < count) {
     const uint64_t g = global + static_cast<uint64_t>(j);
     const int64_t room = kChunk - static_cast<int64_t>(g & static_cast<uint64_t>(kChunk - 1));
     const int64_t n = count - j < room ? count - j : room;
-    chunks.push_back(Chunk{static_cast<char*>(data) + j * elem_size, g, n, dtype, apply_decay, decay});
+    chunks.push_back(Chunk{static_cast<char*>(data) + j * elem_size, g, n, dtype, apply_decay, decay, mask, j});
     j += n;
   }
+}
+
+// The bytes a mask over these params has (docs/stream-spec.md#magnitude-mask).
+int64_t mask_bytes(at::TensorList params) {
+  int64_t total = 0;
+  for (const at::Tensor& p : params) total += mask::bytes_for(p.numel());
+  return total;
+}
+
+void check_mask(const at::Tensor& m, at::TensorList params) {
+  TORCH_CHECK(m.device().is_cpu(), "mask must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kByte, "mask must be uint8, got ", m.scalar_type());
+  TORCH_CHECK(m.is_contiguous(), "mask must be contiguous");
+  TORCH_CHECK(m.numel() == mask_bytes(params), "mask has ", m.numel(), " bytes, the params need ",
+              mask_bytes(params));
 }
 
 void check_dist(int64_t dist) {
@@ -154,7 +171,7 @@ void run(const Job& job, const std::vector<Chunk>& chunks) {
 
 void replay_cpu(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> decay,
                 const at::Tensor& seeds, const at::Tensor& alphas, int64_t dist,
-                const std::optional<at::Tensor>& rounding_seed) {
+                const std::optional<at::Tensor>& rounding_seed, const std::optional<at::Tensor>& mask) {
   // Every check comes before the first write: a call updates all tensors or none.
   check_dist(dist);
   TORCH_CHECK(offsets.size() == params.size(), "offsets has ", offsets.size(), " entries for ", params.size(),
@@ -173,6 +190,7 @@ void replay_cpu(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<dou
     TORCH_CHECK(p.is_contiguous(), "params[", t, "] is not contiguous");
     dtypes.push_back(dtype_of(p, "params"));
   }
+  if (mask.has_value()) check_mask(*mask, params);
   Job job{};
   job.tag = static_cast<uint32_t>(dist);
   if (rounding_seed.has_value()) {
@@ -196,13 +214,81 @@ void replay_cpu(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<dou
   job.num_seeds = k;
 
   std::vector<Chunk> chunks;
+  const uint8_t* bits = mask.has_value() ? mask->data_ptr<uint8_t>() : nullptr;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& p = params[t];
     const float d = decay.empty() ? 1.0f : static_cast<float>(decay[t]);
     add_chunks(chunks, p.data_ptr(), p.element_size(), static_cast<uint64_t>(offsets[t]), p.numel(), dtypes[t],
-               d != 1.0f, d);
+               d != 1.0f, d, bits);
+    if (bits != nullptr) bits += mask::bytes_for(p.numel());
   }
   run(job, chunks);
+}
+
+// Bytes [b0, b1) of one tensor's mask; the dtype is a template argument so the element loop has
+// no branch on it.
+template <DType D>
+void build_mask(const void* data, int64_t numel, int64_t key, int64_t b0, int64_t b1, uint8_t* out) {
+  const int64_t whole = std::min(b1, numel >> 3);  // bytes whose 8 elements all exist
+  for (int64_t b = b0; b < whole; ++b) {
+    uint32_t byte = 0;
+    for (int e = 0; e < 8; ++e) {
+      byte |= static_cast<uint32_t>(static_cast<int64_t>(mask::magnitude(data, 8 * b + e, D)) <= key) << e;
+    }
+    out[b] = static_cast<uint8_t>(byte);
+  }
+  for (int64_t b = std::max(b0, whole); b < b1; ++b) out[b] = mask::mask_byte(data, numel, D, key, b);
+}
+
+// docs/stream-spec.md#magnitude-mask: one bit per element, |x| <= thresholds[t], each tensor's bits
+// from a byte boundary. Pieces of kChunk elements (whole bytes) go to torch's thread pool.
+at::Tensor magnitude_mask_cpu(at::TensorList params, at::ArrayRef<double> thresholds) {
+  TORCH_CHECK(thresholds.size() == params.size(), "thresholds has ", thresholds.size(), " entries for ",
+              params.size(), " params");
+  struct Piece {
+    const void* data;
+    int64_t numel, key, b0, b1;
+    DType dtype;
+    uint8_t* out;
+  };
+  std::vector<DType> dtypes;
+  std::vector<int64_t> keys;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device().is_cpu(), "params[", t, "] is on ", p.device(), "; the CPU kernel takes CPU tensors");
+    TORCH_CHECK(p.is_contiguous(), "params[", t, "] is not contiguous");
+    dtypes.push_back(dtype_of(p, "params"));
+    TORCH_CHECK(!std::isnan(thresholds[t]), "thresholds[", t, "] is NaN");
+    keys.push_back(mask::key(static_cast<float>(thresholds[t])));
+  }
+  at::Tensor out = at::empty({mask_bytes(params)}, at::kByte);
+  std::vector<Piece> pieces;
+  uint8_t* base = out.data_ptr<uint8_t>();
+  constexpr int64_t kPieceBytes = kChunk / 8;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t n = params[t].numel(), bytes = mask::bytes_for(n);
+    for (int64_t b = 0; b < bytes; b += kPieceBytes) {
+      pieces.push_back(Piece{params[t].data_ptr(), n, keys[t], b, std::min(bytes, b + kPieceBytes), dtypes[t], base});
+    }
+    base += bytes;
+  }
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Piece& q = pieces[i];
+      switch (q.dtype) {
+        case DType::kFloat32:
+          build_mask<DType::kFloat32>(q.data, q.numel, q.key, q.b0, q.b1, q.out);
+          break;
+        case DType::kBFloat16:
+          build_mask<DType::kBFloat16>(q.data, q.numel, q.key, q.b0, q.b1, q.out);
+          break;
+        case DType::kFloat16:
+          build_mask<DType::kFloat16>(q.data, q.numel, q.key, q.b0, q.b1, q.out);
+          break;
+      }
+    }
+  });
+  return out;
 }
 
 void noise_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t offset, int64_t dist) {
@@ -338,4 +424,5 @@ TORCH_LIBRARY_IMPL(fedkseed, CPU, m) {
   m.impl("replay_", &fedkseed::cpu::replay_cpu);
   m.impl("noise_", &fedkseed::cpu::noise_cpu);
   m.impl("project", &fedkseed::cpu::project_cpu);
+  m.impl("magnitude_mask", &fedkseed::cpu::magnitude_mask_cpu);
 }
