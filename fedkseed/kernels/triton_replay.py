@@ -6,7 +6,9 @@ offsets, plus a tile map (tensor id and first global index of every program). Th
 built once per ParamSet and kept in ``pset.cache``, keyed on the tensors' addresses, so a
 reallocated tensor rebuilds them; a call then costs one launch per dtype and no copy of the
 parameters. Seeds, alphas and the rounding seed are read from device tensors inside the kernel
-(no host synchronisation, so a step can be captured in a CUDA graph).
+(no host synchronisation, so a step can be captured in a CUDA graph). A masked replay
+(docs/stream-spec.md#magnitude-mask) reads each element's bit from the mask and stores only the
+selected elements.
 
 Tiles start at multiples of TILE in the global index space (not the tensor's), so each tile row
 is one whole Philox block and the Philox call is shared by the elements of the block; elements
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as R
 from .. import stream as S
 from ..paramset import ParamSet
 from ..seeds import to_int64
@@ -45,6 +48,8 @@ def _replay_kernel(
     alphas,
     K,
     rounding_seed,
+    mask,
+    mask_base,
     DTYPE: tl.constexpr,
     TAG: tl.constexpr,
     LANES: tl.constexpr,
@@ -52,6 +57,7 @@ def _replay_kernel(
     HAS_DECAY: tl.constexpr,
     ROUND: tl.constexpr,
     NOISE: tl.constexpr,
+    MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
@@ -66,6 +72,9 @@ def _replay_kernel(
     local = index - offset
     valid = local < numel
     local = tl.where(valid, local, 0).to(tl.int64)
+    if MASK:  # only the selected elements are loaded and stored: the others keep their bits
+        byte = tl.load(mask + tl.load(mask_base + t) + (local >> 3), mask=valid, other=0).to(tl.int32)
+        valid = valid & (((byte >> (local & 7).to(tl.int32)) & 1) == 1)
 
     if NOISE:
         y = ts.noise_tile(tl.load(seeds).to(tl.uint64, bitcast=True), first, rows, cols, TAG)
@@ -111,9 +120,10 @@ class _Group(NamedTuple):
     offsets: torch.Tensor  # int64 [T], two's complement of the uint64 global offsets
     tile_tensor: torch.Tensor  # int32 [tiles], index into this group's tables
     tile_start: torch.Tensor  # int64 [tiles], first global index of each tile (two's complement)
+    mask_base: torch.Tensor  # int64 [T], first byte of each tensor's bits in a magnitude mask
 
 
-def _build_group(dtype, members, ptrs, numels, offsets, device) -> _Group:
+def _build_group(dtype, members, ptrs, numels, offsets, device, mask_base=None) -> _Group:
     first = [o - o % TILE for o in offsets]
     tiles = [-(-(o + n - f) // TILE) if n else 0 for f, o, n in zip(first, offsets, numels)]
     counts = torch.tensor(tiles, dtype=torch.int64)
@@ -136,6 +146,7 @@ def _build_group(dtype, members, ptrs, numels, offsets, device) -> _Group:
         dev([to_int64(v) for v in offsets], torch.int64),
         tile_tensor.to(device),
         starts.to(device),
+        dev(mask_base if mask_base is not None else [0] * len(members), torch.int64),
     )
 
 
@@ -146,6 +157,8 @@ def _groups(pset: ParamSet) -> list[_Group]:
     if cached is not None and cached[0] == key:
         return cached[1]
     groups = []
+    sizes = R.mask_sizes(pset.numels)
+    mask_base = [sum(sizes[:i]) for i in range(len(sizes))]
     for dtype in _DTYPE_CODES:
         members = [i for i, t in enumerate(pset.tensors) if t.dtype == dtype and t.numel() > 0]
         if members:
@@ -157,6 +170,7 @@ def _groups(pset: ParamSet) -> list[_Group]:
                     [pset.numels[i] for i in members],
                     [pset.offsets[i] for i in members],
                     pset.device,
+                    [mask_base[i] for i in members],
                 )
             )
     pset.cache["triton"] = (key, groups, {})
@@ -177,7 +191,7 @@ def _decay_table(pset: ParamSet, group: _Group, decay: list[float]) -> torch.Ten
     return table
 
 
-def _launch(group: _Group, seeds, alphas, k: int, tag: int, decays, rounding_seed, noise: bool) -> None:
+def _launch(group: _Group, seeds, alphas, k: int, tag: int, decays, rounding_seed, noise: bool, mask=None) -> None:
     lanes = 4 if tag == 0 else 128
     tiles = group.tile_tensor.numel()
     _replay_kernel[(tiles,)](
@@ -191,6 +205,8 @@ def _launch(group: _Group, seeds, alphas, k: int, tag: int, decays, rounding_see
         alphas,
         k,
         rounding_seed if rounding_seed is not None else seeds,  # unused when ROUND is False
+        mask if mask is not None else seeds,  # unused when MASK is False
+        group.mask_base,
         DTYPE=_DTYPE_CODES[group.dtype],
         TAG=tag,
         LANES=lanes,
@@ -198,6 +214,7 @@ def _launch(group: _Group, seeds, alphas, k: int, tag: int, decays, rounding_see
         HAS_DECAY=decays is not None,
         ROUND=rounding_seed is not None and group.dtype != torch.float32,
         NOISE=noise,
+        MASK=mask is not None,
         num_warps=4,
         enable_fp_fusion=False,
     )
@@ -210,12 +227,14 @@ def replay_(
     tag: int,
     decay: list[float] | None,
     rounding_seed: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> None:
-    """theta <- theta * d + sum_k alphas[k] z(seeds[k]) over ``pset``: one launch per dtype."""
+    """theta <- theta * d + sum_k alphas[k] z(seeds[k]) over ``pset``: one launch per dtype;
+    with ``mask`` only the elements whose bit is 1."""
     k = seeds.numel()
     for group in _groups(pset):
         decays = _decay_table(pset, group, decay) if decay is not None else None
-        _launch(group, seeds, alphas, k, tag, decays, rounding_seed, noise=False)
+        _launch(group, seeds, alphas, k, tag, decays, rounding_seed, noise=False, mask=mask)
 
 
 def noise_(out: torch.Tensor, seed: torch.Tensor, offset: int, tag: int) -> None:
