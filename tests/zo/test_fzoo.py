@@ -238,6 +238,21 @@ def test_scaling_the_loss_leaves_the_step_unchanged():
     assert not same(runs["mezo", 1.0], runs["mezo", 8.0])
 
 
+def test_fzoo_descends_on_an_ill_conditioned_quadratic():
+    """200 coordinates, curvatures 0.1..2: 200 FZOO steps (N = 8, 1,800 forwards) take the loss
+    from 105 to under a tenth of it on every one of three seeds."""
+    d = 200
+    curvature = torch.linspace(0.1, 2.0, d, dtype=torch.float64)
+    for seed in range(3):
+        w = torch.zeros(d, requires_grad=True)
+        loss = lambda w=w: float((0.5 * curvature * (w.detach().double() - 1.0) ** 2).sum())  # noqa: E731
+        start = loss()
+        opt = ZOSGD([w], lr=1e-4, eps=1e-3, dist="rademacher", seed=seed, estimator="fzoo", directions=8)
+        for _ in range(200):
+            opt.step(loss)
+        assert loss() < 0.1 * start, (seed, loss())
+
+
 @pytest.mark.parametrize("bad", ["constant", "nan"])
 def test_a_step_without_a_scale_is_skipped_and_replays(bad):
     """sigma = 0 (all perturbed losses equal) or a NaN loss: no update, the weights only
