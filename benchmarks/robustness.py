@@ -5,7 +5,7 @@
 
 Every run is a real simulation (``fedkseed.experiment.simulate``, the local engine): 4 clients,
 all 4 sampled every round. Byzantine clients (``--byzantine``) train, then send the attack's
-upload through the real encoder to the real server path (``fed/attacks.py``): ``scale`` (x1e6),
+upload through the real encoder to the real server path (``experiment/attacks.py``): ``scale`` (x1e6),
 ``sign-flip`` (negated), ``sign-flip-bound`` (negated and scaled to exactly the server's bound,
 the strongest sign-flipper), ``random`` (huge noise), ``vanish`` (1e-30s). Scenarios: clean; 1 of
 4 with each attack in every round; 2 of 4 with ``vanish`` in round 1 only (``--attack-rounds 1``).
@@ -95,8 +95,7 @@ class Run:
 
 def run(config) -> Run:
     from fedkseed.experiment import simulate
-    from fedkseed.fed import byzantine_clients
-    from fedkseed.fed.attacks import parse_rounds
+    from fedkseed.experiment.attacks import byzantine_clients, parse_rounds
 
     started = time.process_time()
     results = simulate(config, progress=False)

@@ -23,13 +23,13 @@ from .. import stream as S
 from ..checks import check_int, check_real
 from ..errors import UsageError
 from ..fed import FedSpec
-from ..fed.attacks import ATTACKS, parse_rounds
 from ..fed.privacy import DEFAULT_CLIP_PER_STEP, DELTA_EXPONENT, Privacy
 from ..fed.robust import AGGREGATES, parse_upload_bound
 from ..fed.wire import PRECISIONS
 from ..models import DTYPES
 from ..ops import BACKENDS
 from . import engines
+from .attacks import ATTACKS, parse_rounds
 from .methods import FIRST_ORDER, FIRST_ORDER_LR, METHODS
 
 # The protocols: the settings --protocol fills in where the command line leaves them unset.

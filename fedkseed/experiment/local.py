@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..fed import byzantine_clients
-from ..fed.attacks import parse_rounds
+from .attacks import attacked_upload, byzantine_clients, parse_rounds
 from .config import SimConfig
 from .outputs import Results
 from .prepare import prepare
@@ -23,9 +22,9 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
     Each client's local work is measured (``usage.measure``) for metrics.json.
 
     With ``--byzantine N``, N of each round's sampled clients (drawn from the run's seed) train
-    and then send ``--attack``'s adversarial upload, through the real encoder to the real
-    server path: the server treats them like any other upload. ``--attack-rounds`` limits
-    the attack to some rounds."""
+    and then send ``--attack``'s adversarial upload (``attacks.attacked_upload``), through the
+    real encoder to the real server path: the server treats them like any other upload.
+    ``--attack-rounds`` limits the attack to some rounds."""
     setup = prepare(config)
     book = RunBook(setup, progress=progress)
     server = setup.server
@@ -46,10 +45,11 @@ def run_local(config: SimConfig, *, progress: bool = True) -> Results:
         for c in sampled:
             expected = book.bar.n + config.local_steps
             download = server.download(c)
-            attack = {"attack": config.attack} if c in bad else {}  # only FedKSeed simulates attacks
+            client = setup.clients[c]
             try:
                 with measure(setup.model.device) as used:
-                    upload = setup.clients[c].train(download, **attack)
+                    # only FedKSeed's clients (and Ferret's) are ever Byzantine: config refuses the rest
+                    upload = attacked_upload(client, download, config.attack) if c in bad else client.train(download)
             except Exception as error:  # a failed client loses nothing: it is simply absent
                 log.warning("round %d: client %d failed: %s", server.round + 1, c, error)
                 failures.append(error)

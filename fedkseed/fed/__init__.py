@@ -29,16 +29,15 @@ float32(-lr) * table[k]): every party holds bit-identical weights.
     server.delta(fingerprint) -> bytes          # the delta file (``apply`` rebuilds from it)
     server.state_dict() / load_state_dict()     # between rounds, for resuming
 
-``Client(client_id, spec, replica, data, loss)``: ``upload = client.train(download)`` (or
-``client.catch_up(download)`` alone to sync without training; ``train(download, attack=kind)``
-simulates a Byzantine client). Clients that fail simply send nothing; the server aggregates
-the others.
+``Client(client_id, spec, replica, data, loss)``: ``upload = client.train(download)``, which is
+``client.encode(client.local_update(download))`` (or ``client.catch_up(download)`` alone to sync
+without training). Clients that fail simply send nothing; the server aggregates the others.
 
-Bounded influence (``robust``): the upload bound scales each upload down (``FedSpec.clip``; "auto": 2x the
-lower median over clients of each one's latest per-step RMS), the per-seed rule is
-``FedSpec.aggregate`` (with ``shared_seeds`` every client of a round uses the same seeds, so a
-median outvotes a client), the table stays finite. Attack simulation: ``attacks``
-(``ATTACKS``, ``byzantine_clients``, ``attack``).
+Bounded influence (``robust``): the upload bound scales each upload down (``FedSpec.clip``;
+"auto": 2x the lower median over clients of each one's latest per-step RMS), the per-seed rule
+is ``FedSpec.aggregate`` (with ``shared_seeds`` every client of a round uses the same seeds, so
+a median outvotes a client), the table stays finite. Attacks are simulated above this layer
+(``fedkseed.experiment.attacks``), on the upload a ``Client`` computed.
 
 Wire format: ``fedkseed.fed.wire`` (versioned, CRC-checked, little-endian).
 
@@ -50,7 +49,6 @@ work is first-order SGD steps, then one ``fedkseed.project`` call onto the round
 uploads FedKSeed's own ``wire.Upload`` to the same ``Server`` (docs/ferret.md).
 """
 
-from .attacks import ATTACKS, attack, byzantine_clients
 from .client import Client
 from .draws import draw_schedule, sample_clients
 from .replica import Replica, canonical_alphas
@@ -62,7 +60,6 @@ from .wire import WireError
 
 __all__ = [
     "AGGREGATES",
-    "ATTACKS",
     "BATCHINGS",
     "BOUND_FACTOR",
     "TRIM_FRACTION",
@@ -74,8 +71,6 @@ __all__ = [
     "SeedPool",
     "Server",
     "WireError",
-    "attack",
-    "byzantine_clients",
     "canonical_alphas",
     "draw_schedule",
     "parse_upload_bound",

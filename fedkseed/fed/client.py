@@ -11,7 +11,6 @@ import torch
 
 from ..zo import zo_step
 from . import wire
-from .attacks import attack as corrupt
 from .draws import draw_rows, draw_schedule, epoch_rows, rounds_taken
 from .replica import Replica
 from .spec import FedSpec
@@ -75,10 +74,20 @@ class Client:
         self.replica.build(self.table)
         return d
 
-    def train(self, download: bytes, attack: str | None = None) -> bytes:
-        """Catch up, run the local steps, return the encoded upload. ``attack`` (one of
-        ``attacks.ATTACKS``) simulates a Byzantine client: the honest upload's values are
-        rewritten (``attacks.attack``) before the real encoder."""
+    def train(self, download: bytes) -> bytes:
+        """Catch up, run the local steps, return the encoded upload."""
+        return self.encode(self.local_update(download))
+
+    def encode(self, upload: wire.Upload | wire.StepUpload) -> bytes:
+        """The upload message in ``spec.precision``. An upload names exactly the distinct seeds of
+        the client's schedule, which the server draws too, so its indices travel implied."""
+        if isinstance(upload, wire.StepUpload):
+            return wire.encode_step_upload(upload, self.spec.precision)
+        return wire.encode_upload(upload, self.spec.precision, implied=upload.indices)
+
+    def local_update(self, download: bytes) -> wire.Upload | wire.StepUpload:
+        """Catch up and run the local steps: the upload, before encoding (the experiment layer's
+        attack simulation rewrites it there)."""
         d = self.catch_up(download)
         spec, r, me = self.spec, d.round, self.client_id
         if len(d.schedule):
@@ -122,19 +131,11 @@ class Client:
                 self.on_step(math.nan if result.skipped else losses[-1])
         loss = float(np.mean(losses)) if losses else float("nan")
         if spec.pro:
-            upload: wire.Upload | wire.StepUpload = wire.StepUpload(
+            return wire.StepUpload(
                 me, r, spec.k, len(schedule), loss, np.array(skipped, dtype=np.int64), np.array(grads)
             )
-        else:
-            sums: dict[int, float] = {}
-            for index, g in zip(schedule.tolist(), grads):
-                sums[index] = sums.get(index, 0.0) + g
-            indices = np.array(sorted(sums), dtype=np.int64)
-            upload = wire.Upload(
-                me, r, spec.k, len(schedule), loss, indices, np.array([sums[i] for i in indices.tolist()])
-            )
-        if attack is not None:
-            upload = corrupt(upload, attack, spec.seed)
-        if isinstance(upload, wire.StepUpload):
-            return wire.encode_step_upload(upload, spec.precision)
-        return wire.encode_upload(upload, spec.precision, implied=np.unique(schedule))
+        sums: dict[int, float] = {}
+        for index, g in zip(schedule.tolist(), grads):
+            sums[index] = sums.get(index, 0.0) + g
+        indices = np.array(sorted(sums), dtype=np.int64)
+        return wire.Upload(me, r, spec.k, len(schedule), loss, indices, np.array([sums[i] for i in indices.tolist()]))

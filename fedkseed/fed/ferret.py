@@ -31,7 +31,6 @@ import torch
 from ..ops import project
 from ..paramset import ParamSet
 from . import wire
-from .attacks import attack as corrupt
 from .client import Batch, Client, take_rows
 from .draws import draw_schedule
 from .firstorder import OptimizerFactory, first_order_steps, local_batch_rows
@@ -73,7 +72,7 @@ class FerretClient(Client):
         super().__init__(client_id, spec, replica, data, loss)
         self.optimizer, self.scaling = optimizer or sgd(spec), scaling
 
-    def train(self, download: bytes, attack: str | None = None) -> bytes:
+    def local_update(self, download: bytes) -> wire.Upload:
         d = self.catch_up(download)
         spec, params = self.spec, self.replica.params
         start = params.state()  # theta_round; becomes Delta below (one copy of the weights)
@@ -94,7 +93,4 @@ class FerretClient(Client):
         p = project(delta, seeds, dist=spec.dist, backend=self.replica.backend).numpy()
         values = -SCALINGS[self.scaling](delta.numel, len(indices)) * p / spec.lr32
         loss = float(np.mean(losses)) if losses else float("nan")
-        upload = wire.Upload(self.client_id, d.round, spec.k, spec.local_steps, loss, indices, values)
-        if attack is not None:
-            upload = corrupt(upload, attack, spec.seed)
-        return wire.encode_upload(upload, spec.precision, implied=indices)
+        return wire.Upload(self.client_id, d.round, spec.k, spec.local_steps, loss, indices, values)

@@ -330,7 +330,7 @@ def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch):
     a run that exits 0 with empty rounds (fault injected in the real Client.train)."""
     from fedkseed.fed import Client
 
-    def broken(self, download, attack=None):
+    def broken(self, download):
         raise TypeError("client code bug")
 
     monkeypatch.setattr(Client, "train", broken)

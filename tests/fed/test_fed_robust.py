@@ -9,22 +9,19 @@ import pytest
 import torch
 
 from fedkseed import data as D
+from fedkseed.experiment.attacks import ATTACKS, attack, attacked_upload, byzantine_clients, parse_rounds
 from fedkseed.fed import (
-    ATTACKS,
     BOUND_FACTOR,
     Client,
     FedSpec,
     Replica,
     SeedPool,
     Server,
-    attack,
-    byzantine_clients,
     draw_schedule,
     parse_upload_bound,
     sample_clients,
     wire,
 )
-from fedkseed.fed.attacks import parse_rounds
 from fedkseed.fed.robust import table_limit, trimmed_mean, weighted_median
 from fedkseed.models import load_model
 from fedkseed.seeds import derive_seed
@@ -176,7 +173,7 @@ def test_attacks_are_deterministic_and_do_what_they_say():
 @pytest.mark.slow
 def test_real_clients_attack_through_the_encoder_and_the_server_bounds_them():
     """One real round on the tiny model: four clients, one of them attacking through
-    ``Client.train(attack=...)``. Honest uploads do not depend on the attacker (same global
+    ``attacked_upload`` (the local engine's path). Honest uploads do not depend on the attacker (same global
     model, same batches), so each attacked round reuses them."""
     spec = FedSpec(num_clients=4, clients_per_round=4, k=16, local_steps=4, lr=3e-3, eps=1e-3, seed=6)
     examples = D.load_examples("faq")
@@ -204,7 +201,7 @@ def test_real_clients_attack_through_the_encoder_and_the_server_bounds_them():
     assert clean_summary.clipped == {}  # honest clients are not bounded
     for kind in ("scale", "random"):
         clients[bad].synced = 0
-        attacked_bytes = clients[bad].train(downloads[bad], attack=kind)
+        attacked_bytes = attacked_upload(clients[bad], downloads[bad], kind)
         expected = attack(wire.decode_upload(honest[bad], spec.k, {bad: _schedule(spec, bad)}), kind, spec.seed)
         got = wire.decode_upload(attacked_bytes, spec.k, {bad: _schedule(spec, bad)}).values
         np.testing.assert_allclose(got, expected.values, rtol=2**-9)  # the same attack, up to fp16 rounding
@@ -428,7 +425,10 @@ def test_real_clients_share_seeds_and_the_median_outvotes_a_sign_flipper_at_the_
         uploads = {}
         for c in range(4):
             clients[c].synced = 0
-            message = clients[c].train(server.download(c), attack="sign-flip-bound" if c == bad else None)
+            download = server.download(c)
+            message = (
+                attacked_upload(clients[c], download, "sign-flip-bound") if c == bad else clients[c].train(download)
+            )
             uploads[c] = wire.decode_upload(message, spec.k, {c: server.schedule(c)})
             assert server.receive(message)
         results[aggregate] = (server.end_round(), server.accumulated.copy())

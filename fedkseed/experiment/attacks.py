@@ -1,10 +1,12 @@
 """Attack simulation: turn an honest upload into a Byzantine one, reproducibly.
 
-An engine picks ``byzantine_clients`` among each round's sampled clients and has them train
-with ``Client.train(download, attack=kind)``: the client computes its honest upload, this
-module rewrites its values, and the result goes through the real encoder and the real server
-path. Everything derives from (run seed, round, client id) (``seeds.derive_seed``, domain
-``attack``), so a run with attackers is as reproducible as one without.
+Attacks are simulation, not protocol: no party of ``fed/`` knows about them. An engine picks
+``byzantine_clients`` among each round's sampled clients and has them send
+``attacked_upload(client, download, kind)``: the client computes its honest upload
+(``Client.local_update``), this module rewrites its values, and the result goes through the
+client's real encoder (``Client.encode``) and the real server path. Everything derives from
+(run seed, round, client id) (``seeds.derive_seed``, domain ``attack``), so a run with
+attackers is as reproducible as one without.
 
     scale            every value times SCALE (1e6): the classic "boost" of model replacement
     sign-flip        every value negated: an ascent step of honest size, invisible to any bound
@@ -37,8 +39,9 @@ from typing import TypeVar
 import numpy as np
 
 from ..checks import check_int
+from ..fed import Client
+from ..fed.wire import StepUpload, Upload
 from ..seeds import derive_seed, unit_interval
-from .wire import StepUpload, Upload
 
 ATTACKS = ("scale", "sign-flip", "sign-flip-bound", "random", "vanish")
 SCALE = 1e6
@@ -90,3 +93,9 @@ def attack(upload: U, kind: str, seed: int) -> U:
     if isinstance(upload, StepUpload):
         attacked[upload.skipped] = 0.0  # the format's rule: a skipped step carries 0
     return dataclasses.replace(upload, values=np.clip(attacked, -FLOAT32_CAP, FLOAT32_CAP))
+
+
+def attacked_upload(client: Client, download: bytes, kind: str) -> bytes:
+    """What ``client`` sends as a Byzantine client attacking with ``kind``: its honest upload for
+    ``download`` with the values rewritten (``attack``), encoded as an honest one would be."""
+    return client.encode(attack(client.local_update(download), kind, client.spec.seed))
