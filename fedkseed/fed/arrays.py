@@ -11,29 +11,27 @@ little-endian float32, C order): byte for byte what Flower's ``Array.from_numpy_
 in an ``ArrayRecord``, so the Flower engine carries the arrays of this message verbatim and both
 engines count the same bytes. The decoder checks magic, kind, version, CRC, every length, the
 names against the layout the reader expects (names, order, shapes) and that every value is a
-finite float32, before any of it is used (``WireError``).
+finite float32, before any of it is used (``WireError``). Fields and framing (magic, version,
+CRC) go through :mod:`fedkseed.binio`, the codec of the wire messages and the History file.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import binio
 from .wire import WireError
 
 MAGIC = b"FKA"
 VERSION = 1
 KIND_GLOBAL, KIND_LOCAL = b"G", b"L"
-_HEADER = struct.Struct("<3scBIIIfI")  # magic, kind, version, round, client, steps, loss, count
-_NAME = struct.Struct("<H")
-_DATA = struct.Struct("<I")
-_CRC = struct.Struct("<I")
+_FIELDS = "IIIfI"  # after magic, kind and version: round, client, steps, loss, count
+_MIN_SIZE = len(MAGIC) + 2 + binio.size(_FIELDS) + binio.CRC.size
 DTYPE = np.dtype("<f4")
 
 Layout = Mapping[str, tuple[int, ...]]  # name -> shape, in message order
@@ -61,23 +59,15 @@ def encode_parts(header: ArrayMessage, parts: Mapping[str, bytes]) -> bytes:
     ``parts`` (the Flower engine re-frames the blobs it received, unchanged)."""
     if header.kind not in (KIND_GLOBAL, KIND_LOCAL):
         raise ValueError(f"unknown array message kind {header.kind!r}")
-    out = [
-        _HEADER.pack(
-            MAGIC,
-            header.kind,
-            VERSION,
-            header.round,
-            header.client_id,
-            header.steps,
-            header.loss,
-            len(parts),
-        )
-    ]
+    w = binio.Writer(MAGIC, header.kind)
+    w.pack("B" + _FIELDS, VERSION, header.round, header.client_id, header.steps, header.loss, len(parts))
     for name, data in parts.items():
         encoded = name.encode()
-        out += [_NAME.pack(len(encoded)), encoded, _DATA.pack(len(data)), data]
-    body = b"".join(out)
-    return body + _CRC.pack(zlib.crc32(body))
+        w.pack("H", len(encoded))
+        w.raw(encoded)
+        w.pack("I", len(data))
+        w.raw(data)
+    return w.sealed()
 
 
 def encode(message: ArrayMessage) -> bytes:
@@ -85,40 +75,30 @@ def encode(message: ArrayMessage) -> bytes:
 
 
 def split(data: bytes, kind: bytes) -> tuple[ArrayMessage, dict[str, bytes]]:
-    """(the header, name -> ``.npy`` blob) of a message of ``kind``: frame, CRC and lengths
-    checked, arrays not yet parsed (``decode`` parses them)."""
-    if len(data) < _HEADER.size + _CRC.size:
-        raise WireError(f"array message of {len(data)} bytes is shorter than its header")
-    body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-    if zlib.crc32(body) != crc:
-        raise WireError("array message fails its CRC-32 check (corrupted or truncated)")
-    magic, got_kind, version, round_, client, steps, loss, count = _HEADER.unpack_from(body)
-    if magic != MAGIC:
-        raise WireError(f"not an array message (magic {magic!r})")
+    """(the header, name -> ``.npy`` blob) of a message of ``kind``: magic, kind, version, CRC
+    and every length checked, arrays not yet parsed (``decode`` parses them)."""
+    r = binio.Reader(data, WireError, "array message")
+    r.open(MAGIC, _MIN_SIZE, "a fedkseed array message")
+    got_kind = bytes(r.take(1))
     if got_kind != kind:
-        raise WireError(f"array message of kind {got_kind!r}, expected {kind!r}")
+        raise r.error(f"kind {got_kind!r}, expected {kind!r}")
+    version = r.u8()
     if version != VERSION:
-        raise WireError(f"array message version {version}; this reader reads version {VERSION}")
+        raise r.error(f"version {version}; this reader reads version {VERSION}")
+    r.unseal()
+    round_, client, steps, loss, count = r.unpack(_FIELDS)
     parts: dict[str, bytes] = {}
-    at = _HEADER.size
     for _ in range(count):
-        name_length = _read(body, at, _NAME)
-        at += _NAME.size
+        (name_length,) = r.unpack("H")
         try:
-            name = body[at : at + name_length].decode()
+            name = bytes(r.take(name_length)).decode()
         except UnicodeDecodeError:
-            raise WireError("array name is not UTF-8") from None
-        if len(name.encode()) != name_length or name in parts:
-            raise WireError(f"array name {name!r} is truncated or repeated")
-        at += name_length
-        size = _read(body, at, _DATA)
-        at += _DATA.size
-        if at + size > len(body):
-            raise WireError(f"array {name!r} claims {size} bytes, the message holds {len(body) - at}")
-        parts[name] = body[at : at + size]
-        at += size
-    if at != len(body):
-        raise WireError(f"array message has {len(body) - at} bytes after its last array")
+            raise r.error("array name is not UTF-8") from None
+        if name in parts:
+            raise r.error(f"array name {name!r} is repeated")
+        (size,) = r.unpack("I")
+        parts[name] = bytes(r.take(size))
+    r.done("its last array")
     return ArrayMessage(got_kind, round_, client, steps, loss), parts
 
 
@@ -168,9 +148,3 @@ def _parse(name: str, blob: bytes) -> np.ndarray:
     if len(payload) != count * DTYPE.itemsize:
         raise WireError(f"array {name!r} carries {len(payload)} bytes for shape {shape}")
     return np.frombuffer(payload, dtype=DTYPE).reshape(shape).copy()
-
-
-def _read(body: bytes, at: int, form: struct.Struct) -> int:
-    if at + form.size > len(body):
-        raise WireError("array message is truncated")
-    return form.unpack_from(body, at)[0]
