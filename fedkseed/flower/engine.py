@@ -65,11 +65,15 @@ def _quiet_flower() -> Iterator[None]:
     its records printed once (by the application's handlers when it has set logging up: Flower's
     own console handler would print each of them a second time), the worker environment
     exported, and Ray's one-off FutureWarning about a future default hidden; everything
-    restored afterwards."""
+    restored afterwards, the whole environment included: Flower's Ray backend exports the
+    driver's ``sys.path`` as ``PYTHONPATH`` for its actors and leaves it set, so every process
+    the caller started afterwards would import from the caller's ``sys.path`` (under
+    ``python -m pytest``: the checkout, whose build metadata then passes for an installed
+    fedkseed)."""
     flwr_logger = logging.getLogger("flwr")
     level, banner_filter = flwr_logger.level, _DropDeprecationBanners()
     own_handlers = list(flwr_logger.handlers) if flwr_logger.propagate and logging.getLogger().handlers else []
-    saved = {name: os.environ.get(name) for name in WORKER_ENV}
+    saved = dict(os.environ)
     os.environ.update({name: value for name, value in WORKER_ENV.items() if name not in os.environ})
     flwr_logger.setLevel(logging.WARNING)
     flwr_logger.addFilter(banner_filter)
@@ -84,11 +88,9 @@ def _quiet_flower() -> Iterator[None]:
             flwr_logger.addHandler(handler)
         flwr_logger.removeFilter(banner_filter)
         flwr_logger.setLevel(level)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update((name, value) for name, value in saved.items() if os.environ.get(name) != value)
 
 
 def _simulate(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, config: dict[str, Any]) -> None:

@@ -154,14 +154,19 @@ def test_first_order_methods_on_flower_are_bit_identical_to_local(flwr, tmp_path
     message) as the local engine, and each round's client cost measured in the ClientApps.
     "shared-seeds": FedKSeed with --shared-seeds, whose uploads the strategy must read against
     the Server's shared schedule, not each client's own. "ferret": FedKSeed's wire messages
-    carrying the projections of first-order updates."""
+    carrying the projections of first-order updates. The run leaves this process's environment
+    as it found it (Flower's Ray backend exports a PYTHONPATH of this process's sys.path, which
+    made the docs-from-the-wheel test in test_flower_deploy.py install nothing when it ran
+    after this one)."""
     from fedkseed.flower.engine import run_flower
 
     chosen = dict(method="fedkseed", shared_seeds=True) if method == "shared-seeds" else dict(method=method)
     options = dict(TINY, **chosen, clients=3, clients_per_round=2, rounds=2, local_steps=2, seed=1)
     options["rouge_examples"] = "0"
     local = run_local(SimConfig(engine="local", output=str(tmp_path / "local"), **options), progress=False)
+    environment = dict(os.environ)
     flower = run_flower(SimConfig(engine="flower", output=str(tmp_path / "flower"), **options), progress=False)
+    assert dict(os.environ) == environment
     assert_same_weights(weights(flower.model), weights(local.model))
     assert without_seconds(flower.rounds) == without_seconds(local.rounds)
     assert flower.final == local.final and flower.delta == local.delta

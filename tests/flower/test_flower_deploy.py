@@ -128,6 +128,15 @@ def commands(block: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without Python's, a venv's or Flower's settings, as a user's
+    fresh shell would have it. An earlier test can leave them set in this process: with a
+    PYTHONPATH holding the checkout (which has build metadata, fedkseed.egg-info), pip took the
+    checkout for an installed fedkseed of the wheel's version and skipped the wheel, and the
+    venv's `python -m fedkseed.flower.app_path` then found no fedkseed."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "FLWR"))}
+
+
 def installed_venv(root: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
     """A fresh venv with the wheel installed (--no-deps), the test environment's packages made
     visible by a .pth line (not its .pth files: the editable install of the checkout stays out)
@@ -136,13 +145,16 @@ def installed_venv(root: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index"]
-    subprocess.run([*pip, wheel], check=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    subprocess.run([*pip, wheel], check=True, env=clean_environment() | dict(PIP_DISABLE_PIP_VERSION_CHECK="1"))
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         check=True,
         capture_output=True,
         text=True,
+        env=clean_environment(),
     ).stdout.strip()
+    installed = pathlib.Path(site) / "fedkseed" / "flower" / "app" / "pyproject.toml"
+    assert installed.is_file(), f"pip did not install {wheel.name} into {venv}"
     (pathlib.Path(site) / "test-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     for entry in importlib.metadata.distribution("flwr").entry_points.select(group="console_scripts"):
         script = venv / "bin" / entry.name
@@ -153,11 +165,6 @@ def installed_venv(root: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
     return venv
 
 
-@pytest.mark.skipif(
-    not os.environ.get("FEDKSEED_DEPLOY_DOCS"),
-    reason="fails in the full suite only (`python -m fedkseed.flower.app_path` exits 1 in the wheel's venv), passes "
-    "alone: run with FEDKSEED_DEPLOY_DOCS=1 until the order dependence is found",
-)
 def test_docs_deployment_commands_run_from_an_installed_wheel(flwr, tmp_path):
     """Every deployment block of docs/flower.md, as written, in a folder outside the checkout, with
     only a venv holding the built wheel on PATH: certificates (openssl), node keys (ssh-keygen),
@@ -177,13 +184,12 @@ def test_docs_deployment_commands_run_from_an_installed_wheel(flwr, tmp_path):
     started = time.perf_counter()
     wheels = tmp_path / "wheel"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    subprocess.run([*build, "-w", wheels, REPO], check=True, cwd=REPO)
+    subprocess.run([*build, "-w", wheels, REPO], check=True, cwd=REPO, env=clean_environment())
     (wheel,) = wheels.glob("fedkseed-*.whl")
     venv = installed_venv(tmp_path, wheel)
     site = tmp_path / "site"  # the folder the walk-through runs in, outside the checkout
     site.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "FLWR"))}
-    env |= dict(PATH=f"{venv / 'bin'}:/usr/bin:/bin", VIRTUAL_ENV=str(venv), HOME=str(tmp_path))
+    env = clean_environment() | dict(PATH=f"{venv / 'bin'}:/usr/bin:/bin", VIRTUAL_ENV=str(venv), HOME=str(tmp_path))
     env |= dict(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
     app_path = ["python", "-m", "fedkseed.flower.app_path"]
     found = subprocess.run(app_path, cwd=site, env=env, capture_output=True, text=True)
