@@ -1,4 +1,4 @@
-// CUDA kernels of fedkseed: replay_ (perturb_ is K = 1) and noise_, bit-identical to
+// CUDA kernels of fedkseed: replay_ (perturb_ is K = 1), noise_ and magnitude_mask, bit-identical to
 // fedkseed/reference.py through the shared core csrc/include/fedkseed/stream.h (built with
 // -fmad=false; the core's float ops are __fadd_rn/__fmul_rn/__fsqrt_rn on the device anyway).
 //
@@ -19,7 +19,7 @@
 // offsets, unit prefix sums, decay factors and dtypes travel BY VALUE as a __grid_constant__
 // kernel parameter. That needs no device allocation, no host-to-device copy and no cache keyed
 // on pointers, and a CUDA graph captures it as is. CUDA >= 12.1 allows 32,764 bytes of kernel
-// parameters on Volta and newer, room for kMaxTensors = 720 tensors (SmolLM2-135M has 272,
+// parameters on Volta and newer, room for kMaxTensors = 640 tensors (SmolLM2-135M has 272,
 // a 1.3B LLaMA about 220); only larger sets are split into several launches. Threads read the
 // table through the constant cache: the lookups of a warp almost always hit the same tensor.
 //
@@ -27,7 +27,13 @@
 // shared memory in chunks of kSeedChunk; each thread loops over them with its 8 accumulators in
 // registers, summing in order k = 0..K-1 (docs/stream-spec.md#accumulation). The float32 result
 // then goes through the shared conversion rule of fedkseed/dtypes.h (docs/stream-spec.md#conversion).
+//
+// Mask (docs/stream-spec.md#magnitude-mask). A masked replay reads each element's bit from the
+// mask (tensor t's bits start at byte mask_base[t]) and writes only the selected elements; a unit
+// with none selected computes nothing. magnitude_mask builds the mask with one thread per byte
+// (8 elements) over a table of all tensors, as the replay's.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,8 +42,10 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 
 #include <fedkseed/dtypes.h>
+#include <fedkseed/mask.h>
 #include <fedkseed/stream.h>
 
 namespace fedkseed {
@@ -55,10 +63,10 @@ constexpr int kSignGroup = 16;    // threads (units) per Rademacher block: 128 s
 constexpr int kSignGroupShift = 4;
 static_assert(kSignGroup * kUnit == (1 << S::kRademacherBlockShift), "a sign group is one Philox block");
 #if CUDART_VERSION >= 12010
-constexpr int kMaxTensors = 720;
+constexpr int kMaxTensors = 640;
 constexpr size_t kParamLimit = 32764;
 #else
-constexpr int kMaxTensors = 96;
+constexpr int kMaxTensors = 80;
 constexpr size_t kParamLimit = 4096;
 #endif
 
@@ -72,10 +80,12 @@ struct Table {
   uint64_t numel[kMaxTensors];
   uint64_t unit_end[kMaxTensors];       // inclusive prefix sum of units per tensor
   float decay[kMaxTensors];
+  uint64_t mask_base[kMaxTensors];      // first byte of the tensor's bits in a masked replay's mask
   uint8_t dtype[kMaxTensors];
   uint8_t vector_ok[kMaxTensors];       // offset % 8 == 0 and 16-byte aligned storage
 };
-static_assert(sizeof(Table) <= kParamLimit, "kernel parameter table exceeds the launch limit");
+// The table and the kernel's other parameters (5 pointers and K, 48 bytes) share the limit.
+static_assert(sizeof(Table) + 48 <= kParamLimit, "kernel parameter table exceeds the launch limit");
 
 // First unit of a tensor at global offset `offset`: Rademacher units start on a block boundary.
 template <uint32_t kTag>
@@ -176,7 +186,8 @@ __device__ __forceinline__ int find_tensor(const Table& table, uint64_t w) {
 template <bool kNoise, uint32_t kTag>
 __global__ void __launch_bounds__(kThreads) replay_kernel(
     const __grid_constant__ Table table, const int64_t* __restrict__ seeds,
-    const float* __restrict__ alphas, int64_t k_total, const int64_t* __restrict__ rounding_seed) {
+    const float* __restrict__ alphas, int64_t k_total, const int64_t* __restrict__ rounding_seed,
+    const uint8_t* __restrict__ mask) {
   __shared__ uint64_t s_seed[kSeedChunk];
   __shared__ float s_alpha[kSeedChunk];
   // Rademacher: per half-warp, the 4 words of its block for up to kSignGroup seeds.
@@ -205,6 +216,16 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
     const uint64_t offset = table.offset[t], numel = table.numel[t];
     const uint64_t unit_begin = t == 0 ? 0 : table.unit_end[t - 1];
     const uint64_t g0 = (first_unit<kTag>(offset) + (w - unit_begin)) << kUnitShift;
+    const uint64_t j0 = g0 - offset;  // wraps below the tensor: then the element checks j < numel apply
+    // Bit e: element j0 + e is in the tensor and (in a masked replay) selected.
+    uint32_t chosen = 0;
+    if (active) {
+#pragma unroll
+      for (int e = 0; e < kUnit; ++e) {
+        const uint64_t j = j0 + e;
+        if (j < numel && (mask == nullptr || mask::selected(mask + table.mask_base[t], j))) chosen |= 1u << e;
+      }
+    }
     float acc[kUnit];
 #pragma unroll
     for (int e = 0; e < kUnit; ++e) acc[e] = 0.0f;
@@ -216,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
       }
       const int n = kNoise ? 1 : static_cast<int>(min(static_cast<int64_t>(kSeedChunk), k_total - c * kSeedChunk));
       if (kTag == S::kTagGaussian) {
-        if (!active) continue;
+        if (chosen == 0) continue;
         for (int k = 0; k < n; ++k) {
           float z[kUnit];
           gaussian_unit(s_seed[k], g0, z);
@@ -253,12 +274,11 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
         }
       }
     }
-    if (!active) continue;
+    if (chosen == 0) continue;
 
     void* data = table.ptr[t];
     const DType dtype = static_cast<DType>(table.dtype[t]);
-    const uint64_t j0 = g0 - offset;  // wraps below the tensor: then the element mask applies
-    const bool whole = g0 >= offset && j0 + kUnit <= numel;
+    const bool whole = chosen == (1u << kUnit) - 1;  // every element in the tensor and selected
     float y[kUnit];
     if (kNoise) {
 #pragma unroll
@@ -268,10 +288,7 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
         load_vector(data, j0, dtype, y);
       } else {
 #pragma unroll
-        for (int e = 0; e < kUnit; ++e) {
-          const uint64_t j = j0 + e;
-          y[e] = j < numel ? load_element(data, j, dtype) : 0.0f;
-        }
+        for (int e = 0; e < kUnit; ++e) y[e] = (chosen >> e) & 1u ? load_element(data, j0 + e, dtype) : 0.0f;
       }
       const float d = table.decay[t];
       uint32_t words[kUnit];
@@ -298,8 +315,7 @@ __global__ void __launch_bounds__(kThreads) replay_kernel(
     } else {
 #pragma unroll
       for (int e = 0; e < kUnit; ++e) {
-        const uint64_t j = j0 + e;
-        if (j < numel) store_element(data, j, dtype, y[e]);
+        if ((chosen >> e) & 1u) store_element(data, j0 + e, dtype, y[e]);
       }
     }
   }
@@ -312,6 +328,7 @@ struct Entry {
   uint64_t offset, numel;
   float decay;
   DType dtype;
+  uint64_t mask_base;  // first byte of the tensor's bits in the mask (masked replay)
 };
 
 DType dtype_code(const at::Tensor& t) {
@@ -342,7 +359,7 @@ int grid_limit(int device) {
 
 template <bool kNoise>
 void launch(const std::vector<Entry>& entries, int64_t tag, const int64_t* seeds, const float* alphas,
-            int64_t k, const int64_t* rounding_seed, int device) {
+            int64_t k, const int64_t* rounding_seed, const uint8_t* mask, int device) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const int limit = grid_limit(device);
   for (size_t start = 0; start < entries.size(); start += kMaxTensors) {
@@ -359,6 +376,7 @@ void launch(const std::vector<Entry>& entries, int64_t tag, const int64_t* seeds
       table.numel[t] = e.numel;
       table.unit_end[t] = units;
       table.decay[t] = e.decay;
+      table.mask_base[t] = e.mask_base;
       table.dtype[t] = static_cast<uint8_t>(e.dtype);
       table.vector_ok[t] = (e.offset % kUnit == 0) && (reinterpret_cast<uintptr_t>(e.ptr) % 16 == 0);
     }
@@ -367,9 +385,11 @@ void launch(const std::vector<Entry>& entries, int64_t tag, const int64_t* seeds
     const uint64_t wanted = (units + kThreads - 1) / kThreads;
     const int blocks = static_cast<int>(std::min<uint64_t>(wanted, static_cast<uint64_t>(limit)));
     if (tag == S::kTagGaussian) {
-      replay_kernel<kNoise, S::kTagGaussian><<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed);
+      replay_kernel<kNoise, S::kTagGaussian>
+          <<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed, mask);
     } else {
-      replay_kernel<kNoise, S::kTagRademacher><<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed);
+      replay_kernel<kNoise, S::kTagRademacher>
+          <<<blocks, kThreads, 0, stream>>>(table, seeds, alphas, k, rounding_seed, mask);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -382,7 +402,7 @@ void check_dist(int64_t dist) {
 
 void replay_cuda(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<double> decay,
                  const at::Tensor& seeds, const at::Tensor& alphas, int64_t dist,
-                 const std::optional<at::Tensor>& rounding_seed) {
+                 const std::optional<at::Tensor>& rounding_seed, const std::optional<at::Tensor>& mask) {
   check_dist(dist);
   TORCH_CHECK(offsets.size() == params.size(), "fedkseed: offsets has ", offsets.size(),
               " entries for ", params.size(), " params");
@@ -405,19 +425,31 @@ void replay_cuda(at::TensorList params, at::IntArrayRef offsets, at::ArrayRef<do
   }
   std::vector<Entry> entries;
   entries.reserve(params.size());
+  uint64_t mask_base = 0;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& p = params[t];
     TORCH_CHECK(p.device() == device, "fedkseed: params[", t, "] is on ", p.device(), ", not ", device);
     TORCH_CHECK(p.is_contiguous(), "fedkseed: params[", t, "] is not contiguous");
     const DType code = dtype_code(p);
+    const uint64_t base = mask_base;
+    mask_base += static_cast<uint64_t>(mask::bytes_for(p.numel()));
     if (p.numel() == 0) continue;
     entries.push_back(Entry{p.data_ptr(), static_cast<uint64_t>(offsets[t]), static_cast<uint64_t>(p.numel()),
-                            decay.empty() ? 1.0f : static_cast<float>(decay[t]), code});
+                            decay.empty() ? 1.0f : static_cast<float>(decay[t]), code, base});
+  }
+  const uint8_t* mask_ptr = nullptr;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kByte && m.device() == device && m.is_contiguous(),
+                "fedkseed: mask must be a contiguous uint8 tensor on ", device);
+    TORCH_CHECK(static_cast<uint64_t>(m.numel()) == mask_base, "fedkseed: mask has ", m.numel(),
+                " bytes, the params need ", mask_base);
+    mask_ptr = m.data_ptr<uint8_t>();
   }
   if (entries.empty() || (seeds.numel() == 0 && decay.empty())) return;
   const c10::cuda::CUDAGuard guard(device);
   launch<false>(entries, dist, seeds.data_ptr<int64_t>(), alphas.data_ptr<float>(), seeds.numel(), round_ptr,
-                device.index());
+                mask_ptr, device.index());
 }
 
 void noise_cuda(at::Tensor out, const at::Tensor& seed, int64_t offset, int64_t dist) {
@@ -428,8 +460,81 @@ void noise_cuda(at::Tensor out, const at::Tensor& seed, int64_t offset, int64_t 
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const std::vector<Entry> entries{
-      Entry{out.data_ptr(), static_cast<uint64_t>(offset), static_cast<uint64_t>(out.numel()), 1.0f, DType::kFloat32}};
-  launch<true>(entries, dist, seed.data_ptr<int64_t>(), nullptr, 1, nullptr, out.device().index());
+      Entry{out.data_ptr(), static_cast<uint64_t>(offset), static_cast<uint64_t>(out.numel()), 1.0f, DType::kFloat32, 0}};
+  launch<true>(entries, dist, seed.data_ptr<int64_t>(), nullptr, 1, nullptr, nullptr, out.device().index());
+}
+
+// --------------------------------------------------------------------------------------------
+// magnitude_mask: one thread per mask byte (8 elements of one tensor), over a table of tensors.
+struct MaskTable {
+  uint64_t bytes;                      // mask bytes of this launch
+  int count;
+  const void* ptr[kMaxTensors];
+  uint64_t numel[kMaxTensors];
+  uint64_t byte_end[kMaxTensors];      // inclusive prefix sum of bytes per tensor
+  int64_t key[kMaxTensors];            // mask::key of the tensor's threshold
+  uint8_t dtype[kMaxTensors];
+};
+static_assert(sizeof(MaskTable) + 8 <= kParamLimit, "mask table exceeds the launch limit");
+
+__global__ void __launch_bounds__(kThreads) mask_kernel(const __grid_constant__ MaskTable table, uint8_t* __restrict__ out) {
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t w = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < table.bytes; w += stride) {
+    int lo = 0, hi = table.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (table.byte_end[mid] > w) hi = mid; else lo = mid + 1;
+    }
+    const uint64_t first = lo == 0 ? 0 : table.byte_end[lo - 1];
+    out[w] = mask::mask_byte(table.ptr[lo], static_cast<int64_t>(table.numel[lo]), static_cast<DType>(table.dtype[lo]),
+                             table.key[lo], static_cast<int64_t>(w - first));
+  }
+}
+
+at::Tensor magnitude_mask_cuda(at::TensorList params, at::ArrayRef<double> thresholds) {
+  TORCH_CHECK(thresholds.size() == params.size(), "fedkseed: thresholds has ", thresholds.size(), " entries for ",
+              params.size(), " params");
+  TORCH_CHECK(!params.empty(), "fedkseed: magnitude_mask needs at least one tensor");
+  const at::Device device = params[0].device();
+  uint64_t total = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device() == device, "fedkseed: params[", t, "] is on ", p.device(), ", not ", device);
+    TORCH_CHECK(p.is_contiguous(), "fedkseed: params[", t, "] is not contiguous");
+    dtype_code(p);
+    TORCH_CHECK(!std::isnan(thresholds[t]), "fedkseed: thresholds[", t, "] is NaN");
+    total += static_cast<uint64_t>(mask::bytes_for(p.numel()));
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(total)}, params[0].options().dtype(at::kByte));
+  if (total == 0) return out;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int limit = grid_limit(device.index());
+  uint8_t* base = out.data_ptr<uint8_t>();
+  for (size_t start = 0; start < params.size(); start += kMaxTensors) {
+    MaskTable table{};
+    uint64_t bytes = 0;
+    const size_t end = std::min(params.size(), start + kMaxTensors);
+    for (size_t i = start; i < end; ++i) {
+      const int t = static_cast<int>(i - start);
+      bytes += static_cast<uint64_t>(mask::bytes_for(params[i].numel()));
+      table.ptr[t] = params[i].data_ptr();
+      table.numel[t] = static_cast<uint64_t>(params[i].numel());
+      table.byte_end[t] = bytes;
+      table.key[t] = mask::key(static_cast<float>(thresholds[i]));
+      table.dtype[t] = static_cast<uint8_t>(dtype_code(params[i]));
+    }
+    table.count = static_cast<int>(end - start);
+    table.bytes = bytes;
+    if (bytes > 0) {
+      const uint64_t wanted = (bytes + kThreads - 1) / kThreads;
+      const int blocks = static_cast<int>(std::min<uint64_t>(wanted, static_cast<uint64_t>(limit)));
+      mask_kernel<<<blocks, kThreads, 0, stream>>>(table, base);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    base += bytes;
+  }
+  return out;
 }
 
 }  // namespace
@@ -439,4 +544,5 @@ void noise_cuda(at::Tensor out, const at::Tensor& seed, int64_t offset, int64_t 
 TORCH_LIBRARY_IMPL(fedkseed, CUDA, m) {
   m.impl("replay_", &fedkseed::cuda::replay_cuda);
   m.impl("noise_", &fedkseed::cuda::noise_cuda);
+  m.impl("magnitude_mask", &fedkseed::cuda::magnitude_mask_cuda);
 }
