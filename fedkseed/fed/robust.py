@@ -56,6 +56,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..checks import check_real
+
 AGGREGATES = ("mean", "median", "trimmed-mean")
 BOUND_MODES = ("auto", "off")  # or a number > 0: a fixed bound on the per-step RMS
 BOUND_FACTOR = 2.0
@@ -66,20 +68,12 @@ TABLE_LIMIT = 2.0**64
 def parse_upload_bound(value: object) -> str | float:
     """The upload bound's setting (``FedSpec.clip``): ``"auto"``, ``"off"`` or a finite number > 0
     (a str as given on a command line)."""
-    if isinstance(value, str):
-        if value in BOUND_MODES:
-            return value
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"clip must be auto, off or a number > 0, got {value!r}") from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise ValueError(f"clip must be auto, off or a number > 0, got {value!r}")
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"clip must be auto, off or a number > 0, got {value!r}")
-    return number
+    if isinstance(value, str) and value in BOUND_MODES:
+        return value
+    try:
+        return check_real("clip", float(value) if isinstance(value, str) else value, positive=True)
+    except ValueError:
+        raise ValueError(f"clip must be auto, off or a number > 0, got {value!r}") from None
 
 
 def rms_bound(current: Mapping[int, float], latest: np.ndarray, setting: str | float) -> float:
