@@ -167,6 +167,20 @@ def test_history_replays_bit_for_bit_after_save_and_load(tmp_path, dtype):
     assert mezo.history.to_bytes()[4:6] == b"\x02\x00"  # a run without one-sided steps stays format 2
 
 
+def test_fused_replay_and_merged_sums_match_up_to_rounding():
+    """The logical updates of one-sided entries (FedKSeed's way: one multi-seed pass, or one
+    merged per-seed sum) give the trained weights up to float32 rounding."""
+    model = net()
+    opt = ZOSGD(model, lr=0.01, eps=1e-2, seed=1, estimator="fzoo", directions=4)
+    for _ in range(4):
+        opt.step(loss_of(model))
+    for history, fused in [(opt.history, True), (opt.history.merged(), False)]:
+        fresh = net()
+        history.apply_(fresh, fused=fused)
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(weights(fresh), weights(model)))
+        assert not same(weights(fresh), weights(net()))
+
+
 def test_a_version_2_file_cannot_hold_one_sided_entries():
     opt = ZOSGD(net(), lr=0.05, eps=1e-2, estimator="fzoo", directions=2)
     opt.step(loss_of(opt.module))
