@@ -48,11 +48,12 @@ dist: install
 	$(PY) -m pip wheel --no-deps --build-constraint build/torch-constraint.txt -w dist .
 
 # CPU benchmark tables (fused kernels and ZO step against MeZO-style, projection against
-# torch.normal + torch.dot, same run); on a GPU
+# torch.normal + torch.dot, same run; magnitude mask build and masked vs dense replay); on a GPU
 # machine also run benchmarks/bench_gpu.py. Figures are recorded in benchmarks/RESULTS.md.
 bench: build
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_project.py
+	$(PY) benchmarks/bench_mask.py
 	$(PY) benchmarks/bench_zo.py
 
 demo: build

@@ -6,7 +6,7 @@ The machine's image already holds torch, triton and nvcc; nothing is installed. 
   2. build the extension in place (CUDA kernels included when torch has CUDA and nvcc is there);
   3. tests: the GPU tests (CUDA-graph capture of a ZO step with device seeds and alphas, no host
      sync, compiled Triton vs CUDA) and the all-backend bit-identity tests (branch cases, special
-     values), which run the CUDA kernels and compiled Triton on a GPU;
+     values, the magnitude mask), which run the CUDA kernels and compiled Triton on a GPU;
   4. benchmarks/bench_gpu.py on the SmolLM2-135M shape (perturb_ vs copy bandwidth, replay_
      normals/s at K = 16, 256, 4096, speed-ups over MeZO-style passes, project at K = 16, 256, 4096
      in bf16 against torch.normal + torch.dot per seed, a bf16 ZO step against two forward passes).
@@ -35,6 +35,7 @@ TESTS = [
     "tests/ops/test_special_values.py",
     "tests/ops/test_triton_backend.py",
     "tests/ops/test_project.py",
+    "tests/ops/test_mask.py",
 ]
 # On a CPU dry run the Triton interpreter is slow; its branch tests run in the CPU suite anyway.
 DRY_RUN_TEST_FILTER = "not triton"

@@ -162,7 +162,7 @@ struct Kernel {
       }
       const int64_t lo = j < 0 ? -j : 0;
       const int64_t hi = c.count - j < G ? c.count - j : G;
-      bool chosen[G];  // a masked replay: which of the group's elements it writes
+      uint64_t chosen[kWords] = {};  // a masked replay: bit e set if the group's element e is written
       const int64_t writes = c.mask == nullptr ? hi - lo : select(c, j, lo, hi, chosen);
       if (writes == 0) continue;  // the mask selects none of them: nothing to compute
       if (writes == G) {
@@ -185,22 +185,38 @@ struct Kernel {
       if (c.mask == nullptr) {
         std::memcpy(base + j + lo, stage + lo, (hi - lo) * sizeof(T));
       } else {
+        // Unselected elements get their own stored value back; a select, not a branch (the
+        // bits are as random as the weights' magnitudes, so a branch would be mispredicted).
         for (int64_t e = lo; e < hi; ++e) {
-          if (chosen[e]) base[j + e] = stage[e];
+          const T kept = base[j + e];
+          base[j + e] = (chosen[e >> 6] >> (e & 63)) & 1u ? stage[e] : kept;
         }
       }
     }
   }
 
+  static constexpr int kWords = (G + 63) / 64;  // 64-bit words of one group's mask bits
+
   // The mask bits of the group's elements lo .. hi - 1 (the group starts at position j of the
-  // chunk) into chosen[]; returns how many are set.
-  static int64_t select(const Chunk& c, int64_t j, int64_t lo, int64_t hi, bool chosen[G]) {
+  // chunk) into chosen[] (bit e of the group in word e >> 6); returns how many are set.
+  static int64_t select(const Chunk& c, int64_t j, int64_t lo, int64_t hi, uint64_t chosen[kWords]) {
     int64_t count = 0;
-    for (int64_t e = lo; e < hi; ++e) {
-      chosen[e] = fedkseed::mask::selected(c.mask, static_cast<uint64_t>(c.local + j + e));
-      count += chosen[e];
+    for (int q = 0; q < kWords; ++q) {
+      const int64_t e0 = lo > 64 * q ? lo : 64 * q;
+      const int64_t e1 = hi < 64 * q + 64 ? hi : 64 * q + 64;
+      if (e0 >= e1) continue;
+      chosen[q] = bits_at(c.mask, static_cast<uint64_t>(c.local + j + e0), static_cast<int>(e1 - e0)) << (e0 - 64 * q);
+      count += __builtin_popcountll(chosen[q]);
     }
     return count;
+  }
+
+  // n <= 64 mask bits from bit l on (bit l lowest), reading only the bytes that hold them.
+  static uint64_t bits_at(const uint8_t* mask, uint64_t l, int n) {
+    uint64_t byte = l >> 3;
+    uint64_t out = static_cast<uint64_t>(mask[byte++]) >> (l & 7u);
+    for (int got = 8 - static_cast<int>(l & 7u); got < n; got += 8) out |= static_cast<uint64_t>(mask[byte++]) << got;
+    return n < 64 ? out & ((uint64_t{1} << n) - 1) : out;
   }
 
   // ---------------------------------------------------------------------------- projection

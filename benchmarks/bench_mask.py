@@ -1,0 +1,90 @@
+"""CPU benchmark of the magnitude mask (docs/stream-spec.md#magnitude-mask), measured in one run.
+
+  thresholds  fedkseed.ops.magnitude_thresholds(params, density): torch.kthvalue per tensor
+  build       fedkseed.ops.magnitude_mask(params, thresholds): the C++ kernel, 1 bit per element
+  dense       fedkseed.perturb_(params, seed, eps): the unmasked replay (K = 1)
+  masked      the same call with mask=: the masked replay, against the dense one (ratio)
+
+Parameters: SmolLM2-135M-shaped tensors (134,515,008 elements in 272 tensors). Timings are the
+median of --reps interleaved repetitions, in wall time and in process CPU time (the fair measure
+on a shared machine). The perturbations alternate +eps / -eps, so the weights stay where they
+are. Usage: python benchmarks/bench_mask.py [--quick] [--threads N] [--dtype bfloat16].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_cpu import EPS, machine, measure
+from smollm2_shape import llama_shapes, make_params, smollm2_135m_shapes
+
+from fedkseed import ops
+from fedkseed.paramset import ParamSet
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 layers of SmolLM2, vocab 4096 (smoke test)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--densities", default="0.01,0.1,0.5", help="mask densities rho")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not ops.has_kernel("CPU"):
+        sys.exit("fedkseed._C is not built: run `python setup.py build_ext --inplace`")
+    shapes = llama_shapes(2, 576, 1536, 9, 3, 4096, tied=True) if args.quick else smollm2_135m_shapes()
+    pset = ParamSet(make_params(shapes, dtype=getattr(torch, args.dtype)))
+    densities = [float(d) for d in args.densities.split(",")]
+    load_before = os.getloadavg()[0]
+    print(f"# {machine()}; threads {torch.get_num_threads()}")
+    print(f"# {len(pset)} {args.dtype} tensors, {pset.numel:,} elements; load average {load_before:.2f} at start")
+
+    thresholds = {rho: ops.magnitude_thresholds(pset, rho) for rho in densities}
+    masks = {rho: ops.magnitude_mask(pset, thresholds[rho]) for rho in densities}
+    sign = [1.0]
+
+    def perturb(mask=None) -> None:
+        sign[0] = -sign[0]
+        ops.perturb_(pset, 7, sign[0] * EPS, mask=mask)
+
+    cases = {"dense": perturb}
+    for rho in densities:
+        cases[f"thresholds{rho}"] = lambda rho=rho: ops.magnitude_thresholds(pset, rho)
+        cases[f"build{rho}"] = lambda rho=rho: ops.magnitude_mask(pset, thresholds[rho])
+        cases[f"masked{rho}"] = lambda rho=rho: perturb(masks[rho])
+    start = time.perf_counter()
+    wall, cpu = measure(cases, args.reps)
+    load_after = os.getloadavg()[0]
+
+    print()
+    print(
+        "| density | selected | thresholds wall / CPU s | build wall / CPU s | masked replay wall / CPU s |"
+        " dense replay wall / CPU s | masked / dense (CPU) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for rho in densities:
+        selected = sum(bin(b).count("1") for b in masks[rho].tolist()) / pset.numel
+        print(
+            f"| {rho} | {selected:.3f} | {wall[f'thresholds{rho}']:.2f} / {cpu[f'thresholds{rho}']:.2f} |"
+            f" {wall[f'build{rho}']:.3f} / {cpu[f'build{rho}']:.3f} |"
+            f" {wall[f'masked{rho}']:.2f} / {cpu[f'masked{rho}']:.2f} |"
+            f" {wall['dense']:.2f} / {cpu['dense']:.2f} | {cpu[f'masked{rho}'] / cpu['dense']:.2f} |"
+        )
+    print()
+    print(
+        f"Median of {args.reps} interleaved repetitions; {time.perf_counter() - start:.0f} s in all; load average"
+        f" {load_before:.2f} -> {load_after:.2f} (other processes share the CPU when above ~0)."
+    )
+
+
+if __name__ == "__main__":
+    main()
