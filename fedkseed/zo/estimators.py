@@ -1,7 +1,8 @@
 """How a step's projected gradients become update terms: plain MeZO, q directions (n-SPSA),
-FZOO's normalised one-sided estimator, sign-ZO and momentum without a buffer. Each gives (seed, w) terms; the update is
-theta <- theta - lr * sum_k w_k z(s_k), applied in ONE multi-seed pass however many terms
-(:mod:`fedkseed.zo.passes`), and recorded per term in the History, so it replays bit for bit.
+FZOO's normalised one-sided estimator, sign-ZO and momentum without a buffer. Each gives (seed,
+w) terms; the update is theta <- theta - lr * sum_k w_k z(s_k), applied in ONE multi-seed pass
+however many terms (:mod:`fedkseed.zo.passes`), and recorded per term in the History, so it
+replays bit for bit.
 
 * **q directions** (``directions=q``; n-SPSA): q probe seeds per step, q loss pairs,
   w_i = g_i / q. MeZO's ``--zero_order_sample q`` (Malladi et al., "Fine-Tuning Language
@@ -14,25 +15,25 @@ theta <- theta - lr * sum_k w_k z(s_k), applied in ONE multi-seed pass however m
   Optimizer for Fine-Tuning Large Language Models towards Adam-Scale Speed" (arXiv 2506.09034,
   ICLR 2026). Per step the loss L_0 at theta and the one-sided losses L_i = L(theta + eps u_i),
   i = 1..N; sigma = the sample standard deviation of L_1..L_N (N - 1 in the denominator), and
-  theta <- theta - lr * (1/N) sum_i (L_i - L_0) / (eps sigma) u_i: the paper's
-  g = 1/(eps N) sum_i (L_i - L_0) u_i divided by sigma. The step's projected gradients are the
-  normalised g_i = (L_i - L_0) / (eps sigma) (:func:`fedkseed.zo.step.one_sided_grads`) and
-  w_i = g_i / N, as for n-SPSA. eps does not cancel: g_i is about 1/eps in size, so a step
-  moves each coordinate by about lr / (eps sqrt(N)), and lr is on another scale than MeZO's
-  (the formula as summarised at junaidaliop.github.io/zij/math/fzoo, citing the paper).
-  Scaling the loss by c > 0 scales L_i - L_0 and sigma alike, so the step does not change (bit
-  for bit when c is a power of two). The normalised step is NOT an
-  unbiased gradient estimate (sigma depends on the same u_i); the un-normalised one-sided
-  (L_i - L_0) / eps u_i is, up to an O(eps) bias (none on a quadratic: the odd moments of u
-  vanish). Where this differs from the paper: (1) the paper evaluates the N perturbed losses in ONE
+  theta <- theta - lr * (1/N) sum_i (L_i - L_0) / (eps sigma) u_i: the paper's g = 1/(eps N)
+  sum_i (L_i - L_0) u_i divided by sigma. The step's projected gradients are the normalised g_i
+  = (L_i - L_0) / (eps sigma) (:func:`fedkseed.zo.step.one_sided_grads`) and w_i = g_i / N, as
+  for n-SPSA. eps does not cancel: g_i is about 1/eps in size, so a step moves each coordinate
+  by about lr / (eps sqrt(N)), and lr is on another scale than MeZO's (the formula as summarised
+  at junaidaliop.github.io/zij/math/fzoo, citing the paper). Scaling the loss by c > 0 scales
+  L_i - L_0 and sigma alike, so the step does not change (bit for bit when c is a power of two).
+  The normalised step is NOT an unbiased gradient estimate (sigma depends on the same u_i); the
+  un-normalised one-sided (L_i - L_0) / eps u_i is, up to an O(eps) bias (none on a quadratic:
+  the odd moments of u vanish). A step with some |L_i - L_0| > ``skip_threshold`` is skipped.
+  Where this differs from the paper: (1) the paper evaluates the N perturbed losses in ONE
   batched forward over N weight copies; weights here are perturbed in place (no copy, inference
   memory), so the N + 1 forwards run one after the other, with N + 1 fused passes per step
   (:mod:`fedkseed.zo.passes`; n-SPSA takes 2N forwards and 2N + 1 passes); (2) u_i follows the
   run's ``dist``: the paper's Rademacher with ``dist="rademacher"`` (recommended), Gaussian
   otherwise; (3) a step whose sigma is 0 or whose losses are not finite is skipped (the weights
   only restored), the paper does not say; (4) no fused next-step perturbation, since L_0 needs
-  the unperturbed weights. ``sign`` does not combine with it (sign discards the scale that
-  sigma normalises); momentum does (the window replays past w_i u_i).
+  the unperturbed weights. ``sign`` does not combine with it (sign discards the scale that sigma
+  normalises); momentum does (the window replays past w_i u_i).
 * **sign-ZO** (``sign=True``): w_i = sign(g_i) / q, the update sign(g) z of ZO-Bench's
   ZO-SGD-Sign (``--trainer zo_sign_opt``; after Liu et al., "signSGD via Zeroth-Order Oracle",
   ICLR 2019): the sign of the scalar projected gradient times the direction, for any

@@ -8,8 +8,8 @@ per group, whether it started perturbed by the previous step's fused pass, the n
 it fused, and, for a step whose closure raised, how many probe passes it made before its
 recovery pass, and whether it made FZOO's one-sided probes. ``apply_`` repeats exactly the
 passes of :mod:`fedkseed.zo.passes` that the step made, each rounded as it was, so a run
-rebuilds bit for bit from the base weights: skipped
-steps, failed-and-retried steps and ``settle()`` included. An entry without probes is a logical
+rebuilds bit for bit from the base weights: skipped steps, failed-and-retried steps and
+``settle()`` included. An entry without probes is a logical
 update theta <- theta * d + sum_k a_k z(s_k), one pass (FedKSeed's merged per-seed sums).
 ``apply_(params, fused=True)`` instead replays the logical updates only, runs of undecayed
 entries as ONE multi-seed pass each (the FedKSeed way): equal up to rounding.

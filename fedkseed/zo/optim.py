@@ -61,12 +61,11 @@ class ZOSGD(torch.optim.Optimizer):
     ``fuse`` (default): the update pass also applies the next step's +eps perturbation (two
     passes per step instead of three; "fzoo" never fuses, as L_0 needs the unperturbed
     weights), so between steps the weights carry +eps z(next seed) (``pending``). ``settle()``
-    takes it back (one recorded pass). Given a module, ZOSGD settles
-    by itself before any forward of the module outside ``step`` and before its
-    ``state_dict()``; with tensors call ``settle()`` before evaluating or saving them. Given a
-    module, the closure runs with the module in eval mode (no dropout noise in the two losses,
-    as MeZO does). Those hooks are removed by ``close()`` (which settles first) or when the
-    optimizer is garbage-collected.
+    takes it back (one recorded pass). Given a module, ZOSGD settles by itself before any
+    forward of the module outside ``step`` and before its ``state_dict()``; with tensors call
+    ``settle()`` before evaluating or saving them. Given a module, the closure runs with the
+    module in eval mode (no dropout noise in the two losses, as MeZO does). Those hooks are
+    removed by ``close()`` (which settles first) or when the optimizer is garbage-collected.
 
     On more than one rank (torch.distributed initialised, ``group`` of more than one rank:
     FSDP2 shards, or replicas), every rank must step with the same loss, or the ranks' weights
