@@ -15,6 +15,8 @@ by ``fedkseed.experiment.prepare``, the same preparation as the local engine's, 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,11 +34,22 @@ _cache: dict[str, Setup] = {}  # SimConfig JSON -> Setup; one run per process at
 
 
 def _setup(config_json: str) -> Setup:
+    """The run's Setup, prepared once per process. Preparation's warnings (how the data was
+    split and truncated) are left to the server, which prepares the same run from the same
+    config and logs them once (the driver in simulation, the ServerApp in deployment): every
+    ClientApp process would repeat them, once per Ray actor or once per message on a SuperNode.
+    Errors still raise."""
     if config_json not in _cache:
         from ..experiment.prepare import prepare
 
         _cache.clear()
-        _cache[config_json] = prepare(P.config_from_json(config_json))
+        fedkseed_logger = logging.getLogger("fedkseed")
+        level = fedkseed_logger.level
+        fedkseed_logger.setLevel(logging.ERROR)
+        try:
+            _cache[config_json] = prepare(P.config_from_json(config_json))
+        finally:
+            fedkseed_logger.setLevel(level)
     return _cache[config_json]
 
 
@@ -69,7 +82,9 @@ def train(msg: Message, context: Context) -> Message:
     from ..experiment.usage import measure
 
     state = context.state[P.NODE_STATE]
+    started = time.perf_counter()
     setup = _setup(str(state[P.SIM_CONFIG]))
+    preparing = time.perf_counter() - started  # once per process; the round's seconds leave it out
     payloads = payloads_for(setup.config.method)
     client = setup.clients[int(state[P.CLIENT_ID])]
     seeds = setup.replica is not None  # FedKSeed: the client's table persists in the node state
@@ -83,5 +98,6 @@ def train(msg: Message, context: Context) -> Message:
         upload = client.train(download)  # catches up again: the same weights, rebuilt or reloaded
     if seeds:
         state["table"], state["synced"] = client.table.tobytes(), client.synced
-    content = payloads.upload_content(upload, {P.MODEL_DIGEST: digest, **usage_record(used)})
+    fields = {P.MODEL_DIGEST: digest, P.PREPARE_SECONDS: preparing, **usage_record(used)}
+    content = payloads.upload_content(upload, fields)
     return Message(content, reply_to=msg)

@@ -33,12 +33,19 @@ ROUND_TIMEOUT = 3600.0  # seconds; in simulation every virtual node answers or f
 # Set before Ray starts, so the raylet and the ClientApp actors it forks inherit them (Ray's
 # ``runtime_env`` cannot be used: Flower passes its own to ``ray.init``). Worker-side progress
 # bars and advisories are noise in every mode: the server's bar and table say how the run goes.
+# The actors' output that Ray forwards (without --quiet) is plain text: Ray prints its
+# "(ClientAppActor pid=N)" prefix without colour codes (read in this process, as it prints), and
+# Flower logs in the actors at ERROR: its only record there below that is the WARNING "Manually
+# terminating ClientAppActor" each actor logs when the run ends, and its console handler would
+# colour it. A variable the user has set is left as it is.
 WORKER_ENV = {
     "TQDM_DISABLE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_COLOR_PREFIX": "0",
+    "FLWR_LOG_LEVEL": "ERROR",
 }
 
 

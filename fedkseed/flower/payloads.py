@@ -13,7 +13,8 @@ what they receive exactly as in the local engine:
   receiving side: over Flower the transport's own integrity checks stand in for it.)
 
 Beside the payload, a reply's ``ConfigRecord`` carries the model digest the client trained
-from and what its local work cost (``usage_record`` / ``usage_of``).
+from, what its local work cost (``usage_record`` / ``usage_of``) and how long its ClientApp
+spent preparing model and data for the message (``prepare_seconds_of``).
 """
 
 from __future__ import annotations
@@ -116,3 +117,12 @@ def usage_of(content: RecordDict) -> dict[str, float] | None:
     except (KeyError, TypeError, ValueError):
         return None
     return values if all(math.isfinite(v) for v in values.values()) else None
+
+
+def prepare_seconds_of(content: RecordDict) -> float | None:
+    """A reply's preparation seconds, None when absent, not a number, negative or not finite."""
+    try:
+        seconds = float(content[P.CONFIG][P.PREPARE_SECONDS])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -7,7 +7,8 @@ wire format's bytes and a few scalars in a ``ConfigRecord``):
            node -> server   {"client-id": int}
     train  server -> node   {"download": bytes (wire.Download)}
            node -> server   {"upload": bytes (wire.Upload), "model-digest": str,
-                             "client-seconds", "client-cpu-seconds", "client-peak-mib": float}
+                             "client-seconds", "client-cpu-seconds", "client-peak-mib",
+                             "prepare-seconds": float}
 
 The first-order methods (``--method fedit|fedavg``) send tensors instead: a train message's
 ``ArrayRecord`` holds the global tensors, a reply's the client's, and the ``ConfigRecord`` the
@@ -21,7 +22,9 @@ public key is bound to (``identity.NodeKeys``).
 
 ``model-digest`` is ``ParamSet.fingerprint(values=True)`` of the weights the client trained
 from (layout and bytes; first-order methods: of the trained tensors), which must be the
-server's global model bit for bit.
+server's global model bit for bit. ``prepare-seconds`` is the wall time the ClientApp spent
+preparing model and data for this message (once per process; about 0 when it had them), which
+the round's ``seconds`` leave out, as the local engine's do.
 
 A deployed SuperNode starts a fresh process for every message, so this module (imported by the
 ClientApp) defers the heavy imports to the functions that need them.
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 
 CONFIG, ARRAYS = "config", "arrays"
 SIM_CONFIG, CLIENT_ID = "sim-config", "client-id"
-DOWNLOAD, UPLOAD, MODEL_DIGEST = "download", "upload", "model-digest"
+DOWNLOAD, UPLOAD, MODEL_DIGEST, PREPARE_SECONDS = "download", "upload", "model-digest", "prepare-seconds"
 PARTITION_ID = "partition-id"
 NODE_STATE = "fedkseed"  # the node's record in its Flower Context.state
 

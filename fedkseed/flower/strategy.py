@@ -40,7 +40,7 @@ from ..fed import RoundSummary, Server, wire
 from ..fed.firstorder import FirstOrderServer
 from . import protocol as P
 from .identity import NodeKeys
-from .payloads import ArrayPayloads, SeedPayloads, usage_of
+from .payloads import ArrayPayloads, SeedPayloads, prepare_seconds_of, usage_of
 
 ALREADY_SERVED = "is already served by another node"
 
@@ -60,6 +60,7 @@ class RoundLog:
     global_digest: str = ""  # the model the clients had to train from
     client_digests: dict[int, str] = field(default_factory=dict)  # what they reported
     usage: dict[int, dict[str, float]] = field(default_factory=dict)  # client id -> its local work's cost
+    prepare_seconds: dict[int, float] = field(default_factory=dict)  # client id -> its ClientApp's preparation
 
 
 def replies_by_node(sent: list[Message], replies: Iterable[Message]) -> dict[int, Message]:
@@ -198,9 +199,9 @@ class FedKSeedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._started = time.perf_counter()
         round_log = self.log = RoundLog(self.server.round + 1, global_digest=self.global_digest)
         self._enroll(grid, round_log)
+        self._started = time.perf_counter()  # the round, as the local engine times it: from sampling on
         node_of = {client: node for node, client in self.client_of.items()}
         round_log.nodes = dict(sorted(node_of.items()))
         self._sent = []
@@ -261,6 +262,9 @@ class FedKSeedStrategy(Strategy):
             usage = usage_of(reply.content)
             if usage is not None:
                 round_log.usage[client] = usage
+            preparing = prepare_seconds_of(reply.content)
+            if preparing is not None:
+                round_log.prepare_seconds[client] = preparing
             if upload is None:
                 self._reject(round_log, client, node, "reply carries no upload bytes")
                 continue
@@ -278,7 +282,14 @@ class FedKSeedStrategy(Strategy):
             if not ok:  # Server.receive logged it; an unreadable upload is filed under -1
                 reason = summary.rejected.get(client, summary.rejected.get(-1, "rejected"))
                 self._reject(round_log, client, None, reason)
-        self.global_digest = self.on_round(summary, round_log, self._started)
+        # The round's seconds mean what the local engine's mean (from sampling to the evaluated
+        # model, the clients' training included), so the ClientApps' one-off preparation of model
+        # and data, which the local engine does before round 1, is left out: each process
+        # prepares at its first message, in parallel with the others, so the round waited about
+        # as long as the longest preparation reported (capped at the time elapsed).
+        elapsed = time.perf_counter() - self._started
+        started = self._started + min(max(round_log.prepare_seconds.values(), default=0.0), elapsed)
+        self.global_digest = self.on_round(summary, round_log, started)
         metrics = MetricRecord(
             {
                 "train-loss": float(summary.train_loss),

@@ -107,31 +107,58 @@ def run_in_group(argv: list, timeout: float, **kwargs) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(process.args, process.returncode, stdout.decode(), stderr.decode())
 
 
+SIMULATION = dict(TINY, clients=4, clients_per_round=2, rounds=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The local engine's run of SIMULATION, the reference of both CLI runs."""
+    output = tmp_path_factory.mktemp("local") / "out"
+    return run_local(SimConfig(engine="local", output=str(output), **SIMULATION), progress=False)
+
+
 @pytest.mark.slow
-def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
-    """`fedkseed simulate --engine flower --quiet` (the CLI, in a fresh process) and `--engine
-    local` with the same options: same sampling, same model bits, same metrics.json fields and
-    values (but wall times); and --quiet prints the result table and fedkseed's own warnings,
-    nothing from Flower or Ray: no deprecation banner, no Ray warning, no worker progress bar."""
-    options = dict(TINY, clients=4, clients_per_round=2, rounds=2, seed=3)
-    local = run_local(SimConfig(engine="local", output=str(tmp_path / "local"), **options), progress=False)
-    argv = [sys.executable, "-m", "fedkseed", "simulate", "--engine", "flower", "--quiet"]
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "verbose"])
+def test_simulation_engine_output_and_bits_match_local(flwr, tmp_path, local_reference, quiet):
+    """`fedkseed simulate --engine flower` (the CLI, in a fresh process), with and without
+    --quiet, and `--engine local` with the same options: same sampling, same model bits, same
+    metrics.json fields and values (but wall times).
+
+    Output: plain text (no escape sequence: Ray's actor prefixes and Flower's levels would be
+    coloured), no "Manually terminating ClientAppActor" from each actor at the end, and the data
+    warning printed once (by the driver, not again by each actor). --quiet prints the result
+    table and fedkseed's own warnings only: no Flower banner, no Ray line, no progress bar.
+
+    A round's seconds mean what they mean on the local engine (sampling to evaluated model, no
+    one-off preparation), checked against clocks the server does not read: they hold at least
+    one client's training as its ClientApp timed it, round 1's leave out the ClientApps' model
+    and data preparation as they timed it, and the rounds and that preparation fit in the run's
+    wall time as this test timed it."""
+    argv = [sys.executable, "-m", "fedkseed", "simulate", "--engine", "flower", *(["--quiet"] if quiet else [])]
     argv += ["--output", tmp_path / "flower"]
-    for key, value in options.items():
+    for key, value in SIMULATION.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
     run = run_in_group(argv, timeout=600, cwd=tmp_path)
-    print(f"flower simulation: {time.perf_counter() - started:.1f} s")
+    wall = time.perf_counter() - started
+    print(f"flower simulation ({'quiet' if quiet else 'verbose'}): {wall:.1f} s")
     assert run.returncode == 0, run.stderr[-3000:]
 
     printed = run.stdout + run.stderr
+    assert "\x1b" not in printed, printed[-3000:]
+    assert "Manually terminating" not in printed
+    assert printed.count("prompts truncated from the left") == 1, printed[-3000:]  # --max-length 48's warning
     assert "DEPRECATED" not in printed and "FutureWarning" not in printed
-    assert not re.search(r"\bray\b", printed, re.I), printed[-3000:]  # Ray's lines, actors' "(pid=...)" prefixes
-    assert not re.search(r"\d+%\|", printed) and "\r" not in printed  # tqdm bars, in any process
-    for line in run.stderr.splitlines():  # what remains: fedkseed's own warnings
-        assert re.match(r"WARNING fedkseed[.\w]*: ", line), line
     assert "eval loss" in run.stdout
+    if quiet:
+        assert not re.search(r"\bray\b", printed, re.I), printed[-3000:]  # Ray's lines, actors' "(pid=...)" prefixes
+        assert not re.search(r"\d+%\|", printed) and "\r" not in printed  # tqdm bars, in any process
+        for line in run.stderr.splitlines():  # what remains: fedkseed's own warnings
+            assert re.match(r"WARNING fedkseed[.\w]*: ", line), line
+    else:
+        assert re.search(r"fedkseed: +\d+%\|", run.stderr)  # the driver's progress bar
 
+    local = local_reference
     metrics = json.loads((tmp_path / "flower" / "metrics.json").read_text())
     assert without_seconds(metrics["rounds"]) == without_seconds(json.loads(json.dumps(local.rounds)))
     assert metrics["final"] == json.loads(json.dumps(local.final))
@@ -144,6 +171,16 @@ def test_simulation_engine_is_quiet_and_bit_identical_to_local(flwr, tmp_path):
     for record in transport:  # every client trained from the server's global model
         assert set(record["client_digests"].values()) == {record["global_digest"]}
         assert not record["rejected"] and not record["failed"] and not record["refused"]
+
+    seconds = [r["seconds"] for r in metrics["rounds"]]
+    preparation = max(transport[0]["prepare_seconds"].values())  # the ClientApps prepare in round 1
+    for r, record in enumerate(transport):
+        assert (
+            set(record["usage"]) == set(record["prepare_seconds"]) == {str(c) for c in metrics["rounds"][r]["clients"]}
+        )
+        assert seconds[r] >= min(usage["seconds"] for usage in record["usage"].values())
+    assert seconds[0] < preparation, (seconds, transport[0]["prepare_seconds"])
+    assert sum(seconds) + preparation < wall
 
 
 @pytest.mark.slow
