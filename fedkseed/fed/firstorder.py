@@ -34,8 +34,8 @@ import torch
 
 from . import arrays
 from .client import take_rows
-from .draws import draw_rows, epoch_rows, rounds_taken, sample_clients
-from .server import RoundSummary
+from .draws import draw_rows, epoch_rows, rounds_taken
+from .server import RoundServer, RoundSummary
 from .spec import FedSpec
 from .wire import WireError
 
@@ -162,41 +162,21 @@ class FirstOrderClient:
         return arrays.encode(message)
 
 
-class FirstOrderServer:
+class FirstOrderServer(RoundServer):
     """FedAvg of the uploaded tensors: the new global tensors are sum_c w_c * theta_c over the
     accepted uploads (float64, clients in id order, then float32), w_c the client's share of
     their weight units (``FedSpec.weighting``, as for FedKSeed's uploads). Clients that fail or
     are rejected are absent; with no accepted upload the global tensors stay as they were."""
 
     def __init__(self, spec: FedSpec, client_sizes: Sequence[int], initial: Mapping[str, np.ndarray]) -> None:
-        if len(client_sizes) != spec.num_clients:
-            raise ValueError(f"client_sizes has {len(client_sizes)} entries for {spec.num_clients} clients")
-        if any(int(n) < 1 for n in client_sizes):
-            raise ValueError("every client needs at least one example")
+        super().__init__(spec, client_sizes)
         if not initial:
             raise ValueError("nothing to train: no tensors given")
-        self.spec = spec
-        self.sizes = [int(n) for n in client_sizes]
-        self.units = [spec.weight_units(n) for n in self.sizes]
-        self.round = 0
         self.weights = {name: np.array(w, dtype=np.float32) for name, w in initial.items()}
         self.layout = layout_of(self.weights)
-        self._uploads: dict[int, arrays.ArrayMessage] = {}
-        self._summary: RoundSummary | None = None
 
     def begin_round(self, clients: Sequence[int] | None = None) -> list[int]:
-        if self._summary is not None:
-            raise RuntimeError(f"round {self.round + 1} is already open")
-        spec = self.spec
-        if clients is None:
-            chosen = sample_clients(spec.seed, self.round + 1, spec.num_clients, spec.clients_per_round)
-        else:
-            chosen = sorted({int(c) for c in clients})
-            if any(not 0 <= c < spec.num_clients for c in chosen):
-                raise ValueError(f"client ids must be in [0, {spec.num_clients}), got {chosen}")
-        self._uploads = {}
-        self._summary = RoundSummary(self.round + 1, list(chosen), [], {})
-        return list(chosen)
+        return self._start(clients)
 
     def download(self, client_id: int) -> bytes:
         summary = self._open()
@@ -209,17 +189,7 @@ class FirstOrderServer:
         return message
 
     def receive(self, data: bytes) -> bool:
-        summary = self._open()
-        try:
-            upload = arrays.decode(data, arrays.KIND_LOCAL, self.layout)
-        except WireError as error:
-            return self._reject(-1, str(error))
-        reason = self._check(upload, summary)
-        if reason:
-            return self._reject(upload.client_id, reason)
-        self._uploads[upload.client_id] = upload
-        summary.bytes_up[upload.client_id] = len(data)
-        return True
+        return self._receive(data, lambda d: arrays.decode(d, arrays.KIND_LOCAL, self.layout), lambda u: None)
 
     def end_round(self) -> RoundSummary:
         summary = self._open()
@@ -242,41 +212,12 @@ class FirstOrderServer:
         self._uploads, self._summary = {}, None
         return summary
 
-    def _open(self) -> RoundSummary:
-        if self._summary is None:
-            raise RuntimeError("no round is open: call begin_round() first")
-        return self._summary
-
-    def _check(self, u: arrays.ArrayMessage, summary: RoundSummary) -> str | None:
-        if u.round != summary.round:
-            return f"upload is for round {u.round}, the open round is {summary.round}"
-        if u.client_id not in summary.sampled:
-            return f"client {u.client_id} is not sampled in round {summary.round}"
-        if u.client_id in self._uploads:
-            return f"client {u.client_id} already uploaded in round {summary.round}"
-        if u.steps > self.spec.local_steps:
-            return f"upload claims {u.steps} steps, local_steps is {self.spec.local_steps}"
-        return None
-
-    def _reject(self, client_id: int, reason: str) -> bool:
-        log.warning("round %d: rejected upload from client %d: %s", self.round + 1, client_id, reason)
-        self._summary.rejected[client_id] = reason
-        return False
-
     # ------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        if self._summary is not None:
-            raise RuntimeError("cannot save in the middle of a round")
-        return {
-            "spec": self.spec.to_dict(),
-            "sizes": list(self.sizes),
-            "round": self.round,
-            "weights": {name: w.copy() for name, w in self.weights.items()},
-        }
+        return {**self._round_state(), "weights": {name: w.copy() for name, w in self.weights.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
-            raise ValueError("the saved server state belongs to a run with other settings or data")
+        self._check_same_run(state)
         saved = state["weights"]
         if list(saved) != list(self.layout):
             raise ValueError("the saved global tensors are not this run's trainable tensors")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +50,94 @@ class RoundSummary:
     epsilon: float | None = None  # under DP (``privacy``): the epsilon spent after this round
 
 
-class Server:
+class RoundServer:
+    """What every server of a round protocol shares, whatever its messages: the clients and
+    their weight units, one open round at a time (``begin_round`` opens it with ``_start``,
+    ``end_round`` closes it), and each upload kept or rejected with a one-line reason (logged on
+    the "fedkseed.fed" logger and kept in the round's summary). A subclass decodes its uploads
+    and adds its own checks (``_receive``)."""
+
+    def __init__(self, spec: FedSpec, client_sizes: Sequence[int]) -> None:
+        if len(client_sizes) != spec.num_clients:
+            raise ValueError(f"client_sizes has {len(client_sizes)} entries for {spec.num_clients} clients")
+        if any(int(n) < 1 for n in client_sizes):
+            raise ValueError("every client needs at least one example")
+        self.spec = spec
+        self.sizes = [int(n) for n in client_sizes]
+        self.units = [spec.weight_units(n) for n in self.sizes]
+        self.round = 0
+        self._uploads: dict[int, Any] = {}
+        self._summary: RoundSummary | None = None
+
+    def _start(self, clients: Sequence[int] | None, draw: Callable[[], list[int]] | None = None) -> list[int]:
+        """Open round ``self.round + 1`` for ``clients`` (sorted, checked); without them, for
+        ``draw()`` (a subclass's own sample) or else the run's deterministic sample."""
+        if self._summary is not None:
+            raise RuntimeError(f"round {self.round + 1} is already open")
+        spec = self.spec
+        if clients is not None:
+            chosen = sorted({int(c) for c in clients})
+            if any(not 0 <= c < spec.num_clients for c in chosen):
+                raise ValueError(f"client ids must be in [0, {spec.num_clients}), got {chosen}")
+        elif draw is not None:
+            chosen = draw()
+        else:
+            chosen = sample_clients(spec.seed, self.round + 1, spec.num_clients, spec.clients_per_round)
+        self._uploads = {}
+        self._summary = RoundSummary(self.round + 1, list(chosen), [], {})
+        return list(chosen)
+
+    def _receive(self, data: bytes, decode: Callable[[bytes], Any], check: Callable[[Any], str | None]) -> bool:
+        """Decode an upload, check it against the open round and with ``check``, and keep it;
+        a bad one is rejected (False). Decoding errors are ``wire.WireError``."""
+        summary = self._open()
+        try:
+            upload = decode(data)
+        except wire.WireError as error:
+            return self._reject(-1, str(error))
+        reason = self._round_fault(upload, summary) or check(upload)
+        if reason:
+            return self._reject(upload.client_id, reason)
+        self._uploads[upload.client_id] = upload
+        summary.bytes_up[upload.client_id] = len(data)
+        return True
+
+    def _round_fault(self, u: Any, summary: RoundSummary) -> str | None:
+        if u.round != summary.round:
+            return f"upload is for round {u.round}, the open round is {summary.round}"
+        if not 0 <= u.client_id < self.spec.num_clients:
+            return f"unknown client {u.client_id}"
+        if u.client_id not in summary.sampled:
+            return f"client {u.client_id} is not sampled in round {summary.round}"
+        if u.client_id in self._uploads:
+            return f"client {u.client_id} already uploaded in round {summary.round}"
+        if u.steps > self.spec.local_steps:
+            return f"upload claims {u.steps} steps, local_steps is {self.spec.local_steps}"
+        return None
+
+    def _open(self) -> RoundSummary:
+        if self._summary is None:
+            raise RuntimeError("no round is open: call begin_round() first")
+        return self._summary
+
+    def _reject(self, client_id: int, reason: str) -> bool:
+        log.warning("round %d: rejected upload from client %d: %s", self.round + 1, client_id, reason)
+        self._open().rejected[client_id] = reason
+        return False
+
+    def _round_state(self) -> dict:
+        """The part of ``state_dict()`` every server saves: the run it belongs to, and its round."""
+        if self._summary is not None:
+            raise RuntimeError("cannot save in the middle of a round")
+        return {"spec": self.spec.to_dict(), "sizes": list(self.sizes), "round": self.round}
+
+    def _check_same_run(self, state: dict) -> None:
+        """Refuse a saved state of another run (other settings or client data sizes)."""
+        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
+            raise ValueError("the saved server state belongs to a run with other settings or data")
+
+
+class Server(RoundServer):
     """Holds the global model as (base weights, published seed table) and runs rounds:
 
         sampled = server.begin_round()              # or begin_round(clients=[...])
@@ -76,17 +163,11 @@ class Server:
     """
 
     def __init__(self, spec: FedSpec, client_sizes: Sequence[int], privacy: Privacy | None = None) -> None:
-        if len(client_sizes) != spec.num_clients:
-            raise ValueError(f"client_sizes has {len(client_sizes)} entries for {spec.num_clients} clients")
-        if any(int(n) < 1 for n in client_sizes):
-            raise ValueError("every client needs at least one example")
+        super().__init__(spec, client_sizes)
         if privacy is not None and privacy.spec != spec:
             raise ValueError("privacy was set up for another FedSpec")
-        self.spec, self.privacy = spec, privacy
+        self.privacy = privacy
         self.pool = SeedPool(spec.seed, spec.k)
-        self.sizes = [int(n) for n in client_sizes]
-        self.units = [spec.weight_units(n) for n in self.sizes]
-        self.round = 0
         self.accumulated = np.zeros(spec.k, dtype=np.float64)
         self.table = np.zeros(spec.k, dtype=np.float32)
         self.exponent = wire.MIN_EXPONENT
@@ -96,33 +177,21 @@ class Server:
         self._sampled: list[int] | None = None
         self._probabilities: np.ndarray | None = None
         self._schedules: dict[int, np.ndarray] = {}
-        self._uploads: dict[int, wire.Upload | wire.StepUpload] = {}
-        self._summary: RoundSummary | None = None
 
     # ----------------------------------------------------------------------------- a round
     def begin_round(self, clients: Sequence[int] | None = None) -> list[int]:
         """Open round ``self.round + 1`` for ``clients`` (default: the run's deterministic
         sample of ``clients_per_round``); returns the sorted participant ids."""
-        if self._sampled is not None:
-            raise RuntimeError(f"round {self.round + 1} is already open")
         r = self.round + 1
         spec = self.spec
-        if clients is None and self.privacy is not None:
-            chosen = self.privacy.sample(r)  # secret: not derived from the run's seed
-        elif clients is None:
-            chosen = sample_clients(spec.seed, r, spec.num_clients, spec.clients_per_round)
-        else:
-            chosen = sorted({int(c) for c in clients})
-            if any(not 0 <= c < spec.num_clients for c in chosen):
-                raise ValueError(f"client ids must be in [0, {spec.num_clients}), got {chosen}")
+        privacy = self.privacy
+        chosen = self._start(clients, (lambda: privacy.sample(r)) if privacy is not None else None)  # secret draw
         self._sampled = chosen
         self._probabilities = self.pool.probabilities() if spec.pro else None
         self._schedules = {
             c: draw_schedule(spec.seed, r, c, spec.local_steps, spec.k, self._probabilities, shared=spec.shared_seeds)
             for c in chosen
         }
-        self._uploads = {}
-        self._summary = RoundSummary(r, list(chosen), [], {})
         return list(chosen)
 
     def probabilities(self) -> np.ndarray:
@@ -161,17 +230,7 @@ class Server:
 
     def receive(self, data: bytes) -> bool:
         """Check an upload and keep it for aggregation; a bad one is logged and dropped."""
-        summary = self._open()
-        try:
-            upload = wire.decode_upload(data, self.spec.k, self._schedules)
-        except wire.WireError as error:
-            return self._reject(-1, str(error))
-        reason = self._check(upload, summary.round)
-        if reason:
-            return self._reject(upload.client_id, reason)
-        self._uploads[upload.client_id] = upload
-        summary.bytes_up[upload.client_id] = len(data)
-        return True
+        return self._receive(data, lambda d: wire.decode_upload(d, self.spec.k, self._schedules), self._check)
 
     def end_round(self) -> RoundSummary:
         """Aggregate the accepted uploads (clients that failed are simply absent): bound each
@@ -237,29 +296,10 @@ class Server:
         return indices, sums
 
     # ------------------------------------------------------------------------------ helpers
-    def _open(self) -> RoundSummary:
-        if self._summary is None:
-            raise RuntimeError("no round is open: call begin_round() first")
-        return self._summary
-
-    def _reject(self, client_id: int, reason: str) -> bool:
-        log.warning("round %d: rejected upload from client %d: %s", self.round + 1, client_id, reason)
-        self._summary.rejected[client_id] = reason
-        return False
-
-    def _check(self, u: wire.Upload, round_: int) -> str | None:
-        if u.round != round_:
-            return f"upload is for round {u.round}, the open round is {round_}"
-        if not 0 <= u.client_id < self.spec.num_clients:
-            return f"unknown client {u.client_id}"
-        if u.client_id not in self._schedules:
-            return f"client {u.client_id} is not sampled in round {round_}"
-        if u.client_id in self._uploads:
-            return f"client {u.client_id} already uploaded in round {round_}"
+    def _check(self, u: wire.Upload | wire.StepUpload) -> str | None:
+        """What FedKSeed checks beyond the round (``RoundServer._round_fault``)."""
         if u.k != self.spec.k:
             return f"upload has K = {u.k}, the run has K = {self.spec.k}"
-        if u.steps > self.spec.local_steps:
-            return f"upload claims {u.steps} steps, local_steps is {self.spec.local_steps}"
         if self.spec.pro != isinstance(u, wire.StepUpload):
             wanted = "per-step (FedKSeed-Pro)" if self.spec.pro else "per-seed"
             return f"the run takes {wanted} uploads, this one is not"
@@ -293,12 +333,8 @@ class Server:
         return wire.encode_table(table, self.spec.precision, self.exponent)
 
     def state_dict(self) -> dict:
-        if self._summary is not None:
-            raise RuntimeError("cannot save in the middle of a round")
         return {
-            "spec": self.spec.to_dict(),
-            "sizes": list(self.sizes),
-            "round": self.round,
+            **self._round_state(),
             "accumulated": self.accumulated.copy(),
             "table": self.table.copy(),
             "exponent": self.exponent,
@@ -326,8 +362,7 @@ class Server:
             setattr(self, name, value)
 
     def _checked_state(self, state: dict) -> dict:
-        if dict(state["spec"]) != self.spec.to_dict() or list(state["sizes"]) != self.sizes:
-            raise ValueError("the saved server state belongs to a run with other settings or data")
+        self._check_same_run(state)
         round_, exponent = _integer(state["round"], "round"), _integer(state["exponent"], "exponent")
         if round_ < 0:
             raise ValueError(f"saved round {round_} is negative")
