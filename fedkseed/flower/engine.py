@@ -17,6 +17,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+# Imported before any run: its import sets process-wide defaults in os.environ (Ray's
+# RAY_ENABLE_UV_RUN_RUNTIME_ENV), which _quiet_flower's restoring of the environment must keep.
+import flwr.simulation  # noqa: F401
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
