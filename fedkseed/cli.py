@@ -30,6 +30,16 @@ ESTIMATOR_REFUSED = (
     "its N seeds and N scalars per step; train with ZOSGD(estimator='{name}') or ZOTrainer outside a federation"
 )
 
+# A sparse (Sparse-MeZO) mask built from the round-start global weights would cost no
+# communication, but the server's replay of the seed table merges a round's steps into one pass
+# per seed, catch-up replays the table's accumulated sums, and neither the wire format nor the
+# checkpoint carries a density yet: refused rather than replayed wrongly.
+DENSITY_REFUSED = (
+    "--density {rho:g} is not supported by fedkseed simulate: the server's merged per-seed replay of a round and "
+    "catch-up from the seed table cannot yet apply per-round magnitude masks, and the wire format and checkpoint do "
+    "not carry a density; train sparse with ZOSGD(density={rho:g}) or ZOTrainer (zo_density) outside a federation"
+)
+
 COMMAND_DESCRIPTION = (
     "fedkseed: simulate runs a federated fine-tuning method (FedKSeed, FedIT, FedAvg or Ferret) on "
     "this machine; apply rebuilds a model from a base model and FedKSeed's delta file."
@@ -110,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZO estimator of FedKSeed's local steps: mezo only (fzoo is refused with the reason)",
     )
     sim.add_argument(
+        "--density",
+        type=float,
+        default=1.0,
+        help="Sparse-MeZO mask density of the local steps: 1 (dense) only (a sparse mask is refused with the reason)",
+    )
+    sim.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved settings (protocol and method defaults filled in) as JSON and exit; loads nothing",
@@ -151,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate" and args.estimator != "mezo":
             raise UsageError(ESTIMATOR_REFUSED.format(name=args.estimator))
+        if args.command == "simulate" and args.density != 1.0:
+            if not 0.0 < args.density < 1.0:
+                raise UsageError(f"--density must be in (0, 1] (each tensor's share perturbed), got {args.density}")
+            raise UsageError(DENSITY_REFUSED.format(rho=args.density))
         if args.command == "simulate" and args.print_config:
             print(json.dumps(resolved_settings(config_from_args(SimConfig, args)), indent=2))
             return 0

@@ -62,6 +62,11 @@ class ZOTrainingArguments(TrainingArguments):
     )
     zo_sign: bool = field(default=False, metadata={"help": "Update by sign(g) (sign-ZO)."})
     zo_fuse: bool = field(default=True, metadata={"help": "Fuse the next step's +eps into the update pass."})
+    zo_density: float = field(
+        default=1.0,
+        metadata={"help": "Sparse-MeZO: perturb only each tensor's smallest-magnitude share rho (1: dense)."},
+    )
+    zo_mask_every: int = field(default=1, metadata={"help": "Steps between rebuilds of the magnitude mask."})
     zo_rounding: str = field(
         default="nearest", metadata={"help": '"stochastic" keeps bf16/fp16 weights from stalling below one ulp.'}
     )
@@ -139,6 +144,8 @@ class ZOTrainer(Trainer):
                 sign=args.zo_sign,
                 fuse=args.zo_fuse,
                 estimator=args.zo_estimator,
+                density=args.zo_density,
+                mask_every=args.zo_mask_every,
             )
         return self.optimizer
 

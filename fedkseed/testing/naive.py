@@ -5,6 +5,9 @@ of docs/stream-spec.md#accumulation). Its momentum is the same truncated sum as 
 checks the passes, not the estimator: tests/zo/test_estimators.py checks the momentum itself against
 ``torch.optim.SGD``. With ``one_sided`` it is FZOO's step (L_0, then one +eps probe at a time,
 normalised by the standard deviation of the perturbed losses), written from the formula.
+``remask`` (Sparse-MeZO) selects each tensor's elements with |x| <= its threshold (from
+``reference.magnitude_thresholds``), compared here in float64 element by element (not through
+the mask bytes), and every pass after it writes only those.
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from ..zo.passes import float32
 
 
 def naive_pass(
-    x: torch.Tensor, offset: int, seeds: Sequence[int], alphas: Sequence[float], dist: str, decay: float = 1.0
+    x: torch.Tensor,
+    offset: int,
+    seeds: Sequence[int],
+    alphas: Sequence[float],
+    dist: str,
+    decay: float = 1.0,
+    selected: torch.Tensor | None = None,
 ) -> None:
-    """x <- cast(float32(x) * d + sum_k float32(a_k) z_k), z from the reference stream."""
+    """x <- cast(float32(x) * d + sum_k float32(a_k) z_k), z from the reference stream; with
+    ``selected`` (bool, x's shape) only there, the other elements keep their bits."""
     acc = torch.zeros(x.numel(), dtype=torch.float32)
     for s, a in zip(seeds, alphas):
         acc = acc + torch.tensor(a, dtype=torch.float32) * reference.noise(s, x.numel(), offset, dist)
@@ -29,7 +39,16 @@ def naive_pass(
     if decay != 1.0:
         y = y * torch.tensor(decay, dtype=torch.float32)
     with torch.no_grad():
-        x.copy_((y + acc).to(x.dtype).reshape(x.shape))
+        new = (y + acc).to(x.dtype).reshape(x.shape)
+        x.copy_(new if selected is None else torch.where(selected, new, x))
+
+
+def naive_selection(tensors: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
+    """Each tensor's elements with |x| <= float32(tau_t) (NaN never), compared in float64."""
+    out = []
+    for x, tau in zip(tensors, reference.magnitude_thresholds(list(tensors), density)):
+        out.append(x.detach().double().abs() <= float32(tau))
+    return out
 
 
 class NaiveZO:
@@ -52,10 +71,18 @@ class NaiveZO:
         self.sign, self.beta, self.window = sign, momentum, window
         self.past: list[list[tuple[int, float]]] = []
         self.pending = False
+        self.selected: list[torch.Tensor] | None = None  # the mask epoch's selection; None: dense
+
+    def remask(self, density: float) -> None:
+        """Start a mask epoch of ``density`` from the weights now (1.0: dense)."""
+        self.selected = None if density == 1.0 else naive_selection([x for x, *_ in self.tensors], density)
+
+    def _selected(self, t: int) -> torch.Tensor | None:
+        return None if self.selected is None else self.selected[t]
 
     def everywhere(self, seeds: Sequence[int], alphas: Sequence[float]) -> None:
-        for x, off, _, _ in self.tensors:
-            naive_pass(x, off, seeds, alphas, self.dist)
+        for t, (x, off, _, _) in enumerate(self.tensors):
+            naive_pass(x, off, seeds, alphas, self.dist, selected=self._selected(t))
 
     @torch.no_grad()
     def step(
@@ -65,10 +92,14 @@ class NaiveZO:
         lrs: Sequence[float],
         wds: Sequence[float],
         next_seed: int | None = None,
+        remask: float | None = None,
     ) -> list[float]:
         """One step with probe seeds ``probes`` and per-group lr / weight decay; ``next_seed``
-        fuses the next step's +eps into the update pass. Returns the projected gradients (an
-        empty list when the step was skipped: only one-sided steps skip here)."""
+        fuses the next step's +eps into the update pass; ``remask`` starts a mask epoch first.
+        Returns the projected gradients (an empty list when the step was skipped: only
+        one-sided steps skip here)."""
+        if remask is not None:
+            self.remask(remask)
         if self.one_sided:
             return self._one_sided_step(closure, probes, lrs, wds)
         eps, losses = self.eps, []
@@ -125,7 +156,7 @@ class NaiveZO:
         for j, past in enumerate(reversed(self.past[-(self.window - 1) :] if self.window > 1 else []), start=1):
             terms += [(s, self.beta**j * w) for s, w in past]
         self.past.append(own)
-        for x, off, g, decayed in self.tensors:
+        for t, (x, off, g, decayed) in enumerate(self.tensors):
             d = float32(1 - lrs[g] * wds[g]) if decayed else 1.0
             seeds = [s for s, _ in terms]
             alphas = [float32(-lrs[g] * w) for _, w in terms]
@@ -138,5 +169,5 @@ class NaiveZO:
             if next_seed is not None:
                 seeds.append(next_seed)
                 alphas.append(eps)
-            naive_pass(x, off, seeds, alphas, self.dist, d)
+            naive_pass(x, off, seeds, alphas, self.dist, d, self._selected(t))
         self.pending = next_seed is not None

@@ -14,6 +14,12 @@ update theta <- theta * d + sum_k a_k z(s_k), one pass (FedKSeed's merged per-se
 ``apply_(params, fused=True)`` instead replays the logical updates only, runs of undecayed
 entries as ONE multi-seed pass each (the FedKSeed way): equal up to rounding.
 
+A masked run (``ZOSGD(density=rho)``) records ``remask`` = rho on each entry that started a mask
+epoch; ``apply_`` rebuilds the mask from the replayed weights at that entry, before its first
+pass. Those weights are bit-identical to the run's, so the mask is too, and every pass goes
+through it as it did in the run. Merging and fused replay sum entries of different epochs into
+one pass, which no single mask can replay, so they refuse a masked history.
+
 Which tensors a history applies to
 ----------------------------------
 The *layout*: order, global shapes and dtypes (``ParamSet.layout()``; names are kept for
@@ -27,8 +33,8 @@ Stochastic rounding: pass ``n`` of entry ``j`` uses the rounding seed
 
 Binary format (little-endian, not pickle, fields and CRC through :mod:`fedkseed.binio`):
 docs/formats.md#history. Version 2 carries the layout, the classes, general entries and a
-CRC-32; version 3 is version 2 plus one-sided (FZOO) entries, written only by a history that
-holds one (so a reader of version 2 still reads every other run); version 1 (16-byte (seed,
+CRC-32; version 3 is version 2 plus one-sided (FZOO) entries and mask-epoch records, written
+only by a history that holds one (so a reader of version 2 still reads every other run); version 1 (16-byte (seed,
 alpha, decay) records, no checksum) is still read.
 ``save`` writes a temporary file in the same folder and renames it over the target, so no
 reader sees half a file.
@@ -59,6 +65,7 @@ from .passes import (
     step_rounding_base,
 )
 from .runner import Runner
+from .step import check_maskable
 
 MAGIC = b"FKSH"
 FORMAT_VERSION = 3  # the newest written; a history without one-sided entries is written as 2
@@ -71,9 +78,9 @@ _HEADER = "BBdQIHQ"  # dist tag, flags, eps, rounding key, tensors, groups, entr
 # header flags (v1 uses the first three)
 _HAS_FINGERPRINT, _HAS_EPS, _HAS_ROUNDING, _INEXACT, _LEGACY, _HAS_LAYOUT = 1, 2, 4, 8, 16, 32
 _KNOWN_FLAGS = {1: 7, 2: 63, 3: 63}
-# entry flags (_ONE_SIDED from version 3)
-_PERTURBED, _HAS_NEXT, _ABORTED, _TERMS_ARE_PROBES, _ONE_SIDED = 1, 2, 4, 8, 16
-_ENTRY_FLAGS = {2: 15, 3: 31}
+# entry flags (_ONE_SIDED and _REMASK from version 3)
+_PERTURBED, _HAS_NEXT, _ABORTED, _TERMS_ARE_PROBES, _ONE_SIDED, _REMASK = 1, 2, 4, 8, 16, 32
+_ENTRY_FLAGS = {2: 15, 3: 63}
 _DTYPES = ("float32", "bfloat16", "float16")
 _MAX_PROBES = 255
 
@@ -185,6 +192,18 @@ class History:
             f"fingerprint={fp and fp[:12]!r}{'' if self.exact else ', INEXACT'})"
         )
 
+    @property
+    def masked(self) -> bool:
+        """Some entry starts a mask epoch of density < 1 (a Sparse-MeZO run)."""
+        return any(e.remask is not None and e.remask < 1.0 for e in self.entries)
+
+    def _refuse_masked(self, what: str) -> None:
+        if self.masked:
+            raise ValueError(
+                f"cannot {what} a masked history (density < 1): its entries' passes go through per-epoch "
+                "magnitude masks, which one summed pass cannot apply; replay it entry by entry (fused=False)"
+            )
+
     def validate(self) -> None:
         """Check every entry and every fused link: what ``apply_`` does before any write."""
         previous = None
@@ -204,6 +223,7 @@ class History:
                 f"cannot merge a history with weight decay: {decayed} of {len(self)} entries "
                 "have decay != 1 (theta*d does not commute with summing per seed)"
             )
+        self._refuse_masked("merge")
         sums: dict[int, list[float]] = {}
         for entry in self.entries:
             for k, seed in enumerate(entry.seeds):
@@ -226,7 +246,8 @@ class History:
 
     # ------------------------------------------------------------------------------- replay
     def passes(self, fused: bool = False) -> list[Pass]:
-        """The passes ``apply_`` makes, in order."""
+        """The passes ``apply_`` makes, in order (of a masked history: each through the mask
+        of its entry's epoch, which ``apply_`` builds as it goes)."""
         return [p for _, p in self._indexed_passes(fused)]
 
     def _indexed_passes(self, fused: bool) -> list[tuple[int, Pass]]:
@@ -262,10 +283,12 @@ class History:
         Every entry and the layout are checked before any weight is touched. ``fused=False``
         (default) repeats every pass as made: bit-identical to the run. ``fused=True`` applies
         the logical updates only, each run of undecayed entries as ONE multi-seed pass: equal up
-        to rounding (and without a pending perturbation of the next step). A history marked
-        inexact is refused unless ``allow_inexact``.
+        to rounding (and without a pending perturbation of the next step); a masked history
+        refuses it. A history marked inexact is refused unless ``allow_inexact``.
         """
         self.validate()
+        if fused:
+            self._refuse_masked("fuse")
         if not self.exact and not allow_inexact:
             raise ValueError(
                 "history is marked inexact (a pass of the run could not be recorded: a recovery "
@@ -278,12 +301,23 @@ class History:
             classes = self.classes
         else:
             classes = [int(flag) for flag in pset.decay_mask]
+        if self.masked:
+            check_maskable(pset)
         runner = Runner(pset, classes, self.dist, resolve_backend(backend, pset.device))
-        for index, p in self._indexed_passes(fused):
-            rseed = None
-            if self.rounding_key is not None:
-                rseed = rounding_seed(step_rounding_base(self.rounding_key, index), p.number)
-            runner.apply(p, rseed)
+        # (entry index, the density of a mask epoch it starts, its passes): a mask epoch starts
+        # before the entry's first pass, even at an entry that made none (a failed first closure)
+        if fused:
+            plan = [(index, None, [p]) for index, p in self._indexed_passes(True)]
+        else:
+            plan = [(j, e.remask, entry_passes(e, self.eps, legacy=self.legacy)) for j, e in enumerate(self.entries)]
+        for index, remask, entry_passes_ in plan:
+            if remask is not None:
+                runner.remask(remask)
+            for p in entry_passes_:
+                rseed = None
+                if self.rounding_key is not None:
+                    rseed = rounding_seed(step_rounding_base(self.rounding_key, index), p.number)
+                runner.apply(p, rseed)
         return pset
 
     def check_params(self, pset: ParamSet) -> None:
@@ -308,7 +342,7 @@ class History:
             | (_HAS_LAYOUT if self.layout is not None else 0)
         )
         w = binio.Writer(MAGIC)
-        version = FORMAT_VERSION if any(e.one_sided for e in self.entries) else 2
+        version = FORMAT_VERSION if any(e.one_sided or e.remask is not None for e in self.entries) else 2
         w.pack(_VERSIONS, version, S.STREAM_VERSION)
         w.pack(
             _HEADER,
@@ -372,7 +406,7 @@ class History:
 # ----------------------------------------------------------------------------------- entries
 def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
     """The entry, every field checked; a ValueError naming entry ``j`` and the field."""
-    probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided = entry
+    probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided, remask = entry
     where = f"entry {j}"
     try:
         probes = tuple(check_seed(s, "probe seed") for s in probes)
@@ -409,13 +443,18 @@ def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
         raise ValueError(f"{where}: one_sided must be a bool, got {one_sided!r}")
     if one_sided and (len(probes) < 2 or perturbed or next_seed is not None):
         raise ValueError(f"{where}: a one-sided step has at least 2 probes, never starts perturbed nor fuses a seed")
+    if remask is not None:
+        if isinstance(remask, bool) or not isinstance(remask, float) or not 0.0 < remask <= 1.0:
+            raise ValueError(f"{where}: mask density {remask!r} is not a float in (0, 1]")
+        if perturbed:
+            raise ValueError(f"{where}: a mask epoch starts from unperturbed weights, but the entry starts perturbed")
     if aborted is not None:
         limit = len(probe_passes(probes, 1.0, perturbed, one_sided))
         if isinstance(aborted, bool) or not isinstance(aborted, int) or not 0 <= aborted <= limit:
             raise ValueError(f"{where}: aborted after {aborted!r} probe passes, expected 0..{limit}")
         if seeds or any(d != 1.0 for d in decays):
             raise ValueError(f"{where}: an aborted step has no update")
-    return Entry(probes, seeds, alphas, tuple(decays), perturbed, next_seed, aborted, one_sided)
+    return Entry(probes, seeds, alphas, tuple(decays), perturbed, next_seed, aborted, one_sided, remask)
 
 
 def _check_link(previous: Entry | None, entry: Entry, j: int) -> None:
@@ -447,6 +486,7 @@ def _write_entry(w: binio.Writer, e: Entry) -> None:
         | (_ABORTED if e.aborted is not None else 0)
         | (_TERMS_ARE_PROBES if terms_are_probes else 0)
         | (_ONE_SIDED if e.one_sided else 0)
+        | (_REMASK if e.remask is not None else 0)
     )
     w.pack("BBI", flags, len(e.probes), len(e.seeds))
     if e.aborted is not None:
@@ -459,6 +499,8 @@ def _write_entry(w: binio.Writer, e: Entry) -> None:
     for group_alphas in e.alphas:
         w.pack(f"{len(group_alphas)}f", *group_alphas)
     w.pack(f"{len(e.decays)}f", *e.decays)
+    if e.remask is not None:
+        w.pack("d", e.remask)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -471,7 +513,7 @@ def _dist_name(tag: int) -> str:
 
 def _read_v2(r: binio.Reader, version: int) -> History:
     """Formats 2 and 3, from just after the versions: header, fingerprint or layout, entries,
-    CRC-32 (3 adds the one-sided entry flag)."""
+    CRC-32 (3 adds the one-sided and mask-epoch entry flags)."""
     if r.remaining() < binio.size(_HEADER) + binio.CRC.size:
         raise r.error(f"{len(r.data)} bytes is shorter than a history header")
     r.unseal()
@@ -512,8 +554,9 @@ def _read_v2(r: binio.Reader, version: int) -> History:
             seeds = r.unpack(f"{k}Q")
         alphas = tuple(r.unpack(f"{k}f") for _ in range(groups))
         decays = r.unpack(f"{groups}f")
+        remask = r.unpack("d")[0] if e_flags & _REMASK else None
         perturbed, one_sided = bool(e_flags & _PERTURBED), bool(e_flags & _ONE_SIDED)
-        entries.append(Entry(probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided))
+        entries.append(Entry(probes, seeds, alphas, decays, perturbed, next_seed, aborted, one_sided, remask))
     r.done("the last entry")
     history = History(
         _dist_name(tag),

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .. import ops
 from .. import stream as S
 from ..checks import check_real, check_rounding
 from ..distributed import DistributedLoss, is_multi_rank, is_reduced
@@ -26,6 +27,8 @@ from .runner import Runner
 from .step import (
     Update,
     ZOStepResult,
+    check_density,
+    check_maskable,
     classes_of,
     decay_factor,
     run_step,
@@ -57,6 +60,19 @@ class ZOSGD(torch.optim.Optimizer):
     update rule (:mod:`fedkseed.zo.estimators`); "fzoo" takes neither ``sign`` nor ``clip``.
     ``rounding="stochastic"`` gives every pass fresh rounding bits derived from (seed, entry,
     pass).
+
+    ``density`` = rho < 1: Sparse-MeZO's sparse perturbation. Every pass (probes, update,
+    settle) goes through a magnitude mask that selects, in each tensor, its ceil(rho * n)
+    smallest-magnitude elements (docs/stream-spec.md#magnitude-mask); the others keep their
+    stored bits. The mask is built from the weights at the start of every ``mask_every``-th step
+    (a mask epoch; the step before it does not fuse, so those weights are unperturbed) and kept
+    as one bit per element until the next. What follows: (1) weight decay acts only on the
+    selected elements (an unselected element is not written at all); (2) momentum's past terms
+    are replayed through the current mask, m_t = sum_j beta^j w_{t-j} (mask_t * z_{t-j}), not
+    through the masks they were drawn under; (3) the History records ``remask`` = rho at each
+    mask epoch and replays bit for bit, rebuilding the mask from the replayed weights. The mask
+    costs one read pass plus the per-tensor thresholds at each rebuild; density = 1 (default)
+    is the dense step, bit for bit.
 
     ``fuse`` (default): the update pass also applies the next step's +eps perturbation (two
     passes per step instead of three; "fzoo" never fuses, as L_0 needs the unperturbed
@@ -101,6 +117,8 @@ class ZOSGD(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         group: Any = None,
         estimator: str = "mezo",
+        density: float = 1.0,
+        mask_every: int = 1,
     ) -> None:
         lr = check_real("lr", lr)
         weight_decay = check_real("weight_decay", weight_decay)
@@ -137,6 +155,12 @@ class ZOSGD(torch.optim.Optimizer):
         if not isinstance(fuse, bool):
             raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
         self.fuse = fuse
+        self.density = check_density(density)
+        if isinstance(mask_every, bool) or not isinstance(mask_every, int) or mask_every < 1:
+            raise ValueError(f"mask_every must be an int >= 1 (steps per mask epoch), got {mask_every!r}")
+        self.mask_every = mask_every
+        if self.density < 1.0:
+            check_maskable(self.params)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if loss_reduction == "none" and self.params.sharded:
@@ -204,9 +228,11 @@ class ZOSGD(torch.optim.Optimizer):
         lrs, decays = self._group_coefficients()
         probes = self.seeds_for(self.steps)
         one_sided = self.estimator.one_sided
-        if self.pending is not None and (one_sided or self.pending != probes[0]):
+        remask = self.density if self._starts_mask_epoch(self.steps) else None
+        if self.pending is not None and (one_sided or remask is not None or self.pending != probes[0]):
             self.settle()  # the configuration changed under a pending perturbation
-        next_seed = self.seeds_for(self.steps + 1)[0] if self.fuse and not one_sided else None
+        fuse_next = self.fuse and not one_sided and not self._starts_mask_epoch(self.steps + 1)
+        next_seed = self.seeds_for(self.steps + 1)[0] if fuse_next else None
         own: Terms = []
 
         def update(grads: list[float]) -> Update:
@@ -232,6 +258,7 @@ class ZOSGD(torch.optim.Optimizer):
                 rounding_base=self._rounding_base(),
                 record=self._record,
                 one_sided=one_sided,
+                remask=remask,
             )
         self.estimator.push([] if result.skipped else own)
         self.steps += 1
@@ -252,6 +279,10 @@ class ZOSGD(torch.optim.Optimizer):
         if self._reducer is None:
             self._reducer = DistributedLoss(self.group, module=self.module)
         return self._reducer.wrap(closure)
+
+    def _starts_mask_epoch(self, step: int) -> bool:
+        """Step ``step`` rebuilds the magnitude mask (masked runs: every ``mask_every`` steps)."""
+        return self.density < 1.0 and step % self.mask_every == 0
 
     def settle(self) -> None:
         """Take back the pending +eps perturbation of the next step (one pass, recorded), so
@@ -324,8 +355,9 @@ class ZOSGD(torch.optim.Optimizer):
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """torch's (empty ``state``; ``param_groups`` with lr, weight_decay, decay and
-        scheduler keys) plus "zo": configuration, step counter, pending seed, momentum window
-        and the History bytes. Only ints, floats, strs, bools, None, lists and bytes: it loads
+        scheduler keys) plus "zo": configuration, step counter, pending seed, momentum window,
+        the History bytes and, in a masked run, the current mask epoch's bits (the weights it
+        was built from are gone). Only ints, floats, strs, bools, None, lists and bytes: it loads
         under ``torch.load(weights_only=True)``."""
         state = super().state_dict()
         state["zo"] = {
@@ -343,6 +375,9 @@ class ZOSGD(torch.optim.Optimizer):
             "pending": self.pending,
             "estimator": self.estimator.state(),
             "history": self.history.to_bytes(),
+            "density": self.density,
+            "mask_every": self.mask_every,
+            "mask": None if self._runner.mask is None else self._runner.mask.cpu().numpy().tobytes(),
         }
         return state
 
@@ -377,6 +412,12 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict pending seed {pending!r} disagrees with its history")
         if not isinstance(zo["fuse"], bool):
             raise ValueError(f"state_dict fuse {zo['fuse']!r} is not a bool")
+        # states saved before masks carry no density: dense
+        density = check_density(zo.get("density", 1.0))
+        mask_every = zo.get("mask_every", 1)
+        if isinstance(mask_every, bool) or not isinstance(mask_every, int) or mask_every < 1:
+            raise ValueError(f"state_dict mask_every {mask_every!r} is not an int >= 1")
+        mask = self._saved_mask(zo.get("mask"), history)
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError("state_dict has a different number of param groups")
@@ -391,8 +432,25 @@ class ZOSGD(torch.optim.Optimizer):
         self.seed, self.candidates, self._cumulative = seed, candidates, cumulative
         self.probabilities = zo["probabilities"]
         self.fuse, self.pending, self.estimator = zo["fuse"], pending, estimator
+        self.density, self.mask_every = density, mask_every
         self._runner = Runner(self.params, self.classes, self.dist, self._runner.backend)
+        self._runner.set_mask(mask)
         self.history, self.steps, self.last = history, steps, None
+
+    def _saved_mask(self, raw: Any, history: History) -> torch.Tensor | None:
+        """The current mask epoch's bits from a state dict: present exactly when the history's
+        last mask epoch has density < 1, of the size the parameters need."""
+        epochs = [e.remask for e in history if e.remask is not None]
+        if not epochs or epochs[-1] == 1.0:
+            if raw is not None:
+                raise ValueError("state_dict holds a mask but its history is in no mask epoch")
+            return None
+        check_maskable(self.params)
+        want = ops.mask_bytes(self.params)
+        if not isinstance(raw, bytes) or len(raw) != want:
+            got = f"{len(raw)} bytes" if isinstance(raw, bytes) else repr(type(raw).__name__)
+            raise ValueError(f"state_dict mask is {got}; its history's mask epoch needs {want} bytes")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.params.device)
 
 
 # ------------------------------------------------------------------------------------ helpers

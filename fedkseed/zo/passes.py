@@ -41,6 +41,15 @@ back a pending +eps of the next step) is recorded the same way, as an aborted en
 ``perturbed`` and no pass made. An entry with q = 0 is a logical update: its update pass only
 (FedKSeed's merged per-seed sums).
 
+A *masked* run (Sparse-MeZO: perturb only the small-magnitude weights) applies every pass
+through the current magnitude mask (docs/stream-spec.md#magnitude-mask): selected elements are
+updated as above, the others are not written at all (no decay either). An entry with ``remask``
+= rho starts a mask epoch: before its first pass the mask is rebuilt from the weights at that
+point (per-tensor thresholds for density rho; rho = 1 means no mask), and it holds for every
+pass of this and the following entries (probes, update, recovery, settle) until the next entry
+with ``remask``. Such an entry never starts ``perturbed``: the weights it builds the mask from
+carry no pending perturbation, so that every +eps and its restore go through the same mask.
+
 Stochastic rounding (docs/stream-spec.md#stochastic-rounding): pass ``number`` of entry j uses
 the rounding seed ``rounding_seed(step_rounding_base(key, j), number)``
 (docs/seed-derivation.md#domains).
@@ -73,6 +82,7 @@ class Entry(NamedTuple):
     next_seed: int | None = None  # the update pass also applied +eps z(next_seed)
     aborted: int | None = None  # probe passes made before the closure raised; None: completed
     one_sided: bool = False  # the one-sided probe pattern (FZOO-style): L_0 at theta, then +eps each
+    remask: float | None = None  # density rho: a new mask epoch starts here (see the module docstring)
 
 
 class Pass(NamedTuple):

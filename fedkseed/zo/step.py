@@ -131,6 +131,7 @@ def run_step(
     rounding_base: int | None = None,
     record: Callable[[Entry, bool], None] | None = None,
     one_sided: bool = False,
+    remask: float | None = None,
 ) -> ZOStepResult:
     """One ZO step over ``probes`` (validated by the caller).
 
@@ -141,13 +142,17 @@ def run_step(
     ``record(entry, exact)`` receives the entry of what was applied, completed or aborted;
     ``exact`` is False only when a pass failed half-way or the recovery pass failed, so the
     weights are no longer what the entry says. ``rounding_base``: stochastic rounding on, with
-    each pass's seed derived from it and the pass number.
+    each pass's seed derived from it and the pass number. ``remask``: a density; the step starts
+    a mask epoch (the runner's mask rebuilt from the weights now, which must not be perturbed);
+    every pass goes through the runner's current mask either way.
     """
 
     def apply(p: passes.Pass) -> None:
         rseed = None if rounding_base is None else passes.rounding_seed(rounding_base, p.number)
         runner.apply(p, rseed)
 
+    if remask is not None:
+        runner.remask(remask)
     losses: list[float] = []
     done, in_pass = 0, False
     try:
@@ -163,7 +168,8 @@ def run_step(
         recovery = passes.recovery_pass(probes, eps, perturbed, done, one_sided)
         exact = not in_pass and _recover(apply, recovery)
         if record is not None:
-            record(Entry(probes, (), ((),) * groups, (1.0,) * groups, perturbed, None, done, one_sided), exact)
+            aborted = Entry(probes, (), ((),) * groups, (1.0,) * groups, perturbed, None, done, one_sided, remask)
+            record(aborted, exact)
         raise
 
     grads, skipped = [], False
@@ -185,7 +191,7 @@ def run_step(
     if planned is None or not _finite_update(planned, -eps if one_sided else eps):
         skipped = True
         planned = ((), ((),) * groups, (1.0,) * groups)
-    entry = Entry(probes, *planned, perturbed, next_seed, None, one_sided)
+    entry = Entry(probes, *planned, perturbed, next_seed, None, one_sided, remask)
     try:
         apply(passes.update_pass(entry, eps))
     except BaseException:
@@ -237,6 +243,7 @@ def zo_step(
     rounding_seed: int | None = None,
     backend: str = "auto",
     estimator: str = "mezo",
+    density: float = 1.0,
 ) -> ZOStepResult:
     """One MeZO two-point step in three passes (two with ``next_seed`` / ``perturbed``), or
     with ``estimator="fzoo"`` one FZOO step over the N >= 2 probe seeds ``seed`` (a sequence):
@@ -257,6 +264,11 @@ def zo_step(
     pass). ``rounding="stochastic"`` rounds bfloat16/float16 results stochastically, each pass
     with fresh bits derived from (``rounding_seed`` or ``seed`` (FZOO: its first seed), pass
     number).
+
+    ``density`` < 1: Sparse-MeZO's step, every pass through the magnitude mask of that density
+    built from the weights at the call (docs/stream-spec.md#magnitude-mask): only the selected
+    (small-magnitude) elements are perturbed, updated and decayed, the others keep their bits.
+    The mask needs unperturbed weights, so it takes neither ``next_seed`` nor ``perturbed``.
 
     Everything is validated before the weights are touched. If the closure raises or returns a
     non-scalar mid-step, the perturbation is taken back before the error propagates (one more
@@ -284,6 +296,14 @@ def zo_step(
         probes = (check_seed(seed),)
     if next_seed is not None:
         check_seed(next_seed)
+    density = check_density(density)
+    if density < 1.0:
+        check_maskable(pset)
+        if next_seed is not None or perturbed:
+            raise ValueError(
+                "density < 1 does not take next_seed or perturbed: the mask is built from the weights "
+                "at the call, which must carry no perturbation"
+            )
     eps = check_real("eps", eps, positive=True)
     lr = check_real("lr", lr)
     weight_decay = check_real("weight_decay", weight_decay)
@@ -319,7 +339,25 @@ def zo_step(
         skip_threshold=skip_threshold,
         rounding_base=base,
         one_sided=one_sided,
+        remask=density if density < 1.0 else None,
     )
+
+
+def check_density(density: float) -> float:
+    """The mask density rho, in (0, 1] (1: dense, no mask)."""
+    density = check_real("density", density, positive=True)
+    if density > 1.0:
+        raise ValueError(f"density must be in (0, 1] (the share of each tensor perturbed), got {density!r}")
+    return density
+
+
+def check_maskable(pset: ParamSet) -> None:
+    """A magnitude mask needs whole tensors: sharded parameters are refused in one line."""
+    if pset.sharded:
+        raise ValueError(
+            "density < 1 needs whole tensors (per-tensor thresholds over the global tensor): these parameters "
+            "are sharded (FSDP2/DTensor)"
+        )
 
 
 def classes_of(pset: ParamSet, group_decays: Sequence[str]) -> list[int]:

@@ -200,8 +200,9 @@ def test_options_are_generated_from_the_config_and_its_owners():
     for command, config_class in (("simulate", SimConfig), ("apply", ApplyConfig)):
         actions = {a.dest: a for a in subcommands[command]._actions if a.dest != "help"}
         fields = dataclasses.fields(config_class)
-        # how to print, not what to run; --estimator only refuses what FedKSeed cannot run (fzoo)
-        assert set(actions) - {"quiet", "print_config", "estimator"} == {f.name for f in fields}
+        # how to print, not what to run; --estimator and --density only refuse what FedKSeed cannot
+        # run (fzoo, a sparse mask)
+        assert set(actions) - {"quiet", "print_config", "estimator", "density"} == {f.name for f in fields}
         for f in fields:
             action = actions[f.name]
             assert action.option_strings == ["--" + f.name.replace("_", "-")]
