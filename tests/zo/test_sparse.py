@@ -336,6 +336,18 @@ def test_state_dict_resumes_bit_identically_mid_epoch():
     assert same(weights(model), weights(resumed)) and opt2.history == opt.history
 
 
+def test_a_state_saved_before_masks_still_loads_as_dense():
+    model = net()
+    opt = ZOSGD(model, lr=0.05, eps=1e-2)
+    opt.step(loss_of(model))
+    state = opt.state_dict()
+    for key in ("density", "mask_every", "mask"):
+        del state["zo"][key]  # what a state written before masks holds
+    opt2 = ZOSGD(net(), lr=0.05, eps=1e-2, density=0.5)
+    opt2.load_state_dict(state)
+    assert (opt2.density, opt2.mask_every, opt2._runner.mask) == (1.0, 1, None)
+
+
 def test_a_state_with_a_wrong_mask_is_refused():
     model = net()
     opt = ZOSGD(model, lr=0.05, eps=1e-2, density=0.5, mask_every=4)
