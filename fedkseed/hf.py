@@ -12,6 +12,9 @@ checkpoints included, gets ``zo_history.fkh`` beside the weights:
 ``fedkseed.History.load(path).apply_(m)`` turns the initial model ``m`` into the saved one bit for
 bit.
 
+``zo_density`` < 1 perturbs and updates only each tensor's smallest-magnitude share (Sparse-MeZO;
+the mask is rebuilt every ``zo_mask_every`` steps and replayed by the History bit for bit).
+
 The losses are evaluated in eval mode (no dropout: L+ and L- must come from one function, as in
 MeZO). The logged ``loss`` is L+ (MeZO's convention; FZOO: L_0, at the unperturbed weights) and
 ``zo_projected_grad`` (mean |g| since the last log) replaces ``grad_norm``, which would always
