@@ -54,7 +54,7 @@ import warnings
 from collections import deque
 from typing import Any
 
-from ..checks import check_real
+from ..checks import check_bool, check_int, check_real
 from ..seeds import check_seed
 
 Terms = list[tuple[int, float]]  # (seed, w): the update is -lr * w * z(seed)
@@ -83,10 +83,8 @@ class Estimator:
         warned about again. ``kind``: one of :data:`ESTIMATORS`."""
         if kind not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
-        if isinstance(directions, bool) or not isinstance(directions, int) or not 1 <= directions <= 255:
-            raise ValueError(f"directions must be an int in [1, 255], got {directions!r}")
-        if not isinstance(sign, bool):
-            raise TypeError(f"sign must be a bool, got {type(sign).__name__}")
+        check_int("directions", directions, 1, 255)
+        check_bool("sign", sign)
         if kind == "fzoo" and directions < 2:
             raise ValueError(
                 f"estimator 'fzoo' needs directions >= 2 (sigma is the standard deviation of the N "
@@ -97,8 +95,7 @@ class Estimator:
         momentum = check_real("momentum", momentum)
         if momentum >= 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"window must be an int in [1, {MAX_WINDOW}], got {window!r}")
+        check_int("window", window, 1, MAX_WINDOW)
         if momentum == 0.0:
             window = 1
         elif warn:

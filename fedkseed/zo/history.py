@@ -51,6 +51,7 @@ from typing import Any
 from .. import binio
 from .. import stream as S
 from ..atomic import save_atomically
+from ..checks import check_bool, check_int
 from ..ops import ParamsLike, resolve_backend
 from ..paramset import Layout, ParamSet, layout_digest, trainable
 from ..seeds import check_seed
@@ -111,8 +112,7 @@ class History:
         legacy: bool = False,
     ) -> None:
         S.dist_tag(dist)
-        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 65535:
-            raise ValueError(f"groups must be an int in [1, 65535], got {groups!r}")
+        check_int("groups", groups, 1, 65535)
         if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a positive finite float or None, got {eps!r}")
         if rounding_key is not None:
@@ -439,8 +439,7 @@ def _check_entry(entry: Entry, groups: int, eps: float | None, j: int) -> Entry:
         raise ValueError(f"{where}: perturbed must be a bool, and True only with probes")
     if next_seed is not None and (not probes or aborted is not None):
         raise ValueError(f"{where}: a fused next seed needs a completed step with probes")
-    if not isinstance(one_sided, bool):
-        raise ValueError(f"{where}: one_sided must be a bool, got {one_sided!r}")
+    check_bool(f"{where}: one_sided", one_sided, error=ValueError)
     if one_sided and (len(probes) < 2 or perturbed or next_seed is not None):
         raise ValueError(f"{where}: a one-sided step has at least 2 probes, never starts perturbed nor fuses a seed")
     if remask is not None:

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from .. import stream as S
-from ..checks import check_real, check_rounding
+from ..checks import check_bool, check_int, check_real, check_rounding
 from ..distributed import DistributedLoss, is_multi_rank, is_reduced
 from ..ops import ParamsLike, resolve_backend
 from ..paramset import ParamSet, reshard_fsdp, trainable
@@ -152,13 +152,9 @@ class ZOSGD(torch.optim.Optimizer):
         self.estimator = Estimator(directions, sign=sign, momentum=momentum, window=window, kind=estimator)
         if self.estimator.one_sided and self.clip is not None:
             raise ValueError("estimator 'fzoo' does not take clip: its step is already normalised by sigma")
-        if not isinstance(fuse, bool):
-            raise TypeError(f"fuse must be a bool, got {type(fuse).__name__}")
-        self.fuse = fuse
+        self.fuse = check_bool("fuse", fuse)
         self.density = check_density(density)
-        if isinstance(mask_every, bool) or not isinstance(mask_every, int) or mask_every < 1:
-            raise ValueError(f"mask_every must be an int >= 1 (steps per mask epoch), got {mask_every!r}")
-        self.mask_every = mask_every
+        self.mask_every = check_int("mask_every (steps per mask epoch)", mask_every, 1)
         if self.density < 1.0:
             check_maskable(self.params)
         if loss_reduction not in LOSS_REDUCTIONS:
