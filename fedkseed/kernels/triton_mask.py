@@ -2,10 +2,12 @@
 |float32(x)| <= float32(tau_t), each tensor's bits from a byte boundary.
 
 One launch per dtype. Each program writes BYTES consecutive bytes of one tensor's bits (8 * BYTES
-elements as a [BYTES, 8] tile). It compares bit patterns with the threshold's key
-(``reference.threshold_key``), as the C++ kernels do, so no floating-point compare or
-flush-to-zero mode is involved. It packs each row into a byte with an integer sum, which gives
-the same result in any order.
+elements). It compares bit patterns with the threshold's key (``reference.threshold_key``), as
+the C++ kernels do, so no floating-point compare or flush-to-zero mode is involved. It ORs bit
+``lane`` of every byte in an unrolled loop over the 8 lanes, and uses no library @jit helper
+(``tl.sum``, ``tl.zeros``): under TRITON_INTERPRET=1 those fail ("Cannot call @triton.jit'd
+outside of the scope of a kernel") when triton was imported before the variable was set, as any
+torch.optim import does (triton_stream.py avoids them for the same reason).
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ def _mask_kernel(ptrs, numels, keys, bases, tile_tensor, tile_byte, out, DTYPE: 
     key = tl.load(keys + t)
     address = tl.load(ptrs + t)
     byte = tl.load(tile_byte + pid) + tl.arange(0, BYTES).to(tl.int64)  # within the tensor's bits
-    lane = tl.arange(0, 8)[None, :]
-    j = byte[:, None] * 8 + lane
-    valid = j < numel
-    if DTYPE == _BF16:
-        bits = tl.load(address.to(tl.pointer_type(tl.uint16)) + j, mask=valid, other=0).to(tl.uint32) << 16
-    elif DTYPE == _FP16:
-        h = tl.load(address.to(tl.pointer_type(tl.uint16)) + j, mask=valid, other=0)
-        bits = ts.fp16_bits_to_float(h).to(tl.uint32, bitcast=True)
-    else:
-        bits = tl.load(address.to(tl.pointer_type(tl.uint32)) + j, mask=valid, other=0)
-    magnitude = (bits & 0x7FFFFFFF).to(tl.int64)
-    chosen = valid & (magnitude <= key)
-    packed = tl.sum(chosen.to(tl.int32) << lane, axis=1)  # distinct bits: any summation order
+    packed = (byte * 0).to(tl.int32)  # not tl.zeros: a library @jit helper (see the module docstring)
+    for lane in tl.static_range(8):  # bit `lane` of every byte: no reduction op (see the module docstring)
+        j = byte * 8 + lane
+        valid = j < numel
+        if DTYPE == _BF16:
+            bits = tl.load(address.to(tl.pointer_type(tl.uint16)) + j, mask=valid, other=0).to(tl.uint32) << 16
+        elif DTYPE == _FP16:
+            h = tl.load(address.to(tl.pointer_type(tl.uint16)) + j, mask=valid, other=0)
+            bits = ts.fp16_bits_to_float(h).to(tl.uint32, bitcast=True)
+        else:
+            bits = tl.load(address.to(tl.pointer_type(tl.uint32)) + j, mask=valid, other=0)
+        magnitude = (bits & 0x7FFFFFFF).to(tl.int64)
+        chosen = valid & (magnitude <= key)
+        packed = packed | (chosen.to(tl.int32) << lane)
     tl.store(out + tl.load(bases + t) + byte, packed.to(tl.uint8), mask=byte * 8 < numel)
 
 
