@@ -16,6 +16,7 @@ import torch
 
 from . import reference
 from . import stream as S
+from .checks import check_int
 from .paramset import ParamSet
 from .seeds import U64 as _U64
 from .seeds import check_seed, to_int64, to_uint64
@@ -265,10 +266,8 @@ def noise(
     """float32 z(seed, i) for i = offset .. offset + count - 1, computed on ``device``."""
     tag = S.dist_tag(dist)
     device = torch.device(device)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be a non-negative int, got {count!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    check_int("count", count, 0)
+    check_int("offset", offset, 0)
     if offset + count > _U64:
         raise ValueError(f"indices offset={offset}, count={count} leave [0, 2^64)")
     which = resolve_backend(backend, device)
