@@ -7,7 +7,7 @@ experiment (``fedkseed.experiment``) and Flower (``fedkseed.flower``) layers are
 name, so ``import fedkseed`` stays free of them."""
 
 from . import reference, stream
-from .ops import BACKENDS, noise, perturb_, project, replay_, resolve_backend
+from .ops import BACKENDS, magnitude_mask, magnitude_thresholds, noise, perturb_, project, replay_, resolve_backend
 from .paramset import ParamSet
 from .version import __version__
 from .zo import ZOSGD, History, ZOStepResult, zo_step
@@ -19,6 +19,8 @@ __all__ = [
     "ParamSet",
     "ZOStepResult",
     "__version__",
+    "magnitude_mask",
+    "magnitude_thresholds",
     "noise",
     "perturb_",
     "project",
