@@ -309,7 +309,7 @@ def project(params: ParamsLike, seeds: SeedsLike, *, dist: str = "gaussian", bac
     seed_t, seed_values = _seed_tensor(seeds, device)
     tensors, offsets = pset.tensors, pset.offsets
     if pset.sharded:
-        counted = [i for i, source in enumerate(pset._sources) if _counted_here(source)]
+        counted = [i for i, source in enumerate(pset.sources) if _counted_here(source)]
         tensors, offsets = [tensors[i] for i in counted], [offsets[i] for i in counted]
     acc = _project_accumulator(which, pset, tensors, offsets, seed_t, seed_values, dist)
     if pset.sharded:

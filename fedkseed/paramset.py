@@ -84,7 +84,7 @@ class ParamSet:
         self.tensors: list[torch.Tensor] = []
         self.offsets: list[int] = []
         self.group_index: list[int] = []
-        self._sources: list[torch.Tensor] = []  # what was passed: the DTensor for a shard
+        self.sources: list[torch.Tensor] = []  # what was passed per tensor: the DTensor of a shard, else the tensor
         start = 0  # global index of the current tensor's first element
         for group, name, source in _named_tensors(params):
             if id(source) in seen or (trainable_only and not source.requires_grad):
@@ -96,14 +96,14 @@ class ParamSet:
             self.tensors.append(local)
             self.offsets.append(start + shard_start)
             self.group_index.append(group)
-            self._sources.append(source)
+            self.sources.append(source)
             start += source.numel()
         _validate(self.names, self.tensors)
         _refuse_overlaps(self.names, self.tensors)
         self.numels = [t.numel() for t in self.tensors]
         self.numel = sum(self.numels)
-        self.sharded = any(_is_dtensor(s) for s in self._sources)
-        self.decay_mask = [bool(decays(n, s)) for n, s in zip(self.names, self._sources)]
+        self.sharded = any(_is_dtensor(s) for s in self.sources)
+        self.decay_mask = [bool(decays(n, s)) for n, s in zip(self.names, self.sources)]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.cache: dict[Any, Any] = {}
 
@@ -169,7 +169,7 @@ class ParamSet:
             return digest
         h = hashlib.sha256(b"fedkseed-weights-v2\n" + digest.encode())
         with torch.no_grad():
-            for source, local in zip(self._sources, self.tensors):
+            for source, local in zip(self.sources, self.tensors):
                 full = source.full_tensor() if _is_dtensor(source) else local
                 h.update(full.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
