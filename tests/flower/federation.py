@@ -142,6 +142,18 @@ def write_node_key(folder: pathlib.Path, name: str) -> tuple[pathlib.Path, pathl
     return private, public
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a process started in its own session and everything it started: SIGTERM to the
+    group, SIGKILL if it is still there after 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def wait_healthy(
     url: str, ca: pathlib.Path, process: subprocess.Popen, log: pathlib.Path, timeout: float = 120
 ) -> None:
@@ -288,14 +300,7 @@ class Federation:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_group(self.processes.pop(name))
 
     def run(self, app: pathlib.Path, run_config: dict, timeout: float) -> subprocess.Popen:
         """`flwr run APP test --stream --run-config ...` (returns the running process)."""

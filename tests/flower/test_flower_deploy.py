@@ -29,6 +29,7 @@ from federation import (
     assert_same_weights,
     local_from_received,
     saved_weights,
+    stop_group,
     wait_healthy,
 )
 
@@ -233,13 +234,7 @@ def test_docs_deployment_commands_run_from_an_installed_wheel(flwr, tmp_path):
         print(f"docs deployment from the wheel, 1 round: {time.perf_counter() - started:.1f} s")
     finally:
         for process in reversed(processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop_group(process)
     assert "ServerApp raised an exception" not in out, out[-3000:]  # `flwr run --stream` exits 0 even then
 
     transport = json.loads((site / "out" / "flower.json").read_text())

@@ -16,25 +16,14 @@ import torch
 from fedkseed import ParamSet, reference
 from fedkseed.testing import NaiveZO
 from fedkseed.testing.backends import backend_on_this_machine
+from fedkseed.testing.models import SmallNet, small_net
 from fedkseed.zo import ZOSGD, History, zo_step
 from fedkseed.zo.history import FORMAT_VERSION
 from fedkseed.zo.passes import PASS_ONE_SIDED, PASS_UPDATE, Entry, entry_passes
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(6, 5)  # weight decays ("auto"), bias not
-        self.norm = torch.nn.LayerNorm(5)
-        self.head = torch.nn.Linear(5, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.lin(x)))
-
-
-def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> Net:
-    torch.manual_seed(seed)
-    return Net().to(dtype).eval()
+def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> SmallNet:
+    return small_net(6, 5, seed, dtype)
 
 
 X = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))

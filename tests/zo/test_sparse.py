@@ -21,24 +21,13 @@ import torch
 from fedkseed import ParamSet, reference
 from fedkseed.testing import NaiveZO
 from fedkseed.testing.backends import backend_on_this_machine
+from fedkseed.testing.models import SmallNet, small_net
 from fedkseed.testing.naive import naive_selection
 from fedkseed.zo import ZOSGD, Entry, History, zo_step
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(12, 9)  # weight decays ("auto"), bias not
-        self.norm = torch.nn.LayerNorm(9)
-        self.head = torch.nn.Linear(9, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.lin(x)))
-
-
-def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> Net:
-    torch.manual_seed(seed)
-    model = Net().to(dtype).eval()
+def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> SmallNet:
+    model = small_net(12, 9, seed, dtype)
     with torch.no_grad():  # LayerNorm starts at 1 and 0: give it distinct magnitudes
         model.norm.weight.add_(torch.linspace(-0.5, 0.5, 9).to(dtype))
         model.norm.bias.add_(torch.linspace(-0.3, 0.4, 9).to(dtype))
@@ -68,7 +57,7 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-def groups(m: Net) -> list[dict]:
+def groups(m: SmallNet) -> list[dict]:
     return [
         {"params": m.lin.parameters(), "lr": 0.1, "weight_decay": 0.5},
         {"params": [*m.norm.parameters(), *m.head.parameters()], "lr": 0.02, "weight_decay": 0.2, "decay": "all"},
