@@ -22,7 +22,12 @@ Each run is compared with its own mode's clean run (same seed, same split, same 
 loss; its interval is a paired bootstrap over the eval examples (the training run itself is
 n = 1 per cell). "moved" counts the rounds after round 1 whose eval loss changed (a frozen run
 moves in none). "honest scaled" is the number of honest uploads the bound scaled down and the
-smallest factor applied to one.
+smallest factor applied to one. "vs clean" is the issue's own promise: how far one attacker
+moves the final eval loss from the clean run's, at most 2%.
+
+Each finished run leaves ``robustness-run.json`` in its folder; a later invocation with the same
+settings reuses it instead of training again, so a table cut short by a deadline is completed by
+running the same command (or ``--scenarios`` for the missing rows) again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import pathlib
 import shlex
 import sys
@@ -45,10 +51,14 @@ MODES = {
 }
 # (label, byzantine clients per round, attack, attack rounds), the most telling first: the runs go
 # scenario by scenario, every mode's clean run before any attack, so a cut-short run still says most
-SCENARIOS = [("clean", 0, "scale", "all"), ("1 of 4: sign-flip-bound", 1, "sign-flip-bound", "all")]
-SCENARIOS += [("2 of 4: vanish in round 1", 2, "vanish", "1")]
-SCENARIOS += [(f"1 of 4: {a}", 1, a, "all") for a in ("vanish", "sign-flip", "scale", "random")]
+# each with the key --scenarios names it by
+SCENARIOS = [("clean", "clean", 0, "scale", "all")]
+SCENARIOS += [("sign-flip-bound", "1 of 4: sign-flip-bound", 1, "sign-flip-bound", "all")]
+SCENARIOS += [("vanish-round-1", "2 of 4: vanish in round 1", 2, "vanish", "1")]
+SCENARIOS += [(a, f"1 of 4: {a}", 1, a, "all") for a in ("vanish", "sign-flip", "scale", "random")]
 GOAL = 0.8  # the robust mode's goal: keep 80% of the clean gain with 1 attacker of 4
+PROMISE = 0.02  # issue 18: one attacker of four moves the final eval loss by at most 2%
+RECORD = "robustness-run.json"  # a finished run's figures, beside its run folder's files
 RESAMPLES = 2000
 
 
@@ -67,6 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["default", "robust"], choices=list(MODES))
+    attacks = [key for key, *_ in SCENARIOS[1:]]
+    help = "the attacks to run (each mode's clean run always runs: it is the reference)"
+    parser.add_argument("--scenarios", nargs="+", default=attacks, choices=attacks, help=help)
     parser.add_argument("--output", default="runs/robustness")
     return parser.parse_args(argv)
 
@@ -94,6 +107,26 @@ class Run:
 
 
 def run(config) -> Run:
+    """The run's figures: from its folder's record when a finished run with these settings left one,
+    else from training it (and then recorded)."""
+    record = pathlib.Path(config.output) / RECORD
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as JSON reads it back
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["config"] == settings:
+            fields = saved["run"]
+            for name in ("before_per_example", "final_per_example"):
+                fields[name] = np.asarray(fields[name], dtype=np.float64)
+            return Run(**fields)
+    result = train(config)
+    fields = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in vars(result).items()}
+    temporary = record.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"config": settings, "run": fields}))
+    temporary.replace(record)
+    return result
+
+
+def train(config) -> Run:
     from fedkseed.experiment import simulate
     from fedkseed.experiment.attacks import byzantine_clients, parse_rounds
 
@@ -132,11 +165,13 @@ def gain_kept(attacked: Run, clean: Run, seed: int = 0) -> tuple[float, float, f
     return (clean.before - attacked.final) / (clean.before - clean.final), float(low), float(high)
 
 
-def measure(args: argparse.Namespace) -> list[list[str]]:
+def measure(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, list[tuple[float, float]]]]:
+    """The table's rows, and per mode the (gain kept, move vs clean) of each one-attacker run."""
     base, root = base_config(args), pathlib.Path(args.output)
-    rows, cleans = [], {}
-    plan = [(mode, scenario) for scenario in SCENARIOS for mode in args.modes]
-    for mode, (label, byzantine, attack, rounds) in plan:
+    rows, cleans, single = [], {}, {}
+    chosen = [scenario for scenario in SCENARIOS if scenario[0] == "clean" or scenario[0] in args.scenarios]
+    plan = [(mode, scenario) for scenario in chosen for mode in args.modes]
+    for mode, (_, label, byzantine, attack, rounds) in plan:
         settings = MODES[mode]
         if mode == "shared-mean" and byzantine:
             continue  # clean only
@@ -147,6 +182,8 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
         result = run(config)
         clean = cleans.setdefault(mode, result)
         kept, low, high = gain_kept(result, clean)
+        if byzantine == 1:
+            single.setdefault(mode, []).append((kept, result.final / clean.final - 1))
         scaled = result.honest_scaled
         honest = f"{len(scaled)} (min {min(scaled):.2g})" if scaled else "0"
         rows.append(
@@ -156,6 +193,7 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
                 f"{result.final:.4f}",
                 f"{result.worst:.4f}",
                 f"{kept:.0%} [{low:.0%}, {high:.0%}]",
+                f"{result.final / clean.final - 1:+.1%}",
                 f"{result.moved}/{args.rounds - 1}",
                 honest,
                 f"{result.cpu_s:.0f}",
@@ -163,12 +201,27 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
         )
         print(" | ".join(rows[-1]), flush=True)
     rows.sort(key=lambda row: args.modes.index(row[0]))  # by mode, in plan order within it
-    rows.insert(0, ["", "base model", f"{clean.before:.4f}", "", "", "", "", ""])
-    return rows
+    rows.insert(0, ["", "base model", f"{clean.before:.4f}", "", "", "", "", "", ""])
+    return rows, single
+
+
+def verdicts(single: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """Per mode, how many one-attacker runs keep the promise (final eval loss within PROMISE of the
+    clean run's) and the goal (at least GOAL of the clean gain)."""
+    lines = []
+    for mode, runs in single.items():
+        promise = sum(abs(move) <= PROMISE for _, move in runs)
+        goal = sum(kept >= GOAL for kept, _ in runs)
+        lines.append(
+            f"- {mode}: {promise} of {len(runs)} one-attacker runs within {PROMISE:.0%} of the clean final eval loss; "
+            f"{goal} of {len(runs)} keep at least {GOAL:.0%} of the clean gain"
+        )
+    return lines
 
 
 def table(rows: list[list[str]]) -> str:
-    header = ["mode", "attackers", "final eval loss", "worst round", "gain kept [95%]", "moved", "honest scaled"]
+    header = ["mode", "attackers", "final eval loss", "worst round", "gain kept [95%]", "vs clean", "moved"]
+    header.append("honest scaled")
     header.append("CPU s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -177,7 +230,7 @@ def table(rows: list[list[str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    rows = measure(args)
+    rows, single = measure(args)
     wall = time.perf_counter() - started
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     print("`" + f"python benchmarks/robustness.py {command}".strip() + "`")
@@ -185,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"({args.model}, {shape}, batch {args.batch_size} x {args.max_length} tokens; wall time {wall:.0f} s)")
     print()
     print(table(rows))
+    print()
+    print("\n".join(verdicts(single)))
     return 0
 
 
