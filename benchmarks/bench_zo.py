@@ -123,7 +123,7 @@ def bench(name: str, seq: int, reps: int) -> list[dict]:
         best = timed_interleaved(fns, reps)
     print(
         f"# {name}: {pset.numel:,} parameters in {len(pset)} tensors, batch 1x{seq}, backend "
-        f"{fedkseed.resolve_backend('auto', pset.device)}, {torch.get_num_threads()} threads, "
+        f"{fedkseed.resolve_backend(None, pset.device)}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

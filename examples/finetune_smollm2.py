@@ -43,7 +43,7 @@ def main() -> None:
     opt = fedkseed.ZOSGD(model, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, seed=args.seed)
     print(
         f"{opt.params.numel:,} parameters in {len(opt.params)} tensors; "
-        f"backend {fedkseed.resolve_backend('auto', opt.params.device)}"
+        f"backend {fedkseed.resolve_backend(None, opt.params.device)}"
     )
     with torch.inference_mode():
         before = data.lm_loss(model, heldout_batch).item()

@@ -68,7 +68,7 @@ def main() -> None:
         if rank == 0:
             print(
                 f"{world} ranks, {args.mode}: {sum(s.numel() for s in model.parameters()):,} parameters, "
-                f"{params.numel:,} held by rank 0; backend {fedkseed.resolve_backend('auto', params.device)}",
+                f"{params.numel:,} held by rank 0; backend {fedkseed.resolve_backend(None, params.device)}",
                 flush=True,
             )
         recent: list[float] = []

@@ -7,7 +7,18 @@ experiment (``fedkseed.experiment``) and Flower (``fedkseed.flower``) layers are
 name, so ``import fedkseed`` stays free of them."""
 
 from . import reference, stream
-from .ops import BACKENDS, magnitude_mask, magnitude_thresholds, noise, perturb_, project, replay_, resolve_backend
+from .ops import (
+    BACKENDS,
+    backend_setting,
+    magnitude_mask,
+    magnitude_thresholds,
+    noise,
+    perturb_,
+    project,
+    replay_,
+    resolve_backend,
+    use_backend,
+)
 from .paramset import ParamSet
 from .version import __version__
 from .zo import ZOSGD, History, ZOStepResult, zo_step
@@ -19,6 +30,7 @@ __all__ = [
     "ParamSet",
     "ZOStepResult",
     "__version__",
+    "backend_setting",
     "magnitude_mask",
     "magnitude_thresholds",
     "noise",
@@ -28,5 +40,6 @@ __all__ = [
     "replay_",
     "resolve_backend",
     "stream",
+    "use_backend",
     "zo_step",
 ]

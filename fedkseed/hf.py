@@ -77,7 +77,6 @@ class ZOTrainingArguments(TrainingArguments):
     zo_skip_threshold: float | None = field(
         default=None, metadata={"help": "Skip the update of a step whose |L+ - L-| exceeds this."}
     )
-    zo_backend: str = field(default="auto", metadata={"help": 'Perturbation backend: "auto", "cpu", "triton", ...'})
 
     def __post_init__(self) -> None:
         # Before TrainingArguments' own checks, so that the reason given is the ZO one.
@@ -137,7 +136,6 @@ class ZOTrainer(Trainer):
                 weight_decay=args.weight_decay,
                 dist=args.zo_dist,
                 seed=args.seed if args.zo_seed is None else args.zo_seed,
-                backend=args.zo_backend,
                 rounding=args.zo_rounding,
                 clip=args.zo_clip,
                 skip_threshold=args.zo_skip_threshold,

@@ -2,14 +2,23 @@
 (``magnitude_thresholds``, ``magnitude_mask``), validated once and dispatched to a backend
 ("reference", "cpu", "triton", "cuda"; "auto" picks by device and what is installed).
 
+Which backend runs is decided here and nowhere above: by the tensors' device, as torch
+dispatches. Tests and benchmarks override it in two ways only: an op's own ``backend=``, or the
+one setting, ``use_backend(name)`` for a block of code (its default: the ``FEDKSEED_BACKEND``
+environment variable, else "auto"), which every op called without ``backend=`` follows, so it
+reaches ZOSGD, ``zo_step``, ``History.apply_`` and a FedKSeed run without their taking an argument.
+
 Validation happens before anything is written: a call either updates every tensor or none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +31,7 @@ from .seeds import U64 as _U64
 from .seeds import check_seed, to_int64, to_uint64
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+BACKEND_VARIABLE = "FEDKSEED_BACKEND"  # the setting's default, for whole processes (the CLI, benchmarks)
 
 ParamsLike = ParamSet | torch.nn.Module | Iterable[Any]
 SeedsLike = int | Sequence[int] | torch.Tensor
@@ -53,8 +63,41 @@ def has_triton() -> bool:
     return triton_available()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``; a clear error if it cannot serve them."""
+# ------------------------------------------------------------------------------------ the setting
+_setting: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedkseed_backend", default=None)
+
+
+def backend_setting() -> str:
+    """The backend ops use when called without ``backend=``: the innermost ``use_backend`` of this
+    thread, else ``FEDKSEED_BACKEND``, else "auto"."""
+    chosen = _setting.get()
+    if chosen is not None:
+        return chosen
+    value = os.environ.get(BACKEND_VARIABLE, "auto")
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_VARIABLE} must be one of {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Within the block, every op called without ``backend=`` (in this thread) runs on
+    ``backend``: the override for tests and benchmarks, like ``torch.nn.attention.sdpa_kernel``.
+    A backend that cannot serve the tensors raises at the first op, not silently falls back."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    token = _setting.set(backend)
+    try:
+        yield
+    finally:
+        _setting.reset(token)
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device`` (``backend`` None: the setting); a clear error
+    if it cannot serve them."""
+    if backend is None:
+        backend = backend_setting()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -200,7 +243,7 @@ def replay_(
     *,
     rounding_seed: int | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> ParamSet:
     """theta <- theta * d + sum_k alphas[k] * z(seeds[k]) over all parameters in ONE pass.
 
@@ -249,7 +292,7 @@ def perturb_(
     *,
     rounding_seed: int | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> ParamSet:
     """theta += alpha * z(seed) over all parameters in one pass (``replay_`` with K = 1)."""
     return replay_(params, seed, alpha, dist, rounding_seed=rounding_seed, mask=mask, backend=backend)
@@ -261,7 +304,7 @@ def noise(
     offset: int = 0,
     dist: str = "gaussian",
     device: str | torch.device = "cpu",
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """float32 z(seed, i) for i = offset .. offset + count - 1, computed on ``device``."""
     tag = S.dist_tag(dist)
@@ -290,7 +333,9 @@ def noise(
 
 
 @torch.no_grad()
-def project(params: ParamsLike, seeds: SeedsLike, *, dist: str = "gaussian", backend: str = "auto") -> torch.Tensor:
+def project(
+    params: ParamsLike, seeds: SeedsLike, *, dist: str = "gaussian", backend: str | None = None
+) -> torch.Tensor:
     """p_k = sum_i x_i z(seeds[k], i) over every element of the parameters (or of any tensors laid
     out as a ParamSet, e.g. a model update): the transpose of ``replay_``, for all K seeds in one
     pass and without a noise tensor. Returns float64 [K] on the CPU, the same bits on every backend
@@ -330,7 +375,7 @@ def magnitude_thresholds(params: ParamsLike, density: float) -> list[float]:
 
 @torch.no_grad()
 def magnitude_mask(
-    params: ParamsLike, thresholds: Sequence[float] | torch.Tensor, *, backend: str = "auto"
+    params: ParamsLike, thresholds: Sequence[float] | torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
     """The uint8 mask (on the parameters' device) of the elements with |float32(x)| <=
     float32(thresholds[t]): bit j & 7 of byte B_t + (j >> 3), each tensor from a byte boundary

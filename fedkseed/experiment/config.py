@@ -27,7 +27,6 @@ from ..fed.privacy import DEFAULT_CLIP_PER_STEP, DELTA_EXPONENT, Privacy
 from ..fed.robust import AGGREGATES, parse_upload_bound
 from ..fed.wire import PRECISIONS
 from ..models import DTYPES
-from ..ops import BACKENDS
 from . import engines
 from .attacks import ATTACKS, parse_rounds
 from .methods import FIRST_ORDER, FIRST_ORDER_LR, METHODS
@@ -206,7 +205,6 @@ class SimConfig:
     rouge_examples: str | None = option(None, "held-out examples scored by Rouge-L: a count, 0 (none) or all")
     max_new_tokens: int | None = option(None, "Rouge-L generation length")
     precision: str | None = option(None, "how seed-table entries travel and are replayed", lambda: PRECISIONS)
-    backend: str = option("auto", "perturbation kernels", lambda: BACKENDS)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:  # first: the defaults below come from it
@@ -393,7 +391,7 @@ class SimConfig:
 
 
 # Settings that do not change what a run computes: a resumed run may give them other values.
-RUN_FREE = frozenset({"rounds", "resume", "overwrite", "output", "backend", "engine"})
+RUN_FREE = frozenset({"rounds", "resume", "overwrite", "output", "engine"})
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..fed import Client, Replica, Server
 from ..fed.ferret import FerretClient
 from ..fed.firstorder import FirstOrderClient, FirstOrderServer, load_weights
+from ..ops import resolve_backend
 from ..paramset import ParamSet
 from .config import SimConfig
 from .methods import first_order_model
@@ -93,7 +94,11 @@ def prepare(config: SimConfig) -> Setup:
         ]
     else:
         server = Server(spec, sizes, config.privacy())
-        replica = Replica(model, server.pool, spec.lr32, spec.dist, config.backend)
+        replica = Replica(model, server.pool, spec.lr32, spec.dist)
+        try:  # FEDKSEED_BACKEND, if set, must serve the model: one line now rather than every client failing
+            resolve_backend(None, replica.params.device)
+        except (ValueError, RuntimeError) as error:
+            raise UsageError(str(error)) from None
         if config.method == "ferret":  # FedKSeed's server and table, first-order local steps
             clients = [FerretClient(i, spec, replica, e, D.response_loss) for i, e in enumerate(encoded)]
         else:

@@ -10,7 +10,7 @@ settings all parties share (send ``spec.to_dict()`` at setup).
 ``SeedPool(pool_seed, k)``: the K candidate seeds (``seeds``, ``seed_tensor``) and
 FedKSeed-Pro's statistics (``record``, ``importance``, ``probabilities``).
 
-``Replica(model, pool, lr32, dist, backend)``: a party's base weights and working
+``Replica(model, pool, lr32, dist)``: a party's base weights and working
 parameters; ``build(table)`` makes them the global model of a seed table by the canonical
 construction (fresh base, one replay of every non-zero entry in index order with alpha =
 float32(-lr) * table[k]): every party holds bit-identical weights.

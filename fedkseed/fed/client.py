@@ -120,7 +120,6 @@ class Client:
                 rounding="stochastic" if low_precision else "nearest",
                 next_seed=following,
                 perturbed=t > 0,
-                backend=self.replica.backend,
             )
             grads.append(result.grad)  # 0.0 when skipped
             if result.skipped:

@@ -90,7 +90,7 @@ class FerretClient(Client):
         indices = np.unique(schedule)
         delta = ParamSet(list(zip(params.names, start)), trainable_only=False)
         seeds = self.replica.pool.seed_tensor[torch.from_numpy(indices)]
-        p = project(delta, seeds, dist=spec.dist, backend=self.replica.backend).numpy()
+        p = project(delta, seeds, dist=spec.dist).numpy()
         values = -SCALINGS[self.scaling](delta.numel, len(indices)) * p / spec.lr32
         loss = float(np.mean(losses)) if losses else float("nan")
         return wire.Upload(self.client_id, d.round, spec.k, spec.local_steps, loss, indices, values)

@@ -36,11 +36,11 @@ class Replica:
     working parameters the global model of ``table`` (a copy of the last build when the table
     is unchanged, since local training moves the weights away from it)."""
 
-    def __init__(self, model: Any, pool: SeedPool, lr32: float, dist: str, backend: str = "auto") -> None:
+    def __init__(self, model: Any, pool: SeedPool, lr32: float, dist: str) -> None:
         self.model = model
         self.params = ParamSet.of(model)
         self.base = self.params.state()
-        self.pool, self.lr32, self.dist, self.backend = pool, lr32, dist, backend
+        self.pool, self.lr32, self.dist = pool, lr32, dist
         self._built: bytes | None = None
         self._snapshot: list[torch.Tensor] | None = None
 
@@ -64,7 +64,6 @@ class Replica:
                 self.pool.seed_tensor[torch.from_numpy(indices)],
                 torch.from_numpy(alphas),
                 self.dist,
-                backend=self.backend,
             )
         if self._snapshot is None:
             self._snapshot = self.params.state()

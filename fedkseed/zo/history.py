@@ -273,9 +273,7 @@ class History:
         flush()
         return out
 
-    def apply_(
-        self, params: ParamsLike, backend: str = "auto", *, fused: bool = False, allow_inexact: bool = False
-    ) -> ParamSet:
+    def apply_(self, params: ParamsLike, *, fused: bool = False, allow_inexact: bool = False) -> ParamSet:
         """Replay the history onto ``params``, the base weights it was recorded from: a module
         (its trainable tensors), an iterable of tensors or (name, tensor) pairs (those with
         requires_grad), param groups, or a ParamSet as is.
@@ -303,7 +301,8 @@ class History:
             classes = [int(flag) for flag in pset.decay_mask]
         if self.masked:
             check_maskable(pset)
-        runner = Runner(pset, classes, self.dist, resolve_backend(backend, pset.device))
+        resolve_backend(None, pset.device)  # the backend setting must serve the tensors: before any pass
+        runner = Runner(pset, classes, self.dist)
         # (entry index, the density of a mask epoch it starts, its passes): a mask epoch starts
         # before the entry's first pass, even at an entry that made none (a failed first closure)
         if fused:

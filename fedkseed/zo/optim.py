@@ -104,7 +104,6 @@ class ZOSGD(torch.optim.Optimizer):
         seed: int = 0,
         candidates: Sequence[int] | None = None,
         probabilities: Sequence[float] | None = None,
-        backend: str = "auto",
         *,
         rounding: str = "nearest",
         clip: float | None = None,
@@ -144,8 +143,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.seed = check_seed(seed)
         self.candidates, self._cumulative = _seed_pool(candidates, probabilities)
         self.probabilities = None if probabilities is None else [float(p) for p in probabilities]
-        self.backend = backend
-        self._runner = Runner(self.params, self.classes, dist, resolve_backend(backend, self.params.device))
+        self._runner = Runner(self.params, self.classes, dist)
         self.rounding = check_rounding(rounding)
         self.clip = check_real("clip", clip, positive=True, allow_none=True)
         self.skip_threshold = check_real("skip_threshold", skip_threshold, positive=True, allow_none=True)
@@ -220,6 +218,7 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         if self._closed:
             raise RuntimeError("this ZOSGD is closed: build a new optimizer to train further")
+        resolve_backend(None, self.params.device)  # the backend setting must serve the tensors: before any pass
         closure = self._agreed(closure)
         lrs, decays = self._group_coefficients()
         probes = self.seeds_for(self.steps)
@@ -429,7 +428,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.probabilities = zo["probabilities"]
         self.fuse, self.pending, self.estimator = zo["fuse"], pending, estimator
         self.density, self.mask_every = density, mask_every
-        self._runner = Runner(self.params, self.classes, self.dist, self._runner.backend)
+        self._runner = Runner(self.params, self.classes, self.dist)
         self._runner.set_mask(mask)
         self.history, self.steps, self.last = history, steps, None
 

@@ -29,24 +29,19 @@ _CACHE_KEY = "zo-subsets"  # ParamSet.cache entry: the subsets built so far, by 
 class Runner:
     """Applies passes to ``pset``; ``classes[i]`` is tensor i's coefficient class (2g + decayed)."""
 
-    def __init__(self, pset: ParamSet, classes: Sequence[int], dist: str, backend: str) -> None:
+    def __init__(self, pset: ParamSet, classes: Sequence[int], dist: str) -> None:
         if len(classes) != len(pset):
             raise ValueError(f"{len(classes)} coefficient classes for {len(pset)} tensors")
         self.pset = pset
         self.classes = list(classes)
         self.dist = dist
-        self.backend = backend
         self.mask: torch.Tensor | None = None  # the current mask epoch's bits; None: dense
         self._subset_masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def remask(self, density: float) -> None:
         """Start a mask epoch: the mask of density ``density`` built from the weights now
         (no mask for 1.0)."""
-        self.set_mask(
-            None
-            if density == 1.0
-            else magnitude_mask(self.pset, magnitude_thresholds(self.pset, density), backend=self.backend)
-        )
+        self.set_mask(None if density == 1.0 else magnitude_mask(self.pset, magnitude_thresholds(self.pset, density)))
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Use ``mask`` (``magnitude_mask``'s layout over the whole set, or None) from now on."""
@@ -70,7 +65,6 @@ class Runner:
                 decay if decay != 1.0 else None,
                 rounding_seed=rounding_seed,
                 mask=self._mask_of(tuple(indices)),
-                backend=self.backend,
             )
 
     def _mask_of(self, indices: tuple[int, ...]) -> torch.Tensor | None:

@@ -241,7 +241,6 @@ def zo_step(
     perturbed: bool = False,
     rounding: str = "nearest",
     rounding_seed: int | None = None,
-    backend: str = "auto",
     estimator: str = "mezo",
     density: float = 1.0,
 ) -> ZOStepResult:
@@ -315,9 +314,9 @@ def zo_step(
         if not stochastic:
             raise ValueError("rounding_seed needs rounding='stochastic'")
         check_seed(rounding_seed)
-    which = resolve_backend(backend, pset.device)
+    resolve_backend(None, pset.device)  # the backend setting must serve these tensors: refused before any pass
     decay = decay_factor(lr, weight_decay)
-    runner = Runner(pset, [int(flag) for flag in pset.decay_mask], dist, which)
+    runner = Runner(pset, [int(flag) for flag in pset.decay_mask], dist)
 
     def update(grads: list[float]) -> Update:
         if one_sided:

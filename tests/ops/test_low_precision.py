@@ -60,7 +60,7 @@ def regression_problem(d: int = 2048, r: int = 4, n: int = 64):
 def train_losses(dtype: torch.dtype, rounding: str, steps: int = 300) -> tuple[float, float]:
     inputs, targets, w0 = regression_problem()
     w = w0.to(dtype).clone().requires_grad_()  # the same starting values in every precision
-    opt = ZOSGD([w], lr=1e-3, eps=1e-3, seed=1, rounding=rounding, backend="auto")
+    opt = ZOSGD([w], lr=1e-3, eps=1e-3, seed=1, rounding=rounding)
     loss = lambda: torch.mean((inputs @ w.float() - targets) ** 2)  # noqa: E731
     with torch.no_grad():
         first = float(loss())

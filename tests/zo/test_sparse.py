@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fedkseed import ParamSet, reference
+from fedkseed.ops import use_backend
 from fedkseed.testing import NaiveZO
 from fedkseed.testing.backends import backend_on_this_machine
 from fedkseed.testing.models import SmallNet, small_net
@@ -244,11 +245,12 @@ def masked_run(which: str, device: torch.device, dtype: torch.dtype) -> list[tor
     gen = torch.Generator().manual_seed(4)
     w = [torch.randn(n, generator=gen).to(dtype).to(device).requires_grad_() for n in (300, 37)]
     rounding = "stochastic" if dtype == torch.bfloat16 else "nearest"
-    opt = ZOSGD(w, lr=1e-2, eps=1e-2, weight_decay=0.1, backend=which, rounding=rounding, density=0.3, mask_every=2)
+    opt = ZOSGD(w, lr=1e-2, eps=1e-2, weight_decay=0.1, rounding=rounding, density=0.3, mask_every=2)
     loss = lambda: float(sum(((t.detach().cpu().double() - 0.2) ** 2).sum() for t in w))  # noqa: E731
-    for _ in range(3):
-        opt.step(loss)
-    opt.settle()
+    with use_backend(which):
+        for _ in range(3):
+            opt.step(loss)
+        opt.settle()
     return [t.detach().cpu() for t in w]
 
 

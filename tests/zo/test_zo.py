@@ -65,9 +65,7 @@ def naive_step(pset, closure, seed, eps, lr, wd, dist, next_seed=None, perturbed
 def test_fused_step_matches_naive_step(dtype, dist, wd):
     ours, naive = ParamSet(make_params(dtype)), ParamSet(make_params(dtype))
     for step, seed in enumerate([11, 2**64 - 3, 12345]):
-        res = zo_step(
-            ours, quadratic_closure(ours.tensors), seed, eps=1e-3, lr=0.05, weight_decay=wd, dist=dist, backend="auto"
-        )
+        res = zo_step(ours, quadratic_closure(ours.tensors), seed, eps=1e-3, lr=0.05, weight_decay=wd, dist=dist)
         g = naive_step(naive, quadratic_closure(naive.tensors), seed, 1e-3, 0.05, wd, dist)
         assert res.grad == g and not res.skipped
         for a, b in zip(ours.tensors, naive.tensors):
@@ -187,7 +185,6 @@ BAD_CALLS = [
     ("rounding_seed", dict(rounding_seed=3), ValueError),
     ("seed", dict(seed=-1), ValueError),
     ("seed", dict(next_seed=2**64), ValueError),
-    ("backend", dict(backend="tpu"), ValueError),
 ]
 
 
