@@ -17,6 +17,7 @@ from fedkseed import ParamSet, reference
 from fedkseed.ops import use_backend
 from fedkseed.testing import NaiveZO
 from fedkseed.testing.backends import backend_on_this_machine
+from fedkseed.testing.faults import FailOnce, step_retrying
 from fedkseed.testing.models import SmallNet, small_net
 from fedkseed.zo import ZOSGD, History, zo_step
 from fedkseed.zo.history import FORMAT_VERSION
@@ -322,21 +323,7 @@ def test_failed_closure_is_taken_back_and_replay_stays_exact(fail_at):
     History (with its aborted one-sided entry) replays bit for bit."""
     model = net()
     opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=6, estimator="fzoo", directions=3)
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        if calls == 4 + fail_at:
-            raise MemoryError("out of memory")
-        return loss_of(model)()
-
-    for t in range(3):
-        try:
-            opt.step(closure)
-        except MemoryError:
-            assert t == 1 and opt.steps == 1
-            opt.step(closure)
+    assert step_retrying(opt, FailOnce(loss_of(model), 4 + fail_at), 3) == [(1, 1, None)]
     entry = opt.history.entries[1]
     assert entry.one_sided and entry.aborted == fail_at - 1 and opt.history.exact
     fresh = net()

@@ -22,6 +22,7 @@ from fedkseed import ParamSet, reference
 from fedkseed.ops import use_backend
 from fedkseed.testing import NaiveZO
 from fedkseed.testing.backends import backend_on_this_machine
+from fedkseed.testing.faults import FailOnce, step_retrying
 from fedkseed.testing.models import SmallNet, small_net
 from fedkseed.testing.naive import naive_selection
 from fedkseed.zo import ZOSGD, Entry, History, zo_step
@@ -187,21 +188,7 @@ def test_failed_closure_at_a_mask_epoch_replays_exactly(fail_at):
     mask, and replay gives the run's bits."""
     model = net()
     opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=6, estimator="fzoo", directions=3, density=0.5)
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        if calls == 4 + fail_at:
-            raise MemoryError("out of memory")
-        return loss_of(model)()
-
-    for t in range(3):
-        try:
-            opt.step(closure)
-        except MemoryError:
-            assert t == 1
-            opt.step(closure)
+    assert step_retrying(opt, FailOnce(loss_of(model), 4 + fail_at), 3) == [(1, 1, None)]
     entry = opt.history.entries[1]
     assert entry.aborted == fail_at - 1 and entry.remask == 0.5 and opt.history.exact
     fresh = net()

@@ -14,6 +14,7 @@ import torch
 
 from fedkseed import ParamSet
 from fedkseed.testing import NaiveZO
+from fedkseed.testing.faults import FailOnce, step_retrying
 from fedkseed.zo import ZOSGD, History
 from fedkseed.zo.passes import float32
 
@@ -269,21 +270,7 @@ def test_failed_closure_is_recorded_and_replay_stays_exact(fail_at):
     ``fail_at`` of step 2, caught and retried, still replays bit for bit."""
     model = net()
     opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-3, seed=6, directions=2)
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        if calls == 8 + fail_at:
-            raise MemoryError("out of memory")
-        return loss_of(model)()
-
-    for t in range(4):
-        try:
-            opt.step(closure)
-        except MemoryError:
-            assert t == 2 and opt.steps == 2 and opt.pending is None
-            opt.step(closure)  # the retry
+    assert step_retrying(opt, FailOnce(loss_of(model), 8 + fail_at), 4) == [(2, 2, None)]
     assert opt.steps == 4 and opt.history.exact
     assert opt.history.entries[2].aborted == fail_at - 1  # the first +eps came from step 1's pass
     fresh = net()
