@@ -87,16 +87,26 @@ def row(
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small Llama shape (CI smoke test)")
+def kernel_bench_parser(doc: str, quick: str, reps: int) -> argparse.ArgumentParser:
+    """The options of every CPU kernel benchmark (this one, bench_project, bench_mask)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all)")
-    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per case")
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=int, default=reps, help="interleaved repetitions per case")
+    return ap
+
+
+def setup_kernel_bench(args: argparse.Namespace) -> None:
+    """Apply --threads; stop with the fix when the compiled kernels the benchmark times are missing."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if not ops.has_kernel("CPU"):
         sys.exit("fedkseed._C is not built: run `python setup.py build_ext --inplace`")
+
+
+def main() -> None:
+    args = kernel_bench_parser(__doc__, "small Llama shape (CI smoke test)", 5).parse_args()
+    setup_kernel_bench(args)
 
     if args.quick:
         shapes = llama_shapes(2, 576, 1536, 9, 3, 4096, tied=True)

@@ -14,7 +14,6 @@ are. Usage: python benchmarks/bench_mask.py [--quick] [--threads N] [--dtype bfl
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_cpu import EPS, machine, measure
+from bench_cpu import EPS, kernel_bench_parser, machine, measure, setup_kernel_bench
 from smollm2_shape import llama_shapes, make_params, smollm2_135m_shapes
 
 from fedkseed import ops
@@ -31,17 +30,11 @@ from fedkseed.paramset import ParamSet
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 layers of SmolLM2, vocab 4096 (smoke test)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap = kernel_bench_parser(__doc__, "2 layers of SmolLM2, vocab 4096 (smoke test)", 3)
     ap.add_argument("--densities", default="0.01,0.1,0.5", help="mask densities rho")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not ops.has_kernel("CPU"):
-        sys.exit("fedkseed._C is not built: run `python setup.py build_ext --inplace`")
+    setup_kernel_bench(args)
     shapes = llama_shapes(2, 576, 1536, 9, 3, 4096, tied=True) if args.quick else smollm2_135m_shapes()
     pset = ParamSet(make_params(shapes, dtype=getattr(torch, args.dtype)))
     densities = [float(d) for d in args.densities.split(",")]

@@ -17,7 +17,6 @@ measure on a shared machine). Usage: python benchmarks/bench_project.py [--quick
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -26,11 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_cpu import machine, measure
+from bench_cpu import kernel_bench_parser, machine, measure, setup_kernel_bench
 from smollm2_shape import llama_shapes, make_params, smollm2_135m_shapes
 
 import fedkseed
-from fedkseed import ops
 from fedkseed.paramset import ParamSet
 
 
@@ -48,19 +46,13 @@ def baseline(tensors: list[torch.Tensor], seeds: list[int]) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small Llama shape, K = 16 and 64 (CI smoke test)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap = kernel_bench_parser(__doc__, "small Llama shape, K = 16 and 64 (CI smoke test)", 3)
     ap.add_argument("--ks", default="16,256,4096", help="numbers of seeds")
     ap.add_argument("--full-k-max", type=int, default=256, help="largest K run on the full set")
     ap.add_argument("--subset-layers", type=int, default=1, help="decoder layers for larger K")
     ap.add_argument("--baseline-seeds", type=int, default=16, help="seeds the baseline is timed for")
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not ops.has_kernel("CPU"):
-        sys.exit("fedkseed._C is not built: run `python setup.py build_ext --inplace`")
+    setup_kernel_bench(args)
     ks = [int(k) for k in args.ks.split(",")]
     if args.quick:
         shapes, ks, reps = llama_shapes(2, 576, 1536, 9, 3, 4096, tied=True), [16, 64], 1
