@@ -26,14 +26,17 @@ smallest factor applied to one. "vs clean" is the issue's own promise: how far o
 moves the final eval loss from the clean run's, at most 2%.
 
 Each finished run leaves ``robustness-run.json`` in its folder; a later invocation with the same
-settings reuses it instead of training again, so a table cut short by a deadline is completed by
-running the same command (or ``--scenarios`` for the missing rows) again.
+run settings reuses it instead of training again, as long as the folder's metrics.json is the one
+it was measured from. So a table cut short by a deadline is completed by running the same command
+(or ``--scenarios`` for the missing rows) again. A record does not know the code: after changing
+fedkseed, use a new ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import pathlib
@@ -107,23 +110,37 @@ class Run:
 
 
 def run(config) -> Run:
-    """The run's figures: from its folder's record when a finished run with these settings left one,
-    else from training it (and then recorded)."""
-    record = pathlib.Path(config.output) / RECORD
-    settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as JSON reads it back
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["config"] == settings:
-            fields = saved["run"]
-            for name in ("before_per_example", "final_per_example"):
-                fields[name] = np.asarray(fields[name], dtype=np.float64)
-            return Run(**fields)
+    """The run's figures: from its folder's record when a finished run with these settings left one
+    beside the metrics.json it was measured from, else from training it (and then recorded)."""
+    folder = pathlib.Path(config.output)
+    record, metrics = folder / RECORD, folder / "metrics.json"
+    settings = json.loads(json.dumps({**config.run_identity(), "rounds": config.rounds}))  # as JSON reads it back
+    saved = recorded(record)
+    if saved and saved.get("settings") == settings and saved.get("metrics_sha256") == digest(metrics):
+        fields = saved["run"]
+        for name in ("before_per_example", "final_per_example"):
+            fields[name] = np.asarray(fields[name], dtype=np.float64)
+        return Run(**fields)
     result = train(config)
     fields = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in vars(result).items()}
     temporary = record.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"config": settings, "run": fields}))
-    temporary.replace(record)
+    temporary.write_text(json.dumps({"settings": settings, "metrics_sha256": digest(metrics), "run": fields}))
+    temporary.replace(record)  # whole or absent
     return result
+
+
+def recorded(record: pathlib.Path) -> dict | None:
+    """A record as written, or None (absent, unreadable or of another shape: the run is trained again)."""
+    try:
+        saved = json.loads(record.read_text())
+        Run(**saved["run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return saved
+
+
+def digest(path: pathlib.Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def train(config) -> Run:

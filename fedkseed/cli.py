@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from .errors import UsageError
 from .experiment.config import ApplyConfig, SimConfig, choices_of, flag, protocol_defaults
+from .ops import backend_setting
 from .zo import ESTIMATORS
 
 # FedKSeed's local steps are MeZO steps: the server draws each client's schedule of one seed per
@@ -165,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        try:  # a bad FEDKSEED_BACKEND is refused by every command, used or not
+            backend_setting()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         if args.command == "simulate" and args.estimator != "mezo":
             raise UsageError(ESTIMATOR_REFUSED.format(name=args.estimator))
         if args.command == "simulate" and args.density != 1.0:

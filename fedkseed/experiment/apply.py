@@ -21,6 +21,7 @@ from ..models import SMOLLM2, SMOLLM2_DIR, cache_dir
 from ..paramset import ParamSet
 from .folder import MODEL_CACHE, ensure_writable, refuse_overlap
 from .outputs import METRICS_FILE
+from .prepare import check_backend
 
 log = logging.getLogger("fedkseed.experiment")
 
@@ -55,6 +56,7 @@ def apply_delta(
                 f"{fingerprint[:16]}... != {table.fingerprint[:16]}...{_built_from(pathlib.Path(delta))}"
             )
         replica = Replica(model, SeedPool(table.pool_seed, table.k), table.lr, table.dist)
+        check_backend(replica.params)
         replica.build(wire.dense(table.indices, table.values, table.k))
         save_model(model, tokenizer, scratch)
         _move_into_place(scratch, target)

@@ -61,6 +61,15 @@ class Setup:
         return ParamSet(list(self.trainable.items())).fingerprint(values=True)
 
 
+def check_backend(params: ParamSet) -> None:
+    """The backend setting (``use_backend`` / FEDKSEED_BACKEND) must serve ``params``: a one-line
+    UsageError before anything is trained or written."""
+    try:
+        resolve_backend(None, params.device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+
+
 def prepare(config: SimConfig) -> Setup:
     from ..models import load_model  # transformers: loaded only when a run starts
 
@@ -95,10 +104,7 @@ def prepare(config: SimConfig) -> Setup:
     else:
         server = Server(spec, sizes, config.privacy())
         replica = Replica(model, server.pool, spec.lr32, spec.dist)
-        try:  # FEDKSEED_BACKEND, if set, must serve the model: one line now rather than every client failing
-            resolve_backend(None, replica.params.device)
-        except (ValueError, RuntimeError) as error:
-            raise UsageError(str(error)) from None
+        check_backend(replica.params)  # one line now rather than every client failing
         if config.method == "ferret":  # FedKSeed's server and table, first-order local steps
             clients = [FerretClient(i, spec, replica, e, D.response_loss) for i, e in enumerate(encoded)]
         else:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ops import replay_
+from ..ops import replay_, resolve_backend
 from ..paramset import ParamSet
 from .seedpool import SeedPool
 
@@ -49,6 +49,7 @@ class Replica:
         table = np.asarray(table, dtype=np.float32)
         if table.shape != (self.pool.k,):
             raise ValueError(f"table must hold K = {self.pool.k} entries, got shape {table.shape}")
+        resolve_backend(None, self.params.device)  # refused before the base is copied in: the weights stay
         key = table.tobytes()
         if key == self._built and self._snapshot is not None:
             for t, s in zip(self.params.tensors, self._snapshot):

@@ -284,6 +284,7 @@ class ZOSGD(torch.optim.Optimizer):
         the weights are the trained ones; nothing when none is pending."""
         if self.pending is None:
             return
+        resolve_backend(None, self.params.device)  # refused before the entry: the perturbation stays pending
         groups = len(self.param_groups)
         entry = Entry((self.pending,), (), ((),) * groups, (1.0,) * groups, True, None, 0)
         base = self._rounding_base()

@@ -51,7 +51,7 @@ def test_figures_match_the_runs(runs):
     assert by_label[("default", "1 of 4: sign-flip-bound")][5] != "+0.0%"  # the attack moved it: a figure to check
 
 
-def test_a_second_invocation_reuses_finished_runs_and_retrains_changed_ones(runs):
+def test_a_second_invocation_reuses_finished_runs_and_retrains_changed_or_damaged_ones(runs):
     root, rows = runs
     folders = ["robust-clean", "robust-1of4-sign-flip-bound", "default-clean", "default-1of4-sign-flip-bound"]
     written = {f: (root / f / "metrics.json").stat().st_mtime_ns for f in folders}
@@ -59,8 +59,10 @@ def test_a_second_invocation_reuses_finished_runs_and_retrains_changed_ones(runs
     assert {f: (root / f / "metrics.json").stat().st_mtime_ns for f in folders} == written
     record = root / "default-clean" / "robustness-run.json"
     saved = json.loads(record.read_text())
-    saved["config"]["lr"] = 0.01  # as if that run had been made with other settings
+    saved["settings"]["lr"] = 0.01  # as if that run had been made with other settings
     record.write_text(json.dumps(saved))
+    (root / "robust-clean" / "robustness-run.json").write_text('{"settings": ')  # cut short
     assert [row[:-1] for row in invoke(root)] == [row[:-1] for row in rows]  # the same bits; CPU s remeasured
-    assert (root / "default-clean" / "metrics.json").stat().st_mtime_ns != written["default-clean"]
-    assert (root / "robust-clean" / "metrics.json").stat().st_mtime_ns == written["robust-clean"]
+    for folder in ("default-clean", "robust-clean"):
+        assert (root / folder / "metrics.json").stat().st_mtime_ns != written[folder]
+    assert (root / "default-1of4-sign-flip-bound" / "metrics.json").stat().st_mtime_ns == written[folders[3]]

@@ -104,6 +104,16 @@ def test_resume_reaches_the_identical_model(full_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_apply_refuses_a_backend_setting_that_cannot_serve_the_model(full_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDKSEED_BACKEND", "cuda")  # no CUDA tensors here
+    argv = ["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "backend='cuda' cannot serve" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_apply_rebuilds_bit_exact_and_refuses_another_base(full_run, tmp_path, capsys):
     assert (
         main(["apply", "--base", "tiny", "--delta", str(full_run / "delta.fks"), "--output", str(tmp_path / "m")]) == 0
@@ -179,11 +189,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("value", ["cuda", "bogus"])
-def test_a_backend_setting_that_cannot_serve_the_model_is_one_line(value, tmp_path, capsys, monkeypatch):
-    """FEDKSEED_BACKEND reaches the run (no CUDA tensors here), refused before any round."""
+@pytest.mark.parametrize("method,value", [("fedkseed", "cuda"), ("fedkseed", "bogus"), ("fedit", "bogus")])
+def test_a_backend_setting_that_cannot_serve_the_model_is_one_line(method, value, tmp_path, capsys, monkeypatch):
+    """FEDKSEED_BACKEND reaches the run (no CUDA tensors here), refused before any round; a value
+    that names no backend is refused whatever the method."""
     monkeypatch.setenv("FEDKSEED_BACKEND", value)
-    code = main(["simulate", *TINY, "--rounds", "1", "--output", str(tmp_path / "run")])
+    code = main(["simulate", *TINY, "--method", method, "--rounds", "1", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and value in err, err
     assert not (tmp_path / "run" / "metrics.json").exists()

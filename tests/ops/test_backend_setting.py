@@ -6,6 +6,8 @@ FedKSeed replica before they touch a weight, and "reference" has to run the refe
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_an_unknown_backend_is_refused_by_name(monkeypatch):
         fedkseed.perturb_([torch.zeros(3)], 1, 0.5)
 
 
-def test_the_setting_stops_every_layer_before_it_touches_a_weight():
+def test_the_setting_stops_every_layer_before_it_touches_a_weight_or_a_record():
     trained = small_net(5, 4)
     recorder = ZOSGD(trained, lr=1e-2, eps=1e-3, seed=3)
     recorder.step(quadratic(trained))
@@ -68,15 +70,53 @@ def test_the_setting_stops_every_layer_before_it_touches_a_weight():
     with use_backend("cuda"):
         with pytest.raises(RuntimeError, match=CANNOT_SERVE):
             opt.step(quadratic(model))
+        assert opt.steps == 0 and opt.history.entries == [] and opt.pending is None
         with pytest.raises(RuntimeError, match=CANNOT_SERVE):
             zo_step(model, quadratic(model), 7, eps=1e-3, lr=1e-2)
         with pytest.raises(RuntimeError, match=CANNOT_SERVE):
             recorded.apply_(model)
-        replica = Replica(model, SeedPool(5, 8), 1e-2, "gaussian")
-        with pytest.raises(RuntimeError, match=CANNOT_SERVE):
-            replica.build(np.ones(8, dtype=np.float32))
     assert unchanged(model, before)
     opt.close()
+
+
+def test_a_refused_settle_leaves_the_perturbation_pending_and_the_history_exact():
+    model = small_net(5, 4)
+    opt = ZOSGD(model, lr=1e-2, eps=1e-3, seed=3)  # fused: the step leaves the next +eps pending
+    opt.step(quadratic(model))
+    pending, entries, perturbed = opt.pending, list(opt.history.entries), weights(model)
+    assert pending is not None
+    with use_backend("cuda"):
+        with pytest.raises(RuntimeError, match=CANNOT_SERVE):
+            opt.settle()
+    assert opt.pending == pending and opt.history.entries == entries and opt.history.exact
+    assert unchanged(model, perturbed)
+    opt.settle()
+    fresh = small_net(5, 4)
+    opt.history.apply_(fresh)
+    assert unchanged(fresh, weights(model))  # the run still replays bit for bit
+    opt.close()
+
+
+def test_a_refused_replica_build_keeps_the_model_it_had():
+    model = small_net(5, 4)
+    replica = Replica(model, SeedPool(5, 8), 1e-2, "gaussian")
+    replica.build(np.ones(8, dtype=np.float32))
+    built = weights(model)
+    with use_backend("cuda"):
+        with pytest.raises(RuntimeError, match=CANNOT_SERVE):
+            replica.build(np.full(8, 2.0, dtype=np.float32))
+    assert unchanged(model, built)
+
+
+def test_a_block_holds_in_its_own_thread_only():
+    """A context variable: a thread started inside the block starts from the process default
+    (so a process-wide choice is FEDKSEED_BACKEND, as the README says)."""
+    seen = []
+    with use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(backend_setting()))
+        thread.start()
+        thread.join()
+    assert seen == ["auto"]
 
 
 def test_the_setting_picks_the_path_and_an_ops_own_argument_wins(monkeypatch):
