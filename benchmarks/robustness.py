@@ -3,8 +3,8 @@
     python benchmarks/robustness.py                  # SmolLM2-135M-Instruct, FAQ data
     python benchmarks/robustness.py --model tiny --rounds 2 --local-steps 4 --k 32   # a smoke run
 
-Every run is a real simulation (``fedkseed.experiment.simulate``, the local engine): 4 clients,
-all 4 sampled every round. Byzantine clients (``--byzantine``) train, then send the attack's
+Every run is a real simulation (``fedkseed.experiment.simulate``, the local engine): 4 clients
+(``--clients``), all sampled every round. Byzantine clients (``--byzantine``) train, then send the attack's
 upload through the real encoder to the real server path (``experiment/attacks.py``): ``scale`` (x1e6),
 ``sign-flip`` (negated), ``sign-flip-bound`` (negated and scaled to exactly the server's bound,
 the strongest sign-flipper), ``random`` (huge noise), ``vanish`` (1e-30s). Scenarios: clean; 1 of
@@ -52,13 +52,13 @@ MODES = {
     "robust": dict(aggregate="median", clip="auto", shared_seeds=True),
     "shared-mean": dict(aggregate="mean", clip="auto", shared_seeds=True),  # clean only: shared seeds' own cost
 }
-# (label, byzantine clients per round, attack, attack rounds), the most telling first: the runs go
-# scenario by scenario, every mode's clean run before any attack, so a cut-short run still says most
-# each with the key --scenarios names it by
+# (--scenarios key, label ({n}: the clients), byzantine clients per round, attack, attack rounds), the
+# most telling first: the runs go scenario by scenario, every mode's clean run before any attack, so a
+# cut-short run still says most
 SCENARIOS = [("clean", "clean", 0, "scale", "all")]
-SCENARIOS += [("sign-flip-bound", "1 of 4: sign-flip-bound", 1, "sign-flip-bound", "all")]
-SCENARIOS += [("vanish-round-1", "2 of 4: vanish in round 1", 2, "vanish", "1")]
-SCENARIOS += [(a, f"1 of 4: {a}", 1, a, "all") for a in ("vanish", "sign-flip", "scale", "random")]
+SCENARIOS += [("sign-flip-bound", "1 of {n}: sign-flip-bound", 1, "sign-flip-bound", "all")]
+SCENARIOS += [("vanish-round-1", "2 of {n}: vanish in round 1", 2, "vanish", "1")]
+SCENARIOS += [(a, f"1 of {{n}}: {a}", 1, a, "all") for a in ("vanish", "sign-flip", "scale", "random")]
 GOAL = 0.8  # the robust mode's goal: keep 80% of the clean gain with 1 attacker of 4
 PROMISE = 0.02  # issue 18: one attacker of four moves the final eval loss by at most 2%
 RECORD = "robustness-run.json"  # a finished run's figures, beside its run folder's files
@@ -71,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # (the random-weight "tiny" model already predicts uniformly, as a wrecked model may).
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=4, help="clients, all sampled every round")
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-5)  # the demo's settings
@@ -91,9 +92,10 @@ def base_config(args: argparse.Namespace):
     from fedkseed.experiment import SimConfig
 
     return SimConfig(
-        model=args.model, clients=4, clients_per_round=4, rounds=args.rounds, local_steps=args.local_steps,
-        k=args.k, lr=args.lr, eps=args.eps, batch_size=args.batch_size, max_length=args.max_length,
-        seed=args.seed, eval_examples=args.eval_examples, rouge_examples="0", overwrite=True,
+        model=args.model, clients=args.clients, clients_per_round=args.clients, rounds=args.rounds,
+        local_steps=args.local_steps, k=args.k, lr=args.lr, eps=args.eps, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, eval_examples=args.eval_examples, rouge_examples="0",
+        overwrite=True,
     )  # fmt: skip
 
 
@@ -188,7 +190,8 @@ def measure(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, list[t
     rows, cleans, single = [], {}, {}
     chosen = [scenario for scenario in SCENARIOS if scenario[0] == "clean" or scenario[0] in args.scenarios]
     plan = [(mode, scenario) for scenario in chosen for mode in args.modes]
-    for mode, (_, label, byzantine, attack, rounds) in plan:
+    for mode, (_, template, byzantine, attack, rounds) in plan:
+        label = template.format(n=args.clients)
         settings = MODES[mode]
         if mode == "shared-mean" and byzantine:
             continue  # clean only
@@ -251,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - started
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     print("`" + f"python benchmarks/robustness.py {command}".strip() + "`")
-    shape = f"{args.rounds} rounds x {args.local_steps} local steps x 4 clients, K = {args.k}"
+    shape = f"{args.rounds} rounds x {args.local_steps} local steps x {args.clients} clients, K = {args.k}"
     print(f"({args.model}, {shape}, batch {args.batch_size} x {args.max_length} tokens; wall time {wall:.0f} s)")
     print()
     print(table(rows))
