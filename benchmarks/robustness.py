@@ -202,8 +202,9 @@ def measure(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, list[t
         result = run(config)
         clean = cleans.setdefault(mode, result)
         kept, low, high = gain_kept(result, clean)
+        move = result.final / clean.final - 1
         if byzantine == 1:
-            single.setdefault(mode, []).append((kept, result.final / clean.final - 1))
+            single.setdefault(mode, []).append((kept, move))
         scaled = result.honest_scaled
         honest = f"{len(scaled)} (min {min(scaled):.2g})" if scaled else "0"
         rows.append(
@@ -213,7 +214,7 @@ def measure(args: argparse.Namespace) -> tuple[list[list[str]], dict[str, list[t
                 f"{result.final:.4f}",
                 f"{result.worst:.4f}",
                 f"{kept:.0%} [{low:.0%}, {high:.0%}]",
-                f"{result.final / clean.final - 1:+.1%}",
+                f"{move:+.1%}",
                 f"{result.moved}/{args.rounds - 1}",
                 honest,
                 f"{result.cpu_s:.0f}",
@@ -241,8 +242,7 @@ def verdicts(single: dict[str, list[tuple[float, float]]]) -> list[str]:
 
 def table(rows: list[list[str]]) -> str:
     header = ["mode", "attackers", "final eval loss", "worst round", "gain kept [95%]", "vs clean", "moved"]
-    header.append("honest scaled")
-    header.append("CPU s")
+    header += ["honest scaled", "CPU s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

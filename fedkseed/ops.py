@@ -73,10 +73,14 @@ def backend_setting() -> str:
     chosen = _setting.get()
     if chosen is not None:
         return chosen
-    value = os.environ.get(BACKEND_VARIABLE, "auto")
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_VARIABLE} must be one of {', '.join(BACKENDS)}, got {value!r}")
-    return value
+    return _known(os.environ.get(BACKEND_VARIABLE, "auto"), BACKEND_VARIABLE)
+
+
+def _known(backend: str, source: str = "backend") -> str:
+    """``backend`` if it names one; else the error, naming where the value came from."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
 
 
 @contextlib.contextmanager
@@ -84,9 +88,7 @@ def use_backend(backend: str) -> Iterator[None]:
     """Within the block, every op called without ``backend=`` (in this thread) runs on
     ``backend``: the override for tests and benchmarks, like ``torch.nn.attention.sdpa_kernel``.
     A backend that cannot serve the tensors raises at the first op, not silently falls back."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    token = _setting.set(backend)
+    token = _setting.set(_known(backend))
     try:
         yield
     finally:
@@ -96,10 +98,7 @@ def use_backend(backend: str) -> Iterator[None]:
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The concrete backend for tensors on ``device`` (``backend`` None: the setting); a clear error
     if it cannot serve them."""
-    if backend is None:
-        backend = backend_setting()
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = backend_setting() if backend is None else _known(backend)
     if backend == "auto":
         if device.type == "cuda":
             if has_kernel("CUDA"):
